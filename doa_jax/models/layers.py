@@ -1,0 +1,247 @@
+"""Building blocks of T5: RMS norm, dense kernels, attention with a KV cache, MLP, relative positions.
+
+Every parameter carries logical axis names (t5x's names: embed, mlp, joined_kv, heads, vocab,
+relpos_buckets); one rule table in `doa_jax.partitioning` maps them to mesh axes.
+Parameters are float32; the matmuls run in the module's `dtype` (bf16 by default).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# Large negative additive bias for masked attention positions (as t5x does).
+MASK_BIAS = -1e10
+
+default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+
+
+def _param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
+           axes: Sequence[str | None]) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
+                        jnp.float32)
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+    """Logical sharding constraint on an activation; a no-op outside a mesh/rules context."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias. Statistics in float32."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(jnp.float32)
+        scale = _param(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',))
+        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """A bias-free 2-D kernel, stored (in_features, features) as t5x stores it."""
+
+    features: int
+    kernel_axes: tuple[str, str]
+    dtype: Any = jnp.bfloat16
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
+                        self.kernel_axes)
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend` gives logits against the same table (tied LM head)."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.bfloat16
+
+    def setup(self):
+        self.embedding = _param(self, 'embedding', nn.initializers.normal(stddev=1.0),
+                                (self.num_embeddings, self.features), ('vocab', 'embed'))
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """Maps key_pos - query_pos to T5's log-spaced buckets (exact near 0, logarithmic beyond)."""
+    ret = jnp.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    n_safe = jnp.maximum(n, 1).astype(jnp.float32)
+    val_if_large = max_exact + (
+            jnp.log(n_safe / max_exact) / np.log(max_distance / max_exact)
+            * (num_buckets - max_exact)).astype(jnp.int32)
+    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+    """One (heads x buckets) table per stack, shared by all its layers."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+        """Returns a (1, heads, q, k) additive bias for the given absolute positions."""
+        table = _param(self, 'rel_embedding',
+                       nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+                       (self.num_heads, self.num_buckets), ('heads', 'relpos_buckets'))
+        rel = key_positions[None, :] - query_positions[:, None]
+        buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
+                                           self.max_distance)
+        # (heads, q, k): a gather, cheaper than a one-hot matmul for these sizes.
+        bias = jnp.take(table, buckets, axis=1)
+        return bias[None].astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """T5 attention: no 1/sqrt(d) on the logits (the query initializer carries it).
+
+    Self-attention in decode mode keeps a KV cache of length `max_decode_length`, written one
+    position per step with `dynamic_update_slice`. Cross-attention in decode mode projects the
+    encoder outputs once, on the first step, and reads them from the cache afterwards.
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: Any = jnp.bfloat16
+    dropout_rate: float = 0.0
+    float32_logits: bool = True
+    deterministic: bool = True
+    decode: bool = False
+    is_cross: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, kv: Array | None, bias: Array | None,
+                 decode_position: Array | None = None,
+                 max_decode_length: int | None = None) -> Array:
+        inner = self.num_heads * self.head_dim
+        depth_scaling = np.sqrt(self.head_dim)
+        query_init = lambda *a: default_kernel_init_normal(*a) / depth_scaling
+        dense = functools.partial(Dense, dtype=self.dtype)
+        q_proj = dense(inner, ('embed', 'joined_kv'), kernel_init=query_init, name='query')
+        k_proj = dense(inner, ('embed', 'joined_kv'), kernel_init=default_kernel_init_normal,
+                       name='key')
+        v_proj = dense(inner, ('embed', 'joined_kv'), kernel_init=default_kernel_init_normal,
+                       name='value')
+        o_proj = dense(x.shape[-1], ('joined_kv', 'embed'), kernel_init=default_kernel_init_normal,
+                       name='out')
+
+        q = q_proj(x)
+        if self.decode and self.is_cross:
+            # Project encoder outputs only when the cache does not hold them yet (first step).
+            ck = self.variable('cache', 'cached_key', lambda: k_proj(_require(kv)))
+            cv = self.variable('cache', 'cached_value', lambda: v_proj(_require(kv)))
+            k, v = ck.value, cv.value
+        elif self.decode:
+            if max_decode_length is None or decode_position is None:
+                raise ValueError('decode=True self-attention needs max_decode_length and '
+                                 'decode_position.')
+            batch = x.shape[0]
+            if x.shape[1] != 1:
+                raise ValueError(f'Cached decoding feeds one token per step, got length {x.shape[1]}.')
+            ck = self.variable('cache', 'cached_key', jnp.zeros,
+                               (batch, max_decode_length, inner), self.dtype)
+            cv = self.variable('cache', 'cached_value', jnp.zeros,
+                               (batch, max_decode_length, inner), self.dtype)
+            k_new = k_proj(x).astype(self.dtype)
+            v_new = v_proj(x).astype(self.dtype)
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k_new, (0, decode_position, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v_new, (0, decode_position, 0))
+            k, v = ck.value, cv.value
+        else:
+            k, v = k_proj(kv), v_proj(kv)
+
+        b, lq = q.shape[:2]
+        lk = k.shape[1]
+        q = constrain(q.reshape(b, lq, self.num_heads, self.head_dim), ('batch', 'length', 'heads', 'kv'))
+        k = constrain(k.reshape(b, lk, self.num_heads, self.head_dim), ('batch', 'length', 'heads', 'kv'))
+        v = constrain(v.reshape(b, lk, self.num_heads, self.head_dim), ('batch', 'length', 'heads', 'kv'))
+        if self.float32_logits:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+        if bias is not None:
+            logits = logits + bias.astype(logits.dtype)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        if self.dropout_rate > 0 and not self.deterministic:
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+        out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype))
+        out = out.reshape(b, lq, inner)
+        return o_proj(out)
+
+
+default_kernel_init_normal = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+
+
+def _require(kv: Array | None) -> Array:
+    if kv is None:
+        raise ValueError('The first decode step must be given the encoder outputs so that '
+                         'cross-attention keys/values can be cached.')
+    return kv
+
+
+_ACTIVATIONS = {
+    'gelu': functools.partial(jax.nn.gelu, approximate=True),
+    'relu': jax.nn.relu,
+    'linear': lambda x: x,
+    'silu': jax.nn.silu,
+}
+
+
+class MlpBlock(nn.Module):
+    """T5 feed-forward: wi_0/wi_1 gated (v1.1) or a single `wi` (original T5), then `wo`."""
+
+    mlp_dim: int
+    activations: Sequence[str] = ('gelu', 'linear')
+    dtype: Any = jnp.bfloat16
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for act in self.activations:
+            if act not in _ACTIVATIONS:
+                raise ValueError(f'Unknown MLP activation {act!r}; known: {sorted(_ACTIVATIONS)}.')
+        hidden = None
+        for i, act in enumerate(self.activations):
+            name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
+            h = Dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype, name=name)(x)
+            h = _ACTIVATIONS[act](h)
+            hidden = h if hidden is None else hidden * h
+        hidden = constrain(hidden, ('batch', 'length', 'mlp'))
+        if self.dropout_rate > 0 and not self.deterministic:
+            hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=False)
+        return Dense(x.shape[-1], ('mlp', 'embed'), dtype=self.dtype, name='wo')(hidden)
