@@ -1,0 +1,84 @@
+"""The trainer's callback protocol (shared with the cost meter and other observers).
+
+Hooks are keyword-only. The trainer calls them on every process alike; a callback decides itself
+whether only process 0 writes. Resume semantics: after a crash the trainer restarts from the latest
+checkpoint step S and calls `on_train_start(start_step=S)`; steps after S that ran before the crash
+are redone, so a callback should treat an interval as final only once `on_checkpoint` covers it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+
+class TrainerCallback:
+    """Base class: every hook is a no-op."""
+
+    def on_train_start(self, *, model_dir: str, start_step: int, mesh: jax.sharding.Mesh) -> None:
+        pass
+
+    def on_steps_end(self, *, first_step: int, last_step: int, seconds: float) -> None:
+        """Once per logging interval, after its results reached the host. Steps [first, last]
+        inclusive; `seconds` is their wall-clock time, compilation excluded."""
+
+    def on_compile(self, *, seconds: float) -> None:
+        pass
+
+    def on_eval_end(self, *, step: int, seconds: float) -> None:
+        pass
+
+    def on_checkpoint(self, *, step: int) -> None:
+        """After checkpoint `step` is durably saved."""
+
+    def should_stop(self, *, step: int) -> bool:
+        """Checked once per logging interval; True makes the trainer save at `step` and stop."""
+        return False
+
+    def on_train_end(self, *, step: int, reason: str) -> None:
+        """reason: 'done' | 'stopped' | 'error'."""
+
+
+class CallbackList(TrainerCallback):
+    """Fans every hook out to several callbacks; should_stop is True if any says so."""
+
+    def __init__(self, callbacks: Sequence[TrainerCallback] = ()):
+        self.callbacks = list(callbacks)
+
+    def on_train_start(self, **kw) -> None:
+        for c in self.callbacks:
+            c.on_train_start(**kw)
+
+    def on_steps_end(self, **kw) -> None:
+        for c in self.callbacks:
+            c.on_steps_end(**kw)
+
+    def on_compile(self, **kw) -> None:
+        for c in self.callbacks:
+            c.on_compile(**kw)
+
+    def on_eval_end(self, **kw) -> None:
+        for c in self.callbacks:
+            c.on_eval_end(**kw)
+
+    def on_checkpoint(self, **kw) -> None:
+        for c in self.callbacks:
+            c.on_checkpoint(**kw)
+
+    def should_stop(self, **kw) -> bool:
+        return any([c.should_stop(**kw) for c in self.callbacks])
+
+    def on_train_end(self, **kw) -> None:
+        for c in self.callbacks:
+            c.on_train_end(**kw)
+
+
+class StopAtStep(TrainerCallback):
+    """Asks the trainer to stop cleanly once `step` is reached (tests, budget caps)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def should_stop(self, *, step: int) -> bool:
+        return step >= self.step

@@ -1,0 +1,108 @@
+"""Training losses with a pluggable signature: `loss_fn(logits, batch) -> (loss, aux)`.
+
+`batch` carries the EncDecFeatureConverter features plus `loss_weights`: the per-token weights that
+the trainer has already divided by the loss-normalizing factor of the whole global batch. A loss
+therefore only *sums* `weight * per_token_loss`; summing over microbatches then gives exactly the
+normalized loss of the global batch, for any normalizing option. A distillation loss (a later issue)
+plugs in with the same signature, reading e.g. `batch['teacher_logits']`.
+
+`aux` holds sums over the batch (never means), so microbatches and devices add up:
+`z_loss` (already normalized like the loss), `cross_entropy` (normalized), `correct` and
+`num_tokens` (raw counts over real target tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+LossFn = Callable[[Array, Batch], tuple[Array, dict[str, Array]]]
+
+# The t5x names for the normalizing options.
+NUM_REAL_TARGET_TOKENS = 'NUM_REAL_TARGET_TOKENS'
+NUM_TOTAL_TARGET_TOKENS = 'NUM_TOTAL_TARGET_TOKENS'
+AVERAGE_PER_SEQUENCE = 'AVERAGE_PER_SEQUENCE'
+_NAMED_FACTORS = (NUM_REAL_TARGET_TOKENS, NUM_TOTAL_TARGET_TOKENS, AVERAGE_PER_SEQUENCE)
+
+
+def normalized_loss_weights(batch: Batch, loss_normalizing_factor: float | str | None) -> Array:
+    """Per-token weights of the global batch, divided so that a weighted sum is the loss.
+
+    None means 'NUM_REAL_TARGET_TOKENS' (a mean over real target tokens). A number divides by that
+    constant (t5x's fine-tuning gin uses 233472 = 2048 * 114). 'AVERAGE_PER_SEQUENCE' averages each
+    sequence over its tokens, then the sequences over the batch.
+    """
+    weights = batch.get('decoder_loss_weights')
+    targets = batch['decoder_target_tokens']
+    if weights is None:
+        weights = (targets > 0)
+    weights = weights.astype(jnp.float32)
+    factor = NUM_REAL_TARGET_TOKENS if loss_normalizing_factor is None else loss_normalizing_factor
+    if isinstance(factor, str):
+        if factor == NUM_REAL_TARGET_TOKENS:
+            return weights / jnp.maximum(jnp.sum(weights), 1.0)
+        if factor == NUM_TOTAL_TARGET_TOKENS:
+            return weights / float(targets.size)
+        if factor == AVERAGE_PER_SEQUENCE:
+            per_seq = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
+            return weights / per_seq / float(targets.shape[0])
+        raise ValueError(f'Unknown loss_normalizing_factor {factor!r} (gin: '
+                         f'LOSS_NORMALIZING_FACTOR); use a number, None, or one of {_NAMED_FACTORS}.')
+    return weights / float(factor)
+
+
+def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float,
+                              label_smoothing: float) -> tuple[Array, Array]:
+    """Per-token cross entropy (with smoothed targets) and z-loss, both float32.
+
+    z-loss (PaLM / t5x) adds `z_loss * logsumexp(logits)**2`, which keeps the softmax normalizer
+    near 1 so bf16 logits stay well-conditioned. With label smoothing, the smoothed distribution's
+    own entropy is subtracted so that a perfect prediction scores 0, as t5x reports it.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - log_z[..., None]
+    on = 1.0 - label_smoothing
+    if label_smoothing > 0:
+        off = label_smoothing / (vocab - 1)
+        soft = jax.nn.one_hot(targets, vocab, dtype=jnp.float32) * (on - off) + off
+        entropy = -(on * jnp.log(on) + (vocab - 1) * off * jnp.log(off + 1e-20))
+        ce = -jnp.sum(soft * log_probs, axis=-1) - entropy
+    else:
+        ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    zl = z_loss * jnp.square(log_z)
+    return ce, zl
+
+
+def _cross_entropy_loss(logits: Array, batch: Batch, *, z_loss: float,
+                        label_smoothing: float) -> tuple[Array, dict[str, Array]]:
+    targets = batch['decoder_target_tokens']
+    weights = batch['loss_weights']
+    real = batch.get('decoder_loss_weights', targets > 0).astype(jnp.float32)
+    ce, zl = cross_entropy_with_z_loss(logits, targets, z_loss, label_smoothing)
+    ce_sum = jnp.sum(ce * weights)
+    zl_sum = jnp.sum(zl * weights)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * real)
+    aux = {'cross_entropy': ce_sum, 'z_loss': zl_sum, 'correct': correct,
+           'num_tokens': jnp.sum(real)}
+    return ce_sum + zl_sum, aux
+
+
+def cross_entropy_loss(z_loss: float = 1e-4, label_smoothing: float = 0.0) -> LossFn:
+    """The t5x training loss: smoothed cross entropy plus z-loss on the weighted target tokens."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f'label_smoothing={label_smoothing} must be in [0, 1) (gin: LABEL_SMOOTHING).')
+    return functools.partial(_cross_entropy_loss, z_loss=z_loss, label_smoothing=label_smoothing)
+
+
+def metrics_from_aux(aux: Mapping[str, Any]) -> dict[str, Any]:
+    """Host-side summary of summed aux values: token accuracy and the loss parts."""
+    n = max(float(aux['num_tokens']), 1.0)
+    return {'accuracy': float(aux['correct']) / n, 'cross_ent_loss': float(aux['cross_entropy']),
+            'z_loss': float(aux['z_loss'])}

@@ -1,0 +1,303 @@
+"""The training loop: one trainer for teachers and students, with a pluggable loss.
+
+`train(...)` is a plain typed function; only the entry point (`python -m doa_jax.train`) binds its
+arguments from gin. Per logging interval the loop runs the jitted step `log_period` times without
+touching the host, then fetches the interval's metric sums once, checks them for NaN/Inf, writes
+TensorBoard scalars, and calls the callbacks. Checkpoints and evals happen only at interval ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from doa_jax import partitioning, train_data
+from doa_jax.callbacks import CallbackList, TrainerCallback
+from doa_jax.checkpointing import RunCheckpointer
+from doa_jax.flops import DEFAULT_CPU_PEAK_FLOPS, mfu, peak_flops_per_device, train_flops_per_sequence
+from doa_jax.losses import LossFn, cross_entropy_loss, metrics_from_aux
+from doa_jax.metrics_writer import TrainMetricsWriter
+from doa_jax.models.config import T5Config
+from doa_jax.models.t5 import T5
+from doa_jax.train_state import TrainState, abstract_train_state, init_train_state
+from doa_jax.train_step import make_eval_step, make_train_step, model_apply_fn, zero_metrics
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/Inf; the message names the step."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    reason: str
+    state: TrainState
+    history: list[dict[str, float]]   # one row per logging interval (process-local copy)
+
+
+def _load_initial_params(path: str, config: T5Config):
+    try:
+        from doa_jax.checkpoints import load_checkpoint
+    except ImportError as e:
+        raise ValueError(f'INITIAL_CHECKPOINT_PATH={path!r} was given, but checkpoint import '
+                         f'(doa_jax.checkpoints.load_checkpoint) is not available: {e}') from e
+    return load_checkpoint(path, config)
+
+
+def _next_boundary(step: int, periods: Sequence[int], last: int) -> int:
+    ends = [last] + [(step // p + 1) * p for p in periods if p and p > 0]
+    return min(ends)
+
+
+def _check_microbatches(batch_size: int, num_microbatches: int, mesh) -> None:
+    data = mesh.shape[partitioning.DATA_AXIS]
+    if num_microbatches < 1 or batch_size % num_microbatches or (batch_size // num_microbatches) % data:
+        raise ValueError(f'NUM_MICROBATCHES={num_microbatches} must divide BATCH_SIZE={batch_size} '
+                         f'into microbatches that the mesh data axis ({data}) divides.')
+
+
+def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
+          task_feature_lengths: Mapping[str, int], train_steps: int, batch_size: int,
+          optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
+          mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
+          random_seed: int = 0, num_microbatches: int = 1,
+          loss_normalizing_factor: float | str | None = None,
+          initial_checkpoint_path: str | None = None, log_period: int = 100,
+          checkpoint_period: int = 1000, keep_checkpoints: int = 3, eval_period: int = 0,
+          eval_split: str = 'validation', eval_steps: int | None = None,
+          decode_metrics: bool = True, max_decode_length: int | None = None,
+          overlong: str = 'truncate', cpu_peak_flops: float = DEFAULT_CPU_PEAK_FLOPS,
+          transfer_guard: bool = True, show_progress: bool = True,
+          callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Trains `model_config` on a seqio task; resumes from MODEL_DIR's latest checkpoint if any."""
+    callbacks = CallbackList(callbacks)
+    optimizer = optimizer or optax.adafactor(1e-3, decay_rate=0.8)
+    loss_fn = loss_fn or cross_entropy_loss()
+    mesh = partitioning.make_mesh(mesh_config)
+    partitioning.check_batch_size(batch_size, mesh)
+    _check_microbatches(batch_size, num_microbatches, mesh)
+    param_rules = partitioning.param_rules(mesh_config.fsdp)
+    act_rules = partitioning.STANDARD_RULES
+    train_data.get_task(mixture_or_task_name)   # fail fast, listing the registered tasks
+    os.makedirs(model_dir, exist_ok=True)
+
+    model = T5(model_config)
+    src_len = task_feature_lengths['inputs']
+    tgt_len = task_feature_lengths['targets']
+
+    def init_params(rng):
+        return model.init(rng, jnp.ones((1, src_len), jnp.int32),
+                          jnp.ones((1, tgt_len), jnp.int32))['params']
+
+    rng = jax.random.PRNGKey(random_seed)
+    with jax.set_mesh(mesh):
+        abstract, shardings = abstract_train_state(init_params, optimizer, mesh, param_rules, rng)
+    checkpointer = RunCheckpointer(model_dir, keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, data_position = checkpointer.restore(latest, shardings, abstract)
+        start_step = int(data_position['step'])
+        skip = int(data_position['batches_consumed'])
+        logging.info('Resuming from %s at step %d.', checkpointer.directory, start_step)
+    else:
+        params = (_load_initial_params(initial_checkpoint_path, model_config)
+                  if initial_checkpoint_path else None)
+        state = init_train_state(init_params, optimizer, shardings, rng, params, abstract)
+        start_step, skip = 0, 0
+
+    apply_fn = model_apply_fn(model)
+    step_fn = make_train_step(apply_fn, loss_fn, optimizer, mesh, act_rules, shardings,
+                              loss_normalizing_factor=loss_normalizing_factor,
+                              num_microbatches=num_microbatches, dropout_seed=random_seed + 1,
+                              use_dropout=model_config.dropout_rate > 0)
+    counter = train_data.OverlongCounter()
+    ds = train_data.host_dataset(mixture_or_task_name, task_feature_lengths, 'train', batch_size,
+                                 seed=random_seed, skip_batches=skip, overlong=overlong,
+                                 counter=counter)
+    batches = train_data.numpy_batches(ds)
+    metrics = jax.device_put(zero_metrics(), partitioning.replicated(mesh))
+    writer = TrainMetricsWriter(model_dir, train_steps, start_step, show_progress)
+    flops_per_step = batch_size * train_flops_per_sequence(model_config, src_len, tgt_len)
+    peak = peak_flops_per_device(cpu_peak=cpu_peak_flops)
+    evaluator = _Evaluator(model_config, apply_fn, loss_fn, mesh, act_rules, mixture_or_task_name,
+                           task_feature_lengths, eval_split, batch_size, eval_steps, decode_metrics,
+                           max_decode_length or tgt_len, loss_normalizing_factor, random_seed)
+    callbacks.on_train_start(model_dir=model_dir, start_step=start_step, mesh=mesh)
+
+    step = start_step
+    history: list[dict[str, float]] = []
+    reason = 'done'
+    try:
+        compiled = None
+        with jax.set_mesh(mesh):
+            while step < train_steps:
+                end = _next_boundary(step, (log_period, checkpoint_period, eval_period), train_steps)
+                first = step
+                if compiled is None:
+                    batch = train_data.to_global(next(batches), mesh, batch_size)
+                    t0 = time.perf_counter()
+                    compiled = step_fn.lower(state, batch, metrics).compile()
+                    compile_s = time.perf_counter() - t0
+                    callbacks.on_compile(seconds=compile_s)
+                    writer.write_compile(step, compile_s)
+                    pending = batch
+                else:
+                    pending = None
+                t0 = time.perf_counter()
+                guard = jax.transfer_guard('disallow') if transfer_guard else contextlib.nullcontext()
+                with guard:
+                    while step < end:
+                        batch = pending if pending is not None else train_data.to_global(
+                                next(batches), mesh, batch_size)
+                        pending = None
+                        state, metrics = compiled(state, batch, metrics)
+                        step += 1
+                host = jax.device_get(metrics)
+                seconds = time.perf_counter() - t0
+                metrics = jax.device_put(zero_metrics(), partitioning.replicated(mesh))
+                if int(host['nonfinite_step']) >= 0:
+                    bad = int(host['nonfinite_step']) + 1
+                    raise NonFiniteLossError(
+                            f'The loss or gradient norm is NaN/Inf at step {bad}; training stopped. '
+                            f'The last good checkpoint ({checkpointer.latest_step()}) in '
+                            f'{checkpointer.directory} is kept. Lower the learning rate, check the '
+                            'data, or use float32 activations.')
+                row = _interval_scalars(host, seconds, batch_size, flops_per_step, peak, mesh)
+                writer.write_train(step, row, step - first)
+                history.append({'step': step, **row})
+                train_data.log_overlong(counter, mixture_or_task_name)
+                callbacks.on_steps_end(first_step=first + 1, last_step=step, seconds=seconds)
+                stop = callbacks.should_stop(step=step)
+                if step % checkpoint_period == 0 or step == train_steps or stop:
+                    checkpointer.save(step, state, {'step': step, 'batches_consumed': skip + step
+                                                    - start_step})
+                    callbacks.on_checkpoint(step=step)
+                if eval_period and (step % eval_period == 0 or step == train_steps):
+                    t_eval = time.perf_counter()
+                    scalars = evaluator.run(state.params)
+                    writer.write_eval(step, scalars)
+                    history[-1].update({f'eval/{k}': v for k, v in scalars.items()})
+                    callbacks.on_eval_end(step=step, seconds=time.perf_counter() - t_eval)
+                if stop and step < train_steps:
+                    reason = 'stopped'
+                    break
+    except BaseException:
+        callbacks.on_train_end(step=step, reason='error')
+        writer.close()
+        raise
+    callbacks.on_train_end(step=step, reason=reason)
+    writer.close()
+    checkpointer.close()
+    return TrainResult(step=step, reason=reason, state=state, history=history)
+
+
+def _interval_scalars(host: Mapping[str, Any], seconds: float, batch_size: int,
+                      flops_per_step: float, peak: float, mesh) -> dict[str, float]:
+    n = max(float(host['num_steps']), 1.0)
+    aux = metrics_from_aux(host)
+    steps_per_s = n / max(seconds, 1e-9)
+    return {
+        'loss': float(host['loss']) / n,
+        'accuracy': aux['accuracy'],
+        'cross_ent_loss': aux['cross_ent_loss'] / n,
+        'z_loss': aux['z_loss'] / n,
+        'grad_norm': float(host['grad_norm']) / n,
+        'timing/steps_per_second': steps_per_s,
+        'timing/seqs_per_second': batch_size * steps_per_s,
+        'timing/target_tokens_per_second': float(host['num_tokens']) / max(seconds, 1e-9),
+        'timing/mfu': mfu(flops_per_step, 1.0 / steps_per_s, mesh.size, peak),
+    }
+
+
+class _Evaluator:
+    """Teacher-forced loss/accuracy over the eval split, plus decode-based task metrics."""
+
+    def __init__(self, config, apply_fn, loss_fn, mesh, rules, task_name, lengths, split,
+                 batch_size, eval_steps, decode_metrics, max_decode_length, lnf, seed):
+        self.config, self.mesh, self.task_name, self.lengths = config, mesh, task_name, lengths
+        self.split, self.batch_size, self.eval_steps = split, batch_size, eval_steps
+        self.decode_metrics, self.max_decode_length, self.seed = (decode_metrics,
+                                                                  max_decode_length, seed)
+        self.step = make_eval_step(apply_fn, loss_fn, mesh, rules, loss_normalizing_factor=lnf)
+        self._warned = False
+
+    def _batches(self):
+        ds = train_data.host_dataset(self.task_name, self.lengths, self.split, self.batch_size,
+                                     seed=self.seed, shuffle=False, repeat=False)
+        local = self.batch_size // jax.process_count()
+        for i, b in enumerate(train_data.numpy_batches(ds)):
+            if self.eval_steps is not None and i >= self.eval_steps:
+                break
+            n = b['encoder_input_tokens'].shape[0]
+            if n < local:    # pad the last batch with all-zero (weightless) rows: one shape only
+                b = {k: np.concatenate([v, np.zeros((local - n,) + v.shape[1:], v.dtype)])
+                     for k, v in b.items()}
+            yield b
+
+    def run(self, params) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        batches = []
+        for b in self._batches():
+            out = jax.device_get(self.step(params, train_data.to_global(b, self.mesh,
+                                                                        self.batch_size)))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            totals['num_batches'] = totals.get('num_batches', 0.0) + 1
+            batches.append(b)
+        n = max(totals.get('num_batches', 1.0), 1.0)
+        scalars = {'loss': totals.get('loss', 0.0) / n,
+                   'accuracy': totals.get('correct', 0.0) / max(totals.get('num_tokens', 1.0), 1.0)}
+        if self.decode_metrics:
+            scalars.update(self.task_metrics(params, batches))
+        return scalars
+
+    def task_metrics(self, params, batches) -> dict[str, float]:
+        """Greedy-decodes the eval inputs and scores them with the task's metric functions."""
+        try:
+            from doa_jax import decoding
+        except ImportError:
+            if not self._warned:
+                logging.warning('doa_jax.decoding is not available; decode-based task metrics '
+                                'are skipped.')
+                self._warned = True
+            return {}
+        task = train_data.get_task(self.task_name)
+        vocab = task.output_features['targets'].vocabulary
+        targets, predictions = [], []
+        for b in batches:
+            enc = train_data.to_global({**b}, self.mesh, self.batch_size)['encoder_input_tokens']
+            tokens, _ = decoding.generate(params, self.config, enc,
+                                          max_decode_length=self.max_decode_length)
+            tokens = np.asarray(jax.device_get(
+                    multihost_utils.process_allgather(tokens, tiled=True)))
+            gold = np.asarray(jax.device_get(multihost_utils.process_allgather(
+                    train_data.to_global(b, self.mesh, self.batch_size)['decoder_target_tokens'],
+                    tiled=True)))
+            for row_t, row_p in zip(gold, tokens):
+                if not row_t.any():
+                    continue
+                targets.append(vocab.decode(_until_eos(row_t, vocab.eos_id)))
+                predictions.append(vocab.decode(_until_eos(row_p, vocab.eos_id)))
+        scores: dict[str, float] = {}
+        for fn in getattr(task, 'predict_metric_fns', []) or getattr(task, 'metric_fns', []):
+            scores.update({f'task/{k}': float(v) for k, v in fn(targets, predictions).items()})
+        return scores
+
+
+def _until_eos(row: np.ndarray, eos_id: int) -> list[int]:
+    out = []
+    for t in row.tolist():
+        if t == eos_id or t == 0:
+            break
+        out.append(int(t))
+    return out
