@@ -1,0 +1,84 @@
+"""Budget caps: a pre-flight estimate that refuses runs the remaining budget cannot pay for."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Mapping, Sequence
+
+from doa_jax.cost.prices import device_cost_usd
+
+FORCE_HINT = 'pass --force (gin: --gin.FORCE_OVER_BUDGET=True; Python: force=True)'
+
+
+class BudgetExceededError(RuntimeError):
+    """The estimated cost of a run exceeds what is left of its budget."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    seconds_per_step: float
+    steps: int
+    device_count: int
+    usd_per_device_hour: float
+    source: str          # 'warm-up (N steps)' or 'benchmark ...': where the speed came from
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_per_step * self.steps
+
+    @property
+    def usd(self) -> float:
+        return device_cost_usd(self.seconds, self.device_count, self.usd_per_device_hour)
+
+    def describe(self) -> str:
+        return (f'${self.usd:,.2f} = {self.seconds_per_step:.4g} s/step x {self.steps} steps x '
+                f'{self.device_count} device(s) x ${self.usd_per_device_hour}/device-hour '
+                f'(speed from {self.source})')
+
+
+def seconds_per_step_from_warmup(step_seconds: Sequence[float], skip_first: int = 1) -> float:
+    """Median of measured step times, skipping the first (compilation) ones."""
+    timed = list(step_seconds)[skip_first:]
+    if not timed:
+        raise ValueError(f'need more than {skip_first} warm-up step time(s) to estimate speed, '
+                         f'got {len(step_seconds)}; run a longer warm-up.')
+    return statistics.median(timed)
+
+
+def estimate_from_warmup(step_seconds: Sequence[float], steps: int, device_count: int,
+                         usd_per_device_hour: float, skip_first: int = 1) -> Estimate:
+    """Cost of `steps` steps at the median speed of a short measured warm-up."""
+    sps = seconds_per_step_from_warmup(step_seconds, skip_first)
+    return Estimate(sps, steps, device_count, float(usd_per_device_hour),
+                    f'warm-up ({len(step_seconds) - skip_first} timed steps)')
+
+
+def estimate_from_benchmark(entry: Mapping, steps: int, batch_size: int, device_count: int,
+                            usd_per_device_hour: float) -> Estimate:
+    """Cost from a benchmark table row: `seconds_per_step`, or `timing/seqs_per_second` (global)."""
+    if 'seconds_per_step' in entry:
+        sps = float(entry['seconds_per_step'])
+    elif 'timing/seqs_per_second' in entry:
+        sps = batch_size / float(entry['timing/seqs_per_second'])
+    else:
+        raise ValueError(f'benchmark entry has neither seconds_per_step nor '
+                         f'timing/seqs_per_second (keys: {sorted(entry)}); rerun '
+                         f'`python -m doa_jax.benchmark` for this model and batch size.')
+    name = entry.get('name', entry.get('model', 'table entry'))
+    return Estimate(sps, steps, device_count, float(usd_per_device_hour), f'benchmark {name}')
+
+
+def check_budget(estimate: Estimate, budget_usd: float | None, spent_usd: float = 0.0,
+                 force: bool = False) -> float:
+    """Remaining budget after the run; raises BudgetExceededError unless it fits or `force`."""
+    if budget_usd is None:
+        return float('inf')
+    remaining = budget_usd - spent_usd
+    if estimate.usd > remaining and not force:
+        raise BudgetExceededError(
+            f'Refusing to start: estimated cost {estimate.describe()} exceeds the remaining '
+            f'budget ${remaining:,.2f} (BUDGET_USD ${budget_usd:,.2f} - already spent '
+            f'${spent_usd:,.2f}). Lower TRAIN_STEPS or the device count, raise BUDGET_USD, or '
+            f'{FORCE_HINT} to start anyway; the run will still stop at the cap.')
+    return remaining - estimate.usd

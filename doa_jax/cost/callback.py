@@ -1,0 +1,136 @@
+"""CostCallback: turns the trainer's callback protocol into ledger entries and a budget cap."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from doa_jax.callbacks import TrainerCallback
+from doa_jax.cost.ledger import Ledger
+from doa_jax.cost.meter import DeviceInfo, device_info, is_writer_process
+from doa_jax.cost.prices import PriceTable, device_cost_usd
+
+log = logging.getLogger(__name__)
+
+
+class CostCallback(TrainerCallback):
+    """Records device-seconds x price for one run/stage and stops the run at `budget_usd`.
+
+    Only process 0 writes (the mesh's device count covers all hosts); every process takes the
+    same should_stop decision because process 0's answer is broadcast. `budget_scope='run'` caps
+    this run's spending; 'ledger' caps everything in the ledger (a whole study's budget).
+    Redone steps after a restart count towards the cap: that money was spent.
+    """
+
+    def __init__(self, ledger: Ledger, prices: PriceTable, run_id: str, stage: str,
+                 budget_usd: float | None = None, include_compile: bool = True,
+                 include_eval: bool = True, budget_scope: str = 'run',
+                 device_price_fallback: str | None = None, write: bool | None = None):
+        if budget_scope not in ('run', 'ledger'):
+            raise ValueError(f"budget_scope must be 'run' or 'ledger', got {budget_scope!r}.")
+        if budget_usd is not None and budget_usd <= 0:
+            raise ValueError(f'budget_usd must be positive (or None for no cap), got '
+                             f'{budget_usd}; set BUDGET_USD to the dollars this run may spend.')
+        self.ledger, self.prices = ledger, prices
+        self.run_id, self.stage = run_id, stage
+        self.budget_usd, self.budget_scope = budget_usd, budget_scope
+        self.include_compile, self.include_eval = include_compile, include_eval
+        self.device_price_fallback = device_price_fallback
+        self._write_override = write
+        self.write = False
+        self.device: DeviceInfo | None = None
+        self.usd_per_device_hour = None
+        self.attempt: int | None = None
+        self._seq = 0
+        self._last_event = time.monotonic()
+        self.stopped_at: int | None = None
+
+    # ---- protocol ---------------------------------------------------------------------------
+    def on_train_start(self, *, model_dir: str, start_step: int, mesh: Any) -> None:
+        self.device = device_info(mesh)
+        # Fails before any training if the device has no price: better than an unpriced run.
+        self.usd_per_device_hour = self.prices.usd_per_device_hour(
+            self.device.kind, self.device_price_fallback)
+        self.write = is_writer_process() if self._write_override is None else \
+            self._write_override
+        self._seq = 0
+        if self.write:
+            self.attempt = self.ledger.begin_attempt(self.run_id, self.stage, start_step)
+            log.info('cost: run %s stage %s attempt %d from step %d on %d x %s at $%s/device-h; '
+                     'ledger %s', self.run_id, self.stage, self.attempt, start_step,
+                     self.device.count, self.device.kind, self.usd_per_device_hour,
+                     self.ledger.path)
+        self._last_event = time.monotonic()
+
+    def on_steps_end(self, *, first_step: int, last_step: int, seconds: float) -> None:
+        self._require_started('on_steps_end')
+        if self.write:
+            self.ledger.record_steps(self.run_id, self.stage, self.attempt, first_step,
+                                     last_step, seconds, self.device.kind, self.device.count,
+                                     self.usd_per_device_hour)
+        self._last_event = time.monotonic()
+
+    def on_compile(self, *, seconds: float) -> None:
+        self._overhead('compile', 0, seconds, self.include_compile)
+
+    def on_eval_end(self, *, step: int, seconds: float) -> None:
+        self._overhead('eval', step, seconds, self.include_eval)
+
+    def on_checkpoint(self, *, step: int) -> None:
+        self._require_started('on_checkpoint')
+        if self.write:
+            self.ledger.record_checkpoint(self.run_id, self.stage, self.attempt, step)
+
+    def should_stop(self, *, step: int) -> bool:
+        if self.budget_usd is None:
+            return False
+        stop = False
+        if self.write:
+            spent = self.spent_usd()
+            stop = spent >= self.budget_usd
+            if stop:
+                log.warning('cost: run %s spent $%.4f of its $%.4f budget at step %d; stopping.',
+                            self.run_id, spent, self.budget_usd, step)
+        stop = _agree_with_process_0(stop)
+        if stop:
+            self.stopped_at = step
+        return stop
+
+    def on_train_end(self, *, step: int, reason: str) -> None:
+        self._require_started('on_train_end')
+        if self.write:
+            self.ledger.end_attempt(self.run_id, self.stage, self.attempt, step, reason)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def spent_usd(self) -> float:
+        """Ledger total for this run (or the whole ledger) plus the devices' unreported time."""
+        recorded = self.ledger.spent_usd(self.run_id if self.budget_scope == 'run' else None)
+        in_flight = device_cost_usd(max(0.0, time.monotonic() - self._last_event),
+                                    self.device.count, self.usd_per_device_hour) \
+            if self.device else 0.0
+        return recorded + in_flight
+
+    def _overhead(self, category: str, step: int, seconds: float, billable: bool) -> None:
+        self._require_started(f'on_{category}')
+        self._seq += 1
+        if self.write:
+            self.ledger.record_overhead(self.run_id, self.stage, self.attempt, category,
+                                        self._seq, step, seconds, self.device.kind,
+                                        self.device.count, self.usd_per_device_hour, billable)
+        self._last_event = time.monotonic()
+
+    def _require_started(self, hook: str) -> None:
+        if self.device is None:
+            raise RuntimeError(f'CostCallback.{hook} called before on_train_start; the trainer '
+                               f'must call on_train_start(model_dir=, start_step=, mesh=) first.')
+
+
+def _agree_with_process_0(flag: bool) -> bool:
+    """Every host must stop together, or the others hang in the next collective."""
+    import jax
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))

@@ -1,0 +1,386 @@
+"""The cost ledger: one durable SQLite file (WAL mode) per run or study directory.
+
+Why SQLite: every write is one short transaction, so a SIGKILL loses at most the entry being written
+and never leaves a half-written one; several processes on one host can write the same study ledger
+(writers queue on SQLite's lock); and UNIQUE keys make re-recording the same interval a no-op.
+Keep the ledger on a local or POSIX-locking file system (not a bucket mount): WAL needs shared memory.
+
+Resume model. Each `on_train_start` opens a new *attempt* with its start step S. Steps an attempt
+ran above a later attempt's start were redone by that later attempt, so they are *redone* money:
+spent (it counts towards a budget) but not counted again as the run's step cost. Derived at query
+time from the raw intervals, this is idempotent and needs no rewriting after a crash. Steps above
+the last checkpoint of a run that has not ended yet are *pending*: they may still be redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import socket
+import sqlite3
+import time
+from typing import Iterator
+
+from doa_jax.cost.prices import device_cost_usd, to_decimal
+
+LEDGER_FILENAME = 'cost_ledger.sqlite'
+_CATEGORIES = ('steps', 'compile', 'eval', 'compute', 'labels', 'llm')
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS attempts(
+    run_id TEXT NOT NULL, stage TEXT NOT NULL, attempt INTEGER NOT NULL,
+    start_step INTEGER NOT NULL, started_at REAL NOT NULL, host TEXT NOT NULL,
+    end_step INTEGER, end_reason TEXT, ended_at REAL,
+    PRIMARY KEY(run_id, stage, attempt));
+CREATE TABLE IF NOT EXISTS entries(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL, stage TEXT NOT NULL, attempt INTEGER NOT NULL,
+    category TEXT NOT NULL, seq INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    device_kind TEXT, device_count INTEGER NOT NULL, seconds REAL NOT NULL,
+    quantity REAL NOT NULL, unit TEXT NOT NULL, rate_usd TEXT NOT NULL, usd REAL NOT NULL,
+    billable INTEGER NOT NULL, note TEXT, created_at REAL NOT NULL, host TEXT NOT NULL,
+    UNIQUE(run_id, stage, attempt, category, seq, first, last));
+CREATE TABLE IF NOT EXISTS checkpoints(
+    run_id TEXT NOT NULL, stage TEXT NOT NULL, attempt INTEGER NOT NULL, step INTEGER NOT NULL,
+    saved_at REAL NOT NULL, PRIMARY KEY(run_id, stage, attempt, step));
+"""
+
+
+class LedgerError(RuntimeError):
+    """The ledger refused an entry that would double-count money, or the file is unusable."""
+
+
+@dataclasses.dataclass
+class StageSummary:
+    """Money and device-hours of one (run_id, stage), derived from the raw ledger rows."""
+
+    run_id: str
+    stage: str
+    device_kind: str = ''
+    device_count: int = 0
+    attempts: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    step_seconds: float = 0.0          # wall-clock of counted steps (each step once)
+    step_device_hours: float = 0.0
+    step_usd: float = 0.0
+    pending_usd: float = 0.0           # part of step_usd above the last checkpoint, may be redone
+    redone_seconds: float = 0.0        # steps run again after a restart: spent, not counted twice
+    redone_device_hours: float = 0.0
+    redone_usd: float = 0.0
+    compile_seconds: float = 0.0
+    compile_usd: float = 0.0           # 0 unless compile time is billable for this run
+    eval_seconds: float = 0.0
+    eval_usd: float = 0.0              # 0 unless eval time is billable for this run
+    compute_device_hours: float = 0.0  # range-keyed compute (inference, pseudo-labelling)
+    compute_usd: float = 0.0
+    labels: int = 0
+    labels_usd: float = 0.0
+    llm_input_tokens: int = 0
+    llm_output_tokens: int = 0
+    llm_usd: float = 0.0
+    end_reason: str | None = None
+
+    @property
+    def device_hours(self) -> float:
+        """Billed device-hours: counted steps, redone steps, compute, and billable overheads."""
+        return self.step_device_hours + self.redone_device_hours + self.compute_device_hours + \
+            self._billable_overhead_hours
+
+    _billable_overhead_hours: float = 0.0
+
+    @property
+    def total_usd(self) -> float:
+        return math.fsum([self.step_usd, self.redone_usd, self.compile_usd, self.eval_usd,
+                          self.compute_usd, self.labels_usd, self.llm_usd])
+
+    def as_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if not f.name.startswith('_')}
+        d['device_hours'] = self.device_hours
+        d['total_usd'] = self.total_usd
+        return d
+
+
+def ledger_path(path: str | os.PathLike) -> str:
+    """A directory means `<dir>/cost_ledger.sqlite`; anything else is the file itself."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or not path.endswith(('.sqlite', '.db')):
+        return os.path.join(path, LEDGER_FILENAME)
+    return path
+
+
+class Ledger:
+    """Durable, multi-process-safe cost ledger. Connects lazily: only writers create the file."""
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 120.0):
+        self.path = ledger_path(path)
+        self._timeout_s = timeout_s
+        self._con: sqlite3.Connection | None = None
+        self._pid: int | None = None
+        self.host = f'{socket.gethostname()}:{os.getpid()}'
+
+    # ---- connection -----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._con is not None and self._pid == os.getpid():
+            return self._con
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        try:
+            con = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None)
+            deadline = time.monotonic() + self._timeout_s
+            while True:   # switching to WAL needs a lock that the busy handler may not wait for
+                try:
+                    con.execute('PRAGMA journal_mode=WAL')
+                    break
+                except sqlite3.OperationalError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            con.execute('PRAGMA synchronous=FULL')   # fsync each commit: survive power loss too
+            con.execute(f'PRAGMA busy_timeout={int(self._timeout_s * 1000)}')
+            with _transaction(con):
+                for statement in _SCHEMA.split(';'):
+                    if statement.strip():
+                        con.execute(statement)
+        except sqlite3.Error as e:
+            raise LedgerError(f'cannot open the cost ledger {self.path!r}: {e}. It must be on a '
+                              f'writable local/POSIX file system (not a bucket mount).') from e
+        self._con, self._pid = con, os.getpid()
+        return con
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        con = self._connect()
+        with _transaction(con):
+            yield con
+
+    # ---- training attempts ----------------------------------------------------------------
+    def begin_attempt(self, run_id: str, stage: str, start_step: int) -> int:
+        """Open a new attempt (a process start or restart from checkpoint `start_step`)."""
+        with self._write() as con:
+            (n,) = con.execute('SELECT COALESCE(MAX(attempt), 0) FROM attempts '
+                               'WHERE run_id=? AND stage=?', (run_id, stage)).fetchone()
+            con.execute('INSERT INTO attempts(run_id, stage, attempt, start_step, started_at, host)'
+                        ' VALUES (?,?,?,?,?,?)',
+                        (run_id, stage, n + 1, int(start_step), time.time(), self.host))
+        return n + 1
+
+    def end_attempt(self, run_id: str, stage: str, attempt: int, step: int, reason: str) -> None:
+        with self._write() as con:
+            con.execute('UPDATE attempts SET end_step=?, end_reason=?, ended_at=? '
+                        'WHERE run_id=? AND stage=? AND attempt=?',
+                        (int(step), reason, time.time(), run_id, stage, attempt))
+
+    def record_checkpoint(self, run_id: str, stage: str, attempt: int, step: int) -> None:
+        with self._write() as con:
+            con.execute('INSERT OR IGNORE INTO checkpoints VALUES (?,?,?,?,?)',
+                        (run_id, stage, attempt, int(step), time.time()))
+
+    def record_steps(self, run_id: str, stage: str, attempt: int, first_step: int,
+                     last_step: int, seconds: float, device_kind: str, device_count: int,
+                     usd_per_device_hour, billable: bool = True) -> bool:
+        """Steps [first_step, last_step] took `seconds` on the devices. False: already recorded."""
+        if last_step < first_step:
+            raise LedgerError(f'step interval [{first_step}, {last_step}] of run {run_id!r} '
+                              f'stage {stage!r} is empty; the trainer must pass first <= last.')
+        return self._insert(run_id, stage, attempt, 'steps', 0, first_step, last_step,
+                            device_kind, device_count, seconds, last_step - first_step + 1,
+                            'steps', usd_per_device_hour, billable)
+
+    def record_overhead(self, run_id: str, stage: str, attempt: int, category: str, seq: int,
+                        step: int, seconds: float, device_kind: str, device_count: int,
+                        usd_per_device_hour, billable: bool) -> bool:
+        """Compile or eval time: always recorded, counted in $ only when `billable`."""
+        if category not in ('compile', 'eval'):
+            raise LedgerError(f'overhead category must be compile or eval, got {category!r}.')
+        return self._insert(run_id, stage, attempt, category, seq, step, step, device_kind,
+                            device_count, seconds, seconds, 'seconds', usd_per_device_hour,
+                            billable)
+
+    # ---- range-keyed costs (inference, labels, LLM) ----------------------------------------
+    def record_compute(self, run_id: str, stage: str, first: int, last: int, seconds: float,
+                       device_kind: str, device_count: int, usd_per_device_hour,
+                       note: str = '') -> bool:
+        """Compute on examples [first, last] (e.g. one pseudo-label shard); idempotent per range."""
+        return self._insert(run_id, stage, 0, 'compute', 0, first, last, device_kind,
+                            device_count, seconds, last - first + 1, 'examples',
+                            usd_per_device_hour, True, note)
+
+    def record_labels(self, run_id: str, stage: str, task: str, first: int, last: int,
+                      usd_per_label) -> bool:
+        """Gold labels for examples [first, last] of `task`; idempotent per range."""
+        n = last - first + 1
+        usd = float(to_decimal(usd_per_label) * n)
+        return self._insert(run_id, stage, 0, 'labels', 0, first, last, None, 0, 0.0, n,
+                            'labels', usd_per_label, True, task, usd=usd)
+
+    def record_llm(self, run_id: str, stage: str, model: str, first: int, last: int,
+                   input_tokens: int, output_tokens: int, usd: float) -> bool:
+        """LLM annotation of examples [first, last]; `usd` from `prices.llm_cost_usd`."""
+        return self._insert(run_id, stage, 0, 'llm', 0, first, last, None, 0, 0.0,
+                            input_tokens + output_tokens, f'tokens:{input_tokens}:{output_tokens}',
+                            0, True, model, usd=usd)
+
+    def _insert(self, run_id, stage, attempt, category, seq, first, last, device_kind,
+                device_count, seconds, quantity, unit, rate, billable, note='', usd=None) -> bool:
+        if last < first:
+            raise LedgerError(f'{category} range [{first}, {last}] of run {run_id!r} stage '
+                              f'{stage!r} is empty; pass first <= last (inclusive).')
+        if usd is None:
+            usd = device_cost_usd(seconds, device_count, rate)
+        row = (run_id, stage, attempt, category, seq, int(first), int(last), device_kind,
+               int(device_count), float(seconds), float(quantity), unit, str(to_decimal(rate)),
+               float(usd), int(bool(billable)), note, time.time(), self.host)
+        with self._write() as con:
+            same = con.execute(
+                'SELECT first, last, seconds, usd FROM entries WHERE run_id=? AND stage=? AND '
+                'attempt=? AND category=? AND seq=? AND first<=? AND last>=?',
+                (run_id, stage, attempt, category, seq, int(last), int(first))).fetchall()
+            for f, l, s, u in same:
+                if (f, l) == (int(first), int(last)):
+                    return False          # the same interval again: idempotent no-op
+                raise LedgerError(
+                    f'{category} range [{first}, {last}] of run {run_id!r} stage {stage!r} '
+                    f'overlaps the recorded range [{f}, {l}] (${u:.4f}); recording it would '
+                    f'count money twice. Record disjoint ranges, or the identical range again.')
+            con.execute('INSERT INTO entries(run_id, stage, attempt, category, seq, first, last, '
+                        'device_kind, device_count, seconds, quantity, unit, rate_usd, usd, '
+                        'billable, note, created_at, host) VALUES '
+                        '(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)', row)
+        return True
+
+    # ---- queries --------------------------------------------------------------------------
+    def spent_usd(self, run_id: str | None = None) -> float:
+        """Billable dollars spent so far (redone steps included: they were paid for)."""
+        if not os.path.exists(self.path):
+            return 0.0
+        con = self._connect()
+        if run_id is None:
+            rows = con.execute('SELECT usd FROM entries WHERE billable=1').fetchall()
+        else:
+            rows = con.execute('SELECT usd FROM entries WHERE billable=1 AND run_id=?',
+                               (run_id,)).fetchall()
+        return math.fsum(r[0] for r in rows)
+
+    def counted_step_intervals(self, run_id: str, stage: str) -> list[tuple[int, int, float]]:
+        """(first, last, seconds) of the step work that counts, each step once, in step order."""
+        out = []
+        for e, kept_n, _ in self._step_entries(run_id, stage):
+            if kept_n:
+                out.append((e['first'], e['first'] + kept_n - 1,
+                            e['seconds'] * kept_n / (e['last'] - e['first'] + 1)))
+        return sorted(out)
+
+    def _rows(self, sql: str, args=()) -> list[dict]:
+        con = self._connect()
+        cur = con.execute(sql, args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def _step_entries(self, run_id: str, stage: str):
+        attempts = self._rows('SELECT attempt, start_step FROM attempts WHERE run_id=? AND '
+                              'stage=? ORDER BY attempt', (run_id, stage))
+        # Steps of attempt a above the smallest start of any later attempt were redone.
+        cutoff, later_min = {}, math.inf
+        for a in reversed(attempts):
+            cutoff[a['attempt']] = later_min
+            later_min = min(later_min, a['start_step'])
+        for e in self._rows("SELECT * FROM entries WHERE run_id=? AND stage=? AND "
+                            "category='steps' ORDER BY attempt, first", (run_id, stage)):
+            n = e['last'] - e['first'] + 1
+            c = cutoff.get(e['attempt'], math.inf)
+            kept_n = n if c == math.inf else int(max(0, min(n, c - e['first'] + 1)))
+            yield e, kept_n, n
+
+    def runs(self) -> list[tuple[str, str]]:
+        if not os.path.exists(self.path):
+            return []
+        rows = self._connect().execute(
+            'SELECT run_id, stage FROM entries UNION SELECT run_id, stage FROM attempts '
+            'ORDER BY 1, 2').fetchall()
+        return [(r, s) for r, s in rows]
+
+    def summary(self) -> list[StageSummary]:
+        """One StageSummary per (run_id, stage), in name order."""
+        return [self.stage_summary(r, s) for r, s in self.runs()]
+
+    def stage_summary(self, run_id: str, stage: str) -> StageSummary:
+        s = StageSummary(run_id, stage)
+        attempts = self._rows('SELECT * FROM attempts WHERE run_id=? AND stage=? '
+                              'ORDER BY attempt', (run_id, stage))
+        s.attempts = len(attempts)
+        pending_above = math.inf
+        if attempts:
+            last = attempts[-1]
+            s.end_reason = last['end_reason']
+            if last['end_reason'] not in ('done', 'stopped'):
+                (ck,) = self._connect().execute(
+                    'SELECT MAX(step) FROM checkpoints WHERE run_id=? AND stage=? AND attempt=?',
+                    (run_id, stage, last['attempt'])).fetchone()
+                pending_above = max(last['start_step'], ck if ck is not None else -math.inf)
+                last_attempt = last['attempt']
+        step_usd, pending, redone, hours, redone_hours = [], [], [], [], []
+        for e, kept_n, n in self._step_entries(run_id, stage):
+            s.device_kind, s.device_count = e['device_kind'] or '', e['device_count']
+            if not e['billable']:
+                continue
+            frac = kept_n / n
+            step_usd.append(e['usd'] * frac)
+            s.step_seconds += e['seconds'] * frac
+            hours.append(e['seconds'] * e['device_count'] * frac / 3600)
+            redone.append(e['usd'] * (1 - frac))
+            s.redone_seconds += e['seconds'] * (1 - frac)
+            redone_hours.append(e['seconds'] * e['device_count'] * (1 - frac) / 3600)
+            if kept_n:
+                s.first_step = e['first'] if s.first_step is None else min(s.first_step,
+                                                                           e['first'])
+                top = e['first'] + kept_n - 1
+                s.last_step = top if s.last_step is None else max(s.last_step, top)
+                if pending_above != math.inf and e['attempt'] == last_attempt:
+                    above = max(0, top - max(pending_above, e['first'] - 1))
+                    pending.append(e['usd'] * above / n)
+        s.step_usd, s.pending_usd, s.redone_usd = math.fsum(step_usd), math.fsum(pending), \
+            math.fsum(redone)
+        s.step_device_hours, s.redone_device_hours = math.fsum(hours), math.fsum(redone_hours)
+        overhead_hours = []
+        for e in self._rows("SELECT * FROM entries WHERE run_id=? AND stage=? AND "
+                            "category!='steps'", (run_id, stage)):
+            cat, usd = e['category'], (e['usd'] if e['billable'] else 0.0)
+            if cat in ('compile', 'eval'):
+                setattr(s, f'{cat}_seconds', getattr(s, f'{cat}_seconds') + e['seconds'])
+                setattr(s, f'{cat}_usd', getattr(s, f'{cat}_usd') + usd)
+                if e['billable']:
+                    overhead_hours.append(e['seconds'] * e['device_count'] / 3600)
+            elif cat == 'compute':
+                s.compute_device_hours += e['seconds'] * e['device_count'] / 3600
+                s.compute_usd += usd
+                s.device_kind, s.device_count = e['device_kind'] or '', e['device_count']
+            elif cat == 'labels':
+                s.labels += int(e['quantity'])
+                s.labels_usd += usd
+            elif cat == 'llm':
+                _, i, o = e['unit'].split(':')
+                s.llm_input_tokens += int(i)
+                s.llm_output_tokens += int(o)
+                s.llm_usd += usd
+        s._billable_overhead_hours = math.fsum(overhead_hours)
+        return s
+
+
+@contextlib.contextmanager
+def _transaction(con: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue, never deadlock."""
+    con.execute('BEGIN IMMEDIATE')
+    try:
+        yield
+    except BaseException:
+        con.execute('ROLLBACK')
+        raise
+    con.execute('COMMIT')

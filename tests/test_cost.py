@@ -1,0 +1,209 @@
+"""Cost accounting: the paper's quoted prices, price tables, the ledger's resume model, report CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from doa_jax.cost import (BudgetExceededError, ComputeMeter, CostCallback, Ledger, LedgerError,
+                          PriceError, annotation_cost_usd, check_budget, default_prices,
+                          device_cost_usd, estimate_from_benchmark, estimate_from_warmup,
+                          llm_cost_usd, load_prices)
+from doa_jax.cost.report import collect, format_table, main as report_main
+
+
+def fake_mesh(kind: str = 'NVIDIA A100-SXM4-40GB', n: int = 4):
+    devices = np.array([types.SimpleNamespace(device_kind=kind) for _ in range(n)], dtype=object)
+    return types.SimpleNamespace(devices=devices.reshape(n, 1))
+
+
+# ---- the paper's numbers ----------------------------------------------------------------------
+@pytest.mark.parametrize('task,n,usd', [
+    ('WLP', 1_000, 260), ('WLP', 5_000, 1_300), ('Stanceosaurus', 5_000, 1_820),
+    ('FEVER', 5_000, 645), ('MultiPIT_id', 5_000, 1_000), ('MultiPIT_gen', 10_000, 3_710),
+    ('NQ', 10_000, 1_290), ('natural_questions', 10_000, 1_290)])
+def test_paper_annotation_costs_are_exact(task, n, usd):
+    assert annotation_cost_usd(task, n) == usd     # exact, not approximately
+
+
+def test_paper_a100_hour_prices_are_exact():
+    prices = default_prices()
+    rate = prices.usd_per_device_hour('NVIDIA A100-SXM4-40GB')
+    assert device_cost_usd(3600, 1, rate) == 1.875
+    assert device_cost_usd(2 * 3600, 4, rate) == 15.0
+
+
+# ---- price table ------------------------------------------------------------------------------
+@pytest.mark.parametrize('kind,entry', [
+    ('NVIDIA A100-SXM4-40GB', 'A100'), ('NVIDIA A100 80GB PCIe', 'A100'),
+    ('NVIDIA H100 80GB HBM3', 'H100'), ('NVIDIA H200', 'H200'), ('TPU v4', 'TPU v4'),
+    ('TPU v5 lite', 'TPU v5e'), ('TPU v5e', 'TPU v5e'), ('TPU v5', 'TPU v5p'),
+    ('TPU v6 lite', 'TPU v6e'), ('cpu', 'CPU'), ('Tesla V100-SXM2-16GB', 'V100')])
+def test_device_kind_matching(kind, entry):
+    assert default_prices().device_price(kind).name == entry
+
+
+def test_unknown_device_is_a_clear_error_or_an_explicit_fallback():
+    prices = default_prices()
+    with pytest.raises(PriceError, match=r"'Quantum QPU-9'.*fallback"):
+        prices.device_price('Quantum QPU-9')
+    assert prices.device_price('Quantum QPU-9', fallback='A100').name == 'A100'
+    with pytest.raises(PriceError, match='not in the price table'):
+        prices.device_price('Quantum QPU-9', fallback='nope')
+
+
+def test_every_default_entry_names_its_source():
+    prices = default_prices()
+    for d in prices.devices:
+        assert d.source, d.name
+        assert d.name == 'A100' or d.source.startswith('assumption'), d.name
+    assert all(p.source.startswith('assumption') for p in prices.llm.values())
+
+
+def test_yaml_and_python_overrides(tmp_path):
+    f = tmp_path / 'prices.yaml'
+    f.write_text('devices:\n  A100: {usd_per_hour: 2.5}\n'
+                 '  MyChip: {usd_per_hour: 0.5, aliases: ["\\\\bmychip\\\\b"]}\n'
+                 'annotation:\n  my_task: {usd_per_label: 0.05}\n'
+                 'llm:\n  my-llm: {usd_per_1k_input: 0.001, usd_per_1k_output: 0.002}\n')
+    prices = load_prices(f)
+    assert prices.usd_per_device_hour('NVIDIA A100-SXM4-80GB') == 2.5
+    assert prices.device_price('ACME MyChip rev2').name == 'MyChip'
+    assert prices.usd_per_device_hour('TPU v4') == default_prices().usd_per_device_hour('TPU v4')
+    assert annotation_cost_usd('My Task', 1000, prices) == 50
+    assert llm_cost_usd('my-llm', 2000, 500, prices) == 0.003
+    py = default_prices().with_overrides(devices={'H100': 3}, annotation={'fever': 0.1})
+    assert py.usd_per_device_hour('NVIDIA H100 80GB HBM3') == 3
+    assert annotation_cost_usd('fever', 10, py) == 1
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('devices:\n  A100: {usd_per_hour: cheap}\n')
+    with pytest.raises(PriceError, match=r'bad.yaml: devices.A100.usd_per_hour'):
+        load_prices(bad)
+    with pytest.raises(PriceError, match='does not exist'):
+        load_prices(tmp_path / 'missing.yaml')
+    with pytest.raises(PriceError, match='No annotation price.*with_overrides'):
+        annotation_cost_usd('unknown_task', 1)
+
+
+# ---- ledger -----------------------------------------------------------------------------------
+A100 = 'NVIDIA A100-SXM4-40GB'
+
+
+def test_ledger_resume_counts_each_step_once_and_keeps_redone_money(tmp_path):
+    led = Ledger(tmp_path)
+    a1 = led.begin_attempt('r', 'train', 0)
+    for first in (1, 5, 9):                           # 4 steps of 1 h each on one A100
+        led.record_steps('r', 'train', a1, first, first + 3, 4 * 3600.0, A100, 1, 1.875)
+    led.record_checkpoint('r', 'train', a1, 6)        # checkpoint inside [5, 8]
+    assert led.record_steps('r', 'train', a1, 9, 12, 4 * 3600.0, A100, 1, 1.875) is False
+    with pytest.raises(LedgerError, match='overlaps'):
+        led.record_steps('r', 'train', a1, 10, 11, 3600.0, A100, 1, 1.875)
+    a2 = led.begin_attempt('r', 'train', 6)           # crash; resume from checkpoint 6
+    led.record_steps('r', 'train', a2, 7, 12, 6 * 3600.0, A100, 1, 1.875)
+    led.end_attempt('r', 'train', a2, 12, 'done')
+    assert [(f, l) for f, l, _ in led.counted_step_intervals('r', 'train')] == \
+        [(1, 4), (5, 6), (7, 12)]
+    s = led.stage_summary('r', 'train')
+    assert s.step_usd == 12 * 1.875 and s.step_seconds == 12 * 3600
+    assert s.redone_usd == 6 * 1.875                  # steps 7..12 of the first attempt
+    assert s.total_usd == led.spent_usd('r') == 18 * 1.875
+    assert s.pending_usd == 0 and s.attempts == 2 and s.end_reason == 'done'
+
+
+def test_pending_money_is_above_the_last_checkpoint(tmp_path):
+    led = Ledger(tmp_path / 'ledger.sqlite')
+    a = led.begin_attempt('r', 'train', 0)
+    led.record_steps('r', 'train', a, 1, 10, 3600.0, A100, 2, 1.875)
+    led.record_checkpoint('r', 'train', a, 4)
+    assert led.stage_summary('r', 'train').pending_usd == pytest.approx(6 / 10 * 2 * 1.875)
+
+
+def test_labels_llm_and_compute_are_idempotent_per_range(tmp_path):
+    led = Ledger(tmp_path)
+    prices = default_prices()
+    assert led.record_labels('s', 'annotate', 'fever', 0, 4999, prices.usd_per_label('fever'))
+    assert not led.record_labels('s', 'annotate', 'fever', 0, 4999, prices.usd_per_label('fever'))
+    with pytest.raises(LedgerError, match='count money twice'):
+        led.record_labels('s', 'annotate', 'fever', 4000, 5999, prices.usd_per_label('fever'))
+    led.record_llm('s', 'gpt', 'gpt-4o', 0, 9, 1000, 1000, llm_cost_usd('gpt-4o', 1000, 1000))
+    with ComputeMeter(led, prices, 's', 'pseudo_label', 0, 99, mesh=fake_mesh('TPU v4', 8),
+                      write=True) as m:
+        pass
+    s = {x.stage: x for x in led.summary()}
+    assert s['annotate'].labels == 5000 and s['annotate'].total_usd == 645
+    assert s['gpt'].llm_usd == 0.0125 and s['gpt'].llm_input_tokens == 1000
+    assert s['pseudo_label'].device_count == 8 and s['pseudo_label'].compute_usd == \
+        pytest.approx(device_cost_usd(m.seconds, 8, 3.22))
+
+
+def test_callback_records_overheads_and_excludes_them_when_asked(tmp_path):
+    led = Ledger(tmp_path)
+    cb = CostCallback(led, default_prices(), 'r', 'train', include_compile=False, write=True)
+    cb.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh(n=4))
+    cb.on_compile(seconds=3600.0)
+    cb.on_steps_end(first_step=1, last_step=10, seconds=1800.0)
+    cb.on_eval_end(step=10, seconds=900.0)
+    cb.on_checkpoint(step=10)
+    cb.on_train_end(step=10, reason='done')
+    s = led.stage_summary('r', 'train')
+    assert (s.compile_seconds, s.compile_usd) == (3600.0, 0.0)
+    assert s.step_usd == 3.75 and s.eval_usd == 1.875 and s.total_usd == 5.625
+    assert s.device_hours == 3.0 and s.device_kind == A100 and s.device_count == 4
+
+
+def test_callback_requires_a_priced_device(tmp_path):
+    cb = CostCallback(Ledger(tmp_path), default_prices(), 'r', 'train', write=True)
+    with pytest.raises(PriceError, match='Mystery'):
+        cb.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh('Mystery X1'))
+
+
+def test_budget_scope_ledger_counts_other_runs(tmp_path):
+    led = Ledger(tmp_path)
+    led.record_labels('labels', 'annotate', 'wlp', 0, 999, 0.26)         # $260 already spent
+    cb = CostCallback(led, default_prices(), 'r', 'train', budget_usd=261.0,
+                      budget_scope='ledger', write=True)
+    cb.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh(n=4))
+    cb.on_steps_end(first_step=1, last_step=1, seconds=3600.0)           # + $7.50
+    assert cb.should_stop(step=1) and cb.stopped_at == 1
+    own = CostCallback(led, default_prices(), 'r2', 'train', budget_usd=261.0, write=True)
+    own.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh(n=4))
+    assert not own.should_stop(step=0)
+
+
+# ---- pre-flight -------------------------------------------------------------------------------
+def test_preflight_refuses_over_budget_unless_forced():
+    est = estimate_from_warmup([30.0, 1.0, 1.2, 0.8], steps=7200, device_count=4,
+                               usd_per_device_hour=1.875)
+    assert est.seconds_per_step == 1.0 and est.usd == 15.0
+    with pytest.raises(BudgetExceededError) as e:
+        check_budget(est, budget_usd=20.0, spent_usd=10.0)
+    msg = str(e.value)
+    assert '$15.00' in msg and '$10.00' in msg and '--force' in msg and 'FORCE_OVER_BUDGET' in msg
+    assert check_budget(est, 20.0, 10.0, force=True) == -5.0
+    assert check_budget(est, 20.0, 5.0) == 0.0
+    bench = estimate_from_benchmark({'timing/seqs_per_second': 64.0, 'name': 'xxl'}, steps=3600,
+                                    batch_size=32, device_count=4, usd_per_device_hour=1.875)
+    assert bench.usd == 3.75 and 'xxl' in bench.describe()
+
+
+# ---- report -----------------------------------------------------------------------------------
+def test_report_table_and_json(tmp_path, capsys):
+    led = Ledger(tmp_path / 'teacher')
+    a = led.begin_attempt('teacher', 'train', 0)
+    led.record_steps('teacher', 'train', a, 1, 100, 7200.0, A100, 4, 1.875)
+    led.end_attempt('teacher', 'train', a, 100, 'done')
+    Ledger(tmp_path / 'labels').record_labels('gold', 'annotate', 'wlp', 0, 999, 0.26)
+    rep = collect(str(tmp_path))
+    assert len(rep['ledgers']) == 2 and rep['totals']['total_usd'] == 275.0
+    assert report_main(['report', str(tmp_path), '--json']) == 0
+    assert json.loads(capsys.readouterr().out)['totals']['device_hours'] == 8.0
+    table = format_table(rep)
+    assert 'teacher' in table and '4 x NVIDIA A100-SXM4-40GB' in table and '275.00' in table
+    out = subprocess.run([sys.executable, '-m', 'doa_jax.cost', 'report', str(tmp_path / 'x')],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and 'no cost ledger' in out.stderr
