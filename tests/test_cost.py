@@ -191,6 +191,23 @@ def test_preflight_refuses_over_budget_unless_forced():
     assert bench.usd == 3.75 and 'xxl' in bench.describe()
 
 
+def test_callback_preflight_from_warmup_or_given_speed(tmp_path):
+    def start(**kw):
+        cb = CostCallback(Ledger(tmp_path), default_prices(), 'r', 'train', budget_usd=5.0,
+                          planned_steps=1000, write=True, **kw)
+        cb.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh(n=4))
+        return cb
+
+    cb = start()
+    # Warm-up: 3.6 s/step -> 990 more steps on 4 A100s = $7.425 > $5 - $0.075 spent.
+    with pytest.raises(BudgetExceededError, match=r'\$7\.42.*\$4\.92.*--force'):
+        cb.on_steps_end(first_step=1, last_step=10, seconds=36.0)
+    start(force=True).on_steps_end(first_step=11, last_step=20, seconds=36.0)   # forced: runs
+    with pytest.raises(BudgetExceededError, match='seconds_per_step'):
+        start(seconds_per_step=3.6)                    # e.g. from a benchmark table: no warm-up
+    start(seconds_per_step=1.0).on_steps_end(first_step=21, last_step=30, seconds=10.0)
+
+
 # ---- report -----------------------------------------------------------------------------------
 def test_report_table_and_json(tmp_path, capsys):
     led = Ledger(tmp_path / 'teacher')

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 from doa_jax.callbacks import TrainerCallback
+from doa_jax.cost.budget import BudgetExceededError, Estimate, check_budget
 from doa_jax.cost.ledger import Ledger
 from doa_jax.cost.meter import DeviceInfo, device_info, is_writer_process
-from doa_jax.cost.prices import PriceTable, device_cost_usd
+from doa_jax.cost.prices import PriceTable, device_cost_usd, load_prices
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +23,32 @@ class CostCallback(TrainerCallback):
     same should_stop decision because process 0's answer is broadcast. `budget_scope='run'` caps
     this run's spending; 'ledger' caps everything in the ledger (a whole study's budget).
     Redone steps after a restart count towards the cap: that money was spent.
+
+    Defaults suit a gin binding: `ledger=None` uses MODEL_DIR's ledger, `prices` may be a YAML
+    path, `run_id=None` is MODEL_DIR's base name. Pre-flight: with `planned_steps` (TRAIN_STEPS),
+    the run is refused unless `force` when its estimated cost exceeds the remaining budget; the
+    speed is `seconds_per_step` (e.g. from a benchmark table, checked before the first step) or
+    else measured on the first logging interval (a short warm-up, checked right after it).
     """
 
-    def __init__(self, ledger: Ledger, prices: PriceTable, run_id: str, stage: str,
-                 budget_usd: float | None = None, include_compile: bool = True,
-                 include_eval: bool = True, budget_scope: str = 'run',
-                 device_price_fallback: str | None = None, write: bool | None = None):
+    def __init__(self, ledger: Ledger | str | None = None,
+                 prices: PriceTable | str | None = None, run_id: str | None = None,
+                 stage: str = 'train', budget_usd: float | None = None,
+                 include_compile: bool = True, include_eval: bool = True,
+                 budget_scope: str = 'run', device_price_fallback: str | None = None,
+                 planned_steps: int | None = None, seconds_per_step: float | None = None,
+                 force: bool = False, write: bool | None = None):
         if budget_scope not in ('run', 'ledger'):
             raise ValueError(f"budget_scope must be 'run' or 'ledger', got {budget_scope!r}.")
         if budget_usd is not None and budget_usd <= 0:
             raise ValueError(f'budget_usd must be positive (or None for no cap), got '
                              f'{budget_usd}; set BUDGET_USD to the dollars this run may spend.')
-        self.ledger, self.prices = ledger, prices
+        self.ledger = Ledger(ledger) if isinstance(ledger, (str, os.PathLike)) else ledger
+        self.prices = prices if isinstance(prices, PriceTable) else load_prices(prices)
         self.run_id, self.stage = run_id, stage
+        self.planned_steps, self.seconds_per_step, self.force = planned_steps, seconds_per_step, \
+            force
+        self._preflight_pending = False
         self.budget_usd, self.budget_scope = budget_usd, budget_scope
         self.include_compile, self.include_eval = include_compile, include_eval
         self.device_price_fallback = device_price_fallback
@@ -48,6 +63,10 @@ class CostCallback(TrainerCallback):
 
     # ---- protocol ---------------------------------------------------------------------------
     def on_train_start(self, *, model_dir: str, start_step: int, mesh: Any) -> None:
+        if self.ledger is None:
+            self.ledger = Ledger(model_dir)
+        if self.run_id is None:
+            self.run_id = os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
         self.device = device_info(mesh)
         # Fails before any training if the device has no price: better than an unpriced run.
         self.usd_per_device_hour = self.prices.usd_per_device_hour(
@@ -62,6 +81,9 @@ class CostCallback(TrainerCallback):
                      self.device.count, self.device.kind, self.usd_per_device_hour,
                      self.ledger.path)
         self._last_event = time.monotonic()
+        self._preflight_pending = self.budget_usd is not None and self.planned_steps is not None
+        if self._preflight_pending and self.seconds_per_step is not None:
+            self._preflight(start_step, self.seconds_per_step, 'the given seconds_per_step')
 
     def on_steps_end(self, *, first_step: int, last_step: int, seconds: float) -> None:
         self._require_started('on_steps_end')
@@ -70,6 +92,9 @@ class CostCallback(TrainerCallback):
                                      last_step, seconds, self.device.kind, self.device.count,
                                      self.usd_per_device_hour)
         self._last_event = time.monotonic()
+        if self._preflight_pending:
+            n = last_step - first_step + 1
+            self._preflight(last_step, seconds / n, f'a measured warm-up of {n} step(s)')
 
     def on_compile(self, *, seconds: float) -> None:
         self._overhead('compile', 0, seconds, self.include_compile)
@@ -103,6 +128,23 @@ class CostCallback(TrainerCallback):
             self.ledger.end_attempt(self.run_id, self.stage, self.attempt, step, reason)
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _preflight(self, step: int, seconds_per_step: float, source: str) -> None:
+        """Refuse (on every process alike) a run whose remaining steps the budget cannot pay."""
+        self._preflight_pending = False
+        estimate = Estimate(seconds_per_step, max(0, self.planned_steps - step),
+                            self.device.count, float(self.usd_per_device_hour), source)
+        message = ''
+        if self.write:
+            try:
+                check_budget(estimate, self.budget_usd, self.spent_usd(), self.force)
+            except BudgetExceededError as e:
+                message = str(e)
+        if _agree_with_process_0(bool(message)):
+            raise BudgetExceededError(message or 'Refusing to continue: process 0 estimated '
+                                      'that the run exceeds its budget (see its log).')
+        log.info('cost: pre-flight estimate %s fits the budget $%.2f.', estimate.describe(),
+                 self.budget_usd)
+
     def spent_usd(self) -> float:
         """Ledger total for this run (or the whole ledger) plus the devices' unreported time."""
         recorded = self.ledger.spent_usd(self.run_id if self.budget_scope == 'run' else None)
