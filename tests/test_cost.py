@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -143,7 +144,8 @@ def test_labels_llm_and_compute_are_idempotent_per_range(tmp_path):
 
 def test_callback_records_overheads_and_excludes_them_when_asked(tmp_path):
     led = Ledger(tmp_path)
-    cb = CostCallback(led, default_prices(), 'r', 'train', include_compile=False, write=True)
+    cb = CostCallback(led, default_prices(), 'r', 'train', include_compile=False,
+                      include_other=False, write=True)      # fake durations: no real gaps
     cb.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh(n=4))
     cb.on_compile(seconds=3600.0)
     cb.on_steps_end(first_step=1, last_step=10, seconds=1800.0)
@@ -154,6 +156,19 @@ def test_callback_records_overheads_and_excludes_them_when_asked(tmp_path):
     assert (s.compile_seconds, s.compile_usd) == (3600.0, 0.0)
     assert s.step_usd == 3.75 and s.eval_usd == 1.875 and s.total_usd == 5.625
     assert s.device_hours == 3.0 and s.device_kind == A100 and s.device_count == 4
+
+
+def test_callback_bills_unreported_wall_clock_as_other(tmp_path):
+    led = Ledger(tmp_path)
+    cb = CostCallback(led, default_prices(), 'r', 'train', write=True)
+    cb.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh(n=4))
+    time.sleep(0.05)                                  # e.g. a checkpoint save: no hook times it
+    cb.on_checkpoint(step=0)
+    cb.on_train_end(step=0, reason='done')
+    s = led.stage_summary('r', 'train')
+    assert 0.05 <= s.other_seconds < 5
+    assert s.other_usd == pytest.approx(device_cost_usd(s.other_seconds, 4, 1.875))
+    assert s.total_usd == s.other_usd == led.spent_usd('r')
 
 
 def test_callback_requires_a_priced_device(tmp_path):

@@ -25,15 +25,17 @@ def _train(model_dir, steps: int, callback: CostCallback) -> trainer.TrainResult
 
 def test_budget_cap_stops_a_real_run_with_its_checkpoint_intact(tmp_path):
     model_dir = tmp_path / 'run'
-    # Compile time excluded: the cap is reached by step time alone, after a few intervals.
+    # Compile and other time excluded: the cap is reached by step time alone.
     budget = 20e-3 * CPU_RATE / 3600                    # ~20 ms of one CPU device
-    cb = CostCallback(budget_usd=budget, include_compile=False)
+    cb = CostCallback(budget_usd=budget, include_compile=False, include_other=False)
     result = _train(model_dir, 400, cb)
     assert result.reason == 'stopped' and 0 < result.step < 400 and cb.stopped_at == result.step
     ledger = Ledger(model_dir)
     s = ledger.stage_summary('run', 'train')
     assert s.end_reason == 'stopped' and s.last_step == result.step
-    assert s.device_kind == jax.devices()[0].device_kind and s.compile_seconds > 0
+    assert s.device_kind == jax.devices()[0].device_kind
+    assert s.compile_seconds > 0 and s.other_seconds > 0      # recorded, though not billed
+    assert s.compile_usd == 0 and s.other_usd == 0
     assert ledger.spent_usd('run') >= budget
     last = ledger.counted_step_intervals('run', 'train')[-1]
     assert ledger.spent_usd('run') - last[2] * CPU_RATE / 3600 < budget   # stopped at once
@@ -49,4 +51,5 @@ def test_budget_cap_stops_a_real_run_with_its_checkpoint_intact(tmp_path):
     assert counted == list(range(1, result.step + 5))
     s = ledger.stage_summary('run', 'train')
     assert s.attempts == 2 and s.redone_usd == 0 and s.end_reason == 'done'
+    assert s.other_usd > 0 and s.compile_usd > 0             # billed by default
 

@@ -23,6 +23,8 @@ class CostCallback(TrainerCallback):
     same should_stop decision because process 0's answer is broadcast. `budget_scope='run'` caps
     this run's spending; 'ledger' caps everything in the ledger (a whole study's budget).
     Redone steps after a restart count towards the cap: that money was spent.
+    Wall-clock the trainer reports in no hook (checkpoint saves, input start-up, host work between
+    intervals) is recorded as 'other' overhead at each checkpoint and at the end of the run.
 
     Defaults suit a gin binding: `ledger=None` uses MODEL_DIR's ledger, `prices` may be a YAML
     path, `run_id=None` is MODEL_DIR's base name. Pre-flight: with `planned_steps` (TRAIN_STEPS),
@@ -35,7 +37,7 @@ class CostCallback(TrainerCallback):
                  prices: PriceTable | str | None = None, run_id: str | None = None,
                  stage: str = 'train', budget_usd: float | None = None,
                  include_compile: bool = True, include_eval: bool = True,
-                 budget_scope: str = 'run', device_price_fallback: str | None = None,
+                 include_other: bool = True, budget_scope: str = 'run', device_price_fallback: str | None = None,
                  planned_steps: int | None = None, seconds_per_step: float | None = None,
                  force: bool = False, write: bool | None = None):
         if budget_scope not in ('run', 'ledger'):
@@ -51,6 +53,8 @@ class CostCallback(TrainerCallback):
         self._preflight_pending = False
         self.budget_usd, self.budget_scope = budget_usd, budget_scope
         self.include_compile, self.include_eval = include_compile, include_eval
+        self.include_other = include_other
+        self._other_seconds = 0.0
         self.device_price_fallback = device_price_fallback
         self._write_override = write
         self.write = False
@@ -73,7 +77,7 @@ class CostCallback(TrainerCallback):
             self.device.kind, self.device_price_fallback)
         self.write = is_writer_process() if self._write_override is None else \
             self._write_override
-        self._seq = 0
+        self._seq, self._other_seconds = 0, 0.0
         if self.write:
             self.attempt = self.ledger.begin_attempt(self.run_id, self.stage, start_step)
             log.info('cost: run %s stage %s attempt %d from step %d on %d x %s at $%s/device-h; '
@@ -91,7 +95,7 @@ class CostCallback(TrainerCallback):
             self.ledger.record_steps(self.run_id, self.stage, self.attempt, first_step,
                                      last_step, seconds, self.device.kind, self.device.count,
                                      self.usd_per_device_hour)
-        self._last_event = time.monotonic()
+        self._tick(seconds)
         if self._preflight_pending:
             n = last_step - first_step + 1
             self._preflight(last_step, seconds / n, f'a measured warm-up of {n} step(s)')
@@ -104,6 +108,8 @@ class CostCallback(TrainerCallback):
 
     def on_checkpoint(self, *, step: int) -> None:
         self._require_started('on_checkpoint')
+        self._tick(0.0)
+        self._flush_other(step)
         if self.write:
             self.ledger.record_checkpoint(self.run_id, self.stage, self.attempt, step)
 
@@ -124,6 +130,8 @@ class CostCallback(TrainerCallback):
 
     def on_train_end(self, *, step: int, reason: str) -> None:
         self._require_started('on_train_end')
+        self._tick(0.0)
+        self._flush_other(step)
         if self.write:
             self.ledger.end_attempt(self.run_id, self.stage, self.attempt, step, reason)
 
@@ -146,21 +154,35 @@ class CostCallback(TrainerCallback):
                  self.budget_usd)
 
     def spent_usd(self) -> float:
-        """Ledger total for this run (or the whole ledger) plus the devices' unreported time."""
+        """Ledger total for this run (or the whole ledger) plus in-flight 'other' time."""
         recorded = self.ledger.spent_usd(self.run_id if self.budget_scope == 'run' else None)
-        in_flight = device_cost_usd(max(0.0, time.monotonic() - self._last_event),
-                                    self.device.count, self.usd_per_device_hour) \
-            if self.device else 0.0
+        in_flight = 0.0
+        if self.device and self.include_other:
+            pending = self._other_seconds + max(0.0, time.monotonic() - self._last_event)
+            in_flight = device_cost_usd(pending, self.device.count, self.usd_per_device_hour)
         return recorded + in_flight
 
-    def _overhead(self, category: str, step: int, seconds: float, billable: bool) -> None:
+    def _tick(self, reported_seconds: float) -> None:
+        """Wall-clock since the last hook that the hook did not report is 'other' time."""
+        now = time.monotonic()
+        self._other_seconds += max(0.0, now - self._last_event - reported_seconds)
+        self._last_event = now
+
+    def _flush_other(self, step: int) -> None:
+        if self._other_seconds > 0:
+            self._overhead('other', step, self._other_seconds, self.include_other, tick=False)
+        self._other_seconds = 0.0
+
+    def _overhead(self, category: str, step: int, seconds: float, billable: bool,
+                  tick: bool = True) -> None:
         self._require_started(f'on_{category}')
+        if tick:
+            self._tick(seconds)
         self._seq += 1
         if self.write:
             self.ledger.record_overhead(self.run_id, self.stage, self.attempt, category,
                                         self._seq, step, seconds, self.device.kind,
                                         self.device.count, self.usd_per_device_hour, billable)
-        self._last_event = time.monotonic()
 
     def _require_started(self, hook: str) -> None:
         if self.device is None:

@@ -26,7 +26,6 @@ from typing import Iterator
 from doa_jax.cost.prices import device_cost_usd, to_decimal
 
 LEDGER_FILENAME = 'cost_ledger.sqlite'
-_CATEGORIES = ('steps', 'compile', 'eval', 'compute', 'labels', 'llm')
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS attempts(
@@ -74,6 +73,8 @@ class StageSummary:
     compile_usd: float = 0.0           # 0 unless compile time is billable for this run
     eval_seconds: float = 0.0
     eval_usd: float = 0.0              # 0 unless eval time is billable for this run
+    other_seconds: float = 0.0         # checkpoint saves, input start-up, host work
+    other_usd: float = 0.0
     compute_device_hours: float = 0.0  # range-keyed compute (inference, pseudo-labelling)
     compute_usd: float = 0.0
     labels: int = 0
@@ -94,7 +95,7 @@ class StageSummary:
     @property
     def total_usd(self) -> float:
         return math.fsum([self.step_usd, self.redone_usd, self.compile_usd, self.eval_usd,
-                          self.compute_usd, self.labels_usd, self.llm_usd])
+                          self.other_usd, self.compute_usd, self.labels_usd, self.llm_usd])
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -197,9 +198,10 @@ class Ledger:
     def record_overhead(self, run_id: str, stage: str, attempt: int, category: str, seq: int,
                         step: int, seconds: float, device_kind: str, device_count: int,
                         usd_per_device_hour, billable: bool) -> bool:
-        """Compile or eval time: always recorded, counted in $ only when `billable`."""
-        if category not in ('compile', 'eval'):
-            raise LedgerError(f'overhead category must be compile or eval, got {category!r}.')
+        """Compile, eval or other time: always recorded, counted in $ only when `billable`."""
+        if category not in ('compile', 'eval', 'other'):
+            raise LedgerError(f'overhead category must be compile, eval or other, got '
+                              f'{category!r}.')
         return self._insert(run_id, stage, attempt, category, seq, step, step, device_kind,
                             device_count, seconds, seconds, 'seconds', usd_per_device_hour,
                             billable)
@@ -353,7 +355,7 @@ class Ledger:
         for e in self._rows("SELECT * FROM entries WHERE run_id=? AND stage=? AND "
                             "category!='steps'", (run_id, stage)):
             cat, usd = e['category'], (e['usd'] if e['billable'] else 0.0)
-            if cat in ('compile', 'eval'):
+            if cat in ('compile', 'eval', 'other'):
                 setattr(s, f'{cat}_seconds', getattr(s, f'{cat}_seconds') + e['seconds'])
                 setattr(s, f'{cat}_usd', getattr(s, f'{cat}_usd') + usd)
                 if e['billable']:

@@ -15,7 +15,7 @@ from doa_jax.cost.ledger import LEDGER_FILENAME, Ledger
 _COLUMNS = [('run_id', 'run', '{}'), ('stage', 'stage', '{}'),
             ('device', 'devices', '{}'), ('steps', 'steps', '{}'),
             ('device_hours', 'device-h', '{:.4f}'), ('step_usd', 'steps $', '{:,.2f}'),
-            ('redone_usd', 'redone $', '{:,.2f}'), ('overhead_usd', 'compile+eval $', '{:,.2f}'),
+            ('redone_usd', 'redone $', '{:,.2f}'), ('overhead_usd', 'overhead $', '{:,.2f}'),
             ('compute_usd', 'infer $', '{:,.2f}'), ('labels', 'labels', '{:,}'),
             ('annotation_usd', 'labels+LLM $', '{:,.2f}'), ('total_usd', 'total $', '{:,.2f}'),
             ('status', 'status', '{}')]
@@ -48,9 +48,9 @@ def collect(directory: str) -> dict:
                     else path
                 d['device'] = f'{s.device_count} x {s.device_kind}' if s.device_count else '-'
                 d['steps'] = f'{s.first_step}-{s.last_step}' if s.first_step is not None else '-'
-                d['overhead_usd'] = s.compile_usd + s.eval_usd
+                d['overhead_usd'] = s.compile_usd + s.eval_usd + s.other_usd
                 d['annotation_usd'] = s.labels_usd + s.llm_usd
-                d['status'] = s.end_reason or ('running/crashed' if s.attempts else '-')
+                d['status'] = s.end_reason or ('running/crashed' if s.attempts else 'recorded')
                 rows.append(d)
         finally:
             ledger.close()
