@@ -70,7 +70,7 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
           task_feature_lengths: Mapping[str, int], train_steps: int, batch_size: int,
           optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
           mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
-          random_seed: int = 0, num_microbatches: int = 1,
+          random_seed: int = 0, shuffle: bool = True, num_microbatches: int = 1,
           loss_normalizing_factor: float | str | None = None,
           initial_checkpoint_path: str | None = None, log_period: int = 100,
           checkpoint_period: int = 1000, keep_checkpoints: int = 3, eval_period: int = 0,
@@ -79,7 +79,10 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
           overlong: str = 'truncate', cpu_peak_flops: float = DEFAULT_CPU_PEAK_FLOPS,
           transfer_guard: bool = True, show_progress: bool = True,
           callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
-    """Trains `model_config` on a seqio task; resumes from MODEL_DIR's latest checkpoint if any."""
+    """Trains `model_config` on a seqio task; resumes from MODEL_DIR's latest checkpoint if any.
+
+    `shuffle=False` streams each host's shard in order (for debugging and the multi-process test).
+    """
     callbacks = CallbackList(callbacks)
     optimizer = optimizer or optax.adafactor(1e-3, decay_rate=0.8)
     loss_fn = loss_fn or cross_entropy_loss()
@@ -122,7 +125,8 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
                               use_dropout=model_config.dropout_rate > 0)
     counter = train_data.OverlongCounter()
     ds = train_data.host_dataset(mixture_or_task_name, task_feature_lengths, 'train', batch_size,
-                                 seed=random_seed, skip_batches=skip, overlong=overlong,
+                                 seed=random_seed, shuffle=shuffle, skip_batches=skip,
+                                 overlong=overlong,
                                  counter=counter)
     batches = train_data.numpy_batches(ds)
     metrics = jax.device_put(zero_metrics(), partitioning.replicated(mesh))
