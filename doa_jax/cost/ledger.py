@@ -20,7 +20,9 @@ import math
 import os
 import socket
 import sqlite3
+import threading
 import time
+import urllib.parse
 from typing import Iterator
 
 from doa_jax.cost.prices import device_cost_usd, to_decimal
@@ -116,10 +118,13 @@ def ledger_path(path: str | os.PathLike) -> str:
 class Ledger:
     """Durable, multi-process-safe cost ledger. Connects lazily: only writers create the file."""
 
-    def __init__(self, path: str | os.PathLike, timeout_s: float = 120.0):
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 120.0,
+                 readonly: bool = False):
         self.path = ledger_path(path)
         self._timeout_s = timeout_s
+        self.readonly = readonly
         self._con: sqlite3.Connection | None = None
+        self._lock = threading.RLock()    # one connection, shared by the trainer's threads
         self._pid: int | None = None
         self.host = f'{socket.gethostname()}:{os.getpid()}'
 
@@ -127,9 +132,12 @@ class Ledger:
     def _connect(self) -> sqlite3.Connection:
         if self._con is not None and self._pid == os.getpid():
             return self._con
+        if self.readonly:
+            return self._connect_readonly()
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         try:
-            con = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None)
+            con = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None,
+                                  check_same_thread=False)
             deadline = time.monotonic() + self._timeout_s
             while True:   # switching to WAL needs a lock that the busy handler may not wait for
                 try:
@@ -151,6 +159,20 @@ class Ledger:
         self._con, self._pid = con, os.getpid()
         return con
 
+    def _connect_readonly(self) -> sqlite3.Connection:
+        if not os.path.isfile(self.path):
+            raise LedgerError(f'no cost ledger at {self.path!r}; a run writes it on its first '
+                              f'logging interval (or pass the directory that holds it).')
+        try:
+            con = sqlite3.connect(f'file:{urllib.parse.quote(self.path)}?mode=ro', uri=True,
+                                  timeout=self._timeout_s, isolation_level=None,
+                                  check_same_thread=False)
+            con.execute('SELECT COUNT(*) FROM entries').fetchone()
+        except sqlite3.Error as e:
+            raise LedgerError(f'cannot read the cost ledger {self.path!r}: {e}') from e
+        self._con, self._pid = con, os.getpid()
+        return con
+
     def close(self) -> None:
         if self._con is not None:
             self._con.close()
@@ -158,9 +180,27 @@ class Ledger:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        con = self._connect()
-        with _transaction(con):
-            yield con
+        if self.readonly:
+            raise LedgerError(f'the ledger {self.path!r} was opened read-only; open it with '
+                              f'Ledger(path) to record costs.')
+        with self._lock:
+            con = self._connect()
+            with _transaction(con):
+                yield con
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One consistent snapshot (WAL readers never block writers) for nested reads."""
+        with self._lock:
+            con = self._connect()
+            if con.in_transaction:
+                yield con
+                return
+            con.execute('BEGIN')
+            try:
+                yield con
+            finally:
+                con.execute('COMMIT')
 
     # ---- training attempts ----------------------------------------------------------------
     def begin_attempt(self, run_id: str, stage: str, start_step: int) -> int:
@@ -263,28 +303,30 @@ class Ledger:
         """Billable dollars spent so far (redone steps included: they were paid for)."""
         if not os.path.exists(self.path):
             return 0.0
-        con = self._connect()
-        if run_id is None:
-            rows = con.execute('SELECT usd FROM entries WHERE billable=1').fetchall()
-        else:
-            rows = con.execute('SELECT usd FROM entries WHERE billable=1 AND run_id=?',
-                               (run_id,)).fetchall()
+        with self._read() as con:
+            if run_id is None:
+                rows = con.execute('SELECT usd FROM entries WHERE billable=1').fetchall()
+            else:
+                rows = con.execute('SELECT usd FROM entries WHERE billable=1 AND run_id=?',
+                                   (run_id,)).fetchall()
         return math.fsum(r[0] for r in rows)
 
     def counted_step_intervals(self, run_id: str, stage: str) -> list[tuple[int, int, float]]:
         """(first, last, seconds) of the step work that counts, each step once, in step order."""
         out = []
-        for e, kept_n, _ in self._step_entries(run_id, stage):
+        with self._read():
+            entries = list(self._step_entries(run_id, stage))
+        for e, kept_n, _ in entries:
             if kept_n:
                 out.append((e['first'], e['first'] + kept_n - 1,
                             e['seconds'] * kept_n / (e['last'] - e['first'] + 1)))
         return sorted(out)
 
     def _rows(self, sql: str, args=()) -> list[dict]:
-        con = self._connect()
-        cur = con.execute(sql, args)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur.fetchall()]
+        with self._read() as con:
+            cur = con.execute(sql, args)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
 
     def _step_entries(self, run_id: str, stage: str):
         attempts = self._rows('SELECT attempt, start_step FROM attempts WHERE run_id=? AND '
@@ -304,16 +346,23 @@ class Ledger:
     def runs(self) -> list[tuple[str, str]]:
         if not os.path.exists(self.path):
             return []
-        rows = self._connect().execute(
-            'SELECT run_id, stage FROM entries UNION SELECT run_id, stage FROM attempts '
-            'ORDER BY 1, 2').fetchall()
-        return [(r, s) for r, s in rows]
+        rows = self._rows('SELECT run_id, stage FROM entries UNION SELECT run_id, stage FROM '
+                          'attempts ORDER BY 1, 2')
+        return [(r['run_id'], r['stage']) for r in rows]
 
     def summary(self) -> list[StageSummary]:
-        """One StageSummary per (run_id, stage), in name order."""
-        return [self.stage_summary(r, s) for r, s in self.runs()]
+        """One StageSummary per (run_id, stage), in name order, from one snapshot."""
+        if not os.path.exists(self.path):
+            return []
+        with self._read():
+            return [self.stage_summary(r, s) for r, s in self.runs()]
 
     def stage_summary(self, run_id: str, stage: str) -> StageSummary:
+        """Counted, redone, pending and overhead money of one run/stage, from one snapshot."""
+        with self._read():
+            return self._stage_summary(run_id, stage)
+
+    def _stage_summary(self, run_id: str, stage: str) -> StageSummary:
         s = StageSummary(run_id, stage)
         attempts = self._rows('SELECT * FROM attempts WHERE run_id=? AND stage=? '
                               'ORDER BY attempt', (run_id, stage))
@@ -323,9 +372,8 @@ class Ledger:
             last = attempts[-1]
             s.end_reason = last['end_reason']
             if last['end_reason'] not in ('done', 'stopped'):
-                (ck,) = self._connect().execute(
-                    'SELECT MAX(step) FROM checkpoints WHERE run_id=? AND stage=? AND attempt=?',
-                    (run_id, stage, last['attempt'])).fetchone()
+                ck = self._rows('SELECT MAX(step) AS s FROM checkpoints WHERE run_id=? AND '
+                                'stage=? AND attempt=?', (run_id, stage, last['attempt']))[0]['s']
                 pending_above = max(last['start_step'], ck if ck is not None else -math.inf)
                 last_attempt = last['attempt']
         step_usd, pending, redone, hours, redone_hours = [], [], [], [], []

@@ -40,7 +40,7 @@ def collect(directory: str) -> dict:
             f'or study directory a run wrote its ledger to.')
     rows = []
     for path in paths:
-        ledger = Ledger(path)
+        ledger = Ledger(path, readonly=True)
         try:
             for s in ledger.summary():
                 d = s.as_dict()
