@@ -1,4 +1,5 @@
-"""Cost ledger under real OS processes: SIGKILL and resume, two writers, a budget cap.
+"""Cost ledger under real OS processes: SIGKILL and resume, two writers, a budget cap, and two
+jax processes (jax.distributed on CPU) that must record once and stop together.
 
 The tests drive CostCallback through the trainer protocol from a small simulated training process
 (this file run as a script): fake per-step timings, fake checkpoint files written atomically.
@@ -10,6 +11,7 @@ import argparse
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,6 +97,33 @@ def drive(argv: list[str]) -> int:
     return 0
 
 
+def drive_multihost(process_id: int, port: int, model_dir: str) -> int:
+    """One of two jax processes (2 CPU devices in all) running the callback with a budget."""
+    import jax
+    jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                               process_id=process_id)
+    from doa_jax import partitioning
+    from doa_jax.cost import CostCallback
+    mesh = partitioning.make_mesh()
+    budget = 5.5 * 2 * default_cpu_rate() / 3600          # 5.5 s of both devices
+    cb = CostCallback(budget_usd=budget, include_compile=False, include_other=False)
+    cb.on_train_start(model_dir=model_dir, start_step=0, mesh=mesh)
+    for step in range(1, 100):
+        # Hosts measure different wall-clock; only process 0's (1 s/step) is recorded.
+        cb.on_steps_end(first_step=step, last_step=step, seconds=1.0 if process_id == 0 else 50.0)
+        if cb.should_stop(step=step):
+            break
+    cb.on_checkpoint(step=step)
+    cb.on_train_end(step=step, reason='stopped')
+    print(f'STOPPED {process_id} {step} {cb.write}', flush=True)
+    return 0
+
+
+def default_cpu_rate() -> float:
+    from doa_jax.cost import default_prices
+    return float(default_prices().usd_per_device_hour('cpu'))
+
+
 def _driver(tmp: pathlib.Path, run_id: str, *extra: str) -> subprocess.Popen:
     repo = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS='cpu')
@@ -175,5 +204,27 @@ def test_budget_cap_stops_the_simulated_run_with_its_checkpoint(tmp_path):
     assert budget <= ledger.spent_usd('capped') < budget + measured_usd(11, 12)
 
 
+def test_two_jax_processes_write_once_and_stop_together(tmp_path):
+    from doa_jax.cost import Ledger
+    with socket.socket() as sock:
+        sock.bind(('localhost', 0))
+        port = sock.getsockname()[1]
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS='cpu')
+    procs = [subprocess.Popen([sys.executable, __file__, 'multihost', str(i), str(port),
+                               str(tmp_path / 'run')], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert 'STOPPED 0 6 True' in outs[0] and 'STOPPED 1 6 False' in outs[1], outs
+    ledger = Ledger(tmp_path / 'run')
+    s = ledger.stage_summary('run', 'train')
+    assert s.device_count == 2 and s.attempts == 1 and s.end_reason == 'stopped'
+    assert s.step_seconds == 6.0                       # process 0's timings, recorded once
+    assert ledger.spent_usd('run') == pytest.approx(6 * 2 * default_cpu_rate() / 3600)
+
+
 if __name__ == '__main__':
+    if sys.argv[1] == 'multihost':
+        sys.exit(drive_multihost(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
     sys.exit(drive(sys.argv[1:]))
