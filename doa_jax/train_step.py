@@ -99,7 +99,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.Gradien
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
                 (loss, aux, grads), _ = jax.lax.scan(
                         body, zeros, (jnp.arange(num_microbatches), micro))
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

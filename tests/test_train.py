@@ -1,0 +1,213 @@
+"""The trainer on one CPU device: overfitting, callbacks, stop/NaN handling, losses, bad input."""
+
+from __future__ import annotations
+
+import glob
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+
+import tasks.toy  # noqa: F401  registers doa_toy
+from doa_jax import callbacks, flops, losses, optimizers, partitioning, train_data, trainer
+from doa_jax.models.config import get_config
+from doa_jax.models.t5 import T5
+from doa_jax.train_state import abstract_train_state, init_train_state
+from doa_jax.train_step import make_train_step, model_apply_fn, zero_metrics
+
+LENGTHS = {'inputs': 48, 'targets': 8}
+TINY = get_config('t5_1_1_tiny', dtype=jnp.float32)
+
+
+class Recorder(callbacks.TrainerCallback):
+    def __init__(self):
+        self.calls = []
+
+    def on_train_start(self, *, model_dir, start_step, mesh):
+        self.calls.append(('start', start_step))
+
+    def on_steps_end(self, *, first_step, last_step, seconds):
+        assert seconds > 0
+        self.calls.append(('steps', first_step, last_step))
+
+    def on_compile(self, *, seconds):
+        self.calls.append(('compile',))
+
+    def on_eval_end(self, *, step, seconds):
+        self.calls.append(('eval', step))
+
+    def on_checkpoint(self, *, step):
+        self.calls.append(('checkpoint', step))
+
+    def on_train_end(self, *, step, reason):
+        self.calls.append(('end', step, reason))
+
+
+def _train(model_dir, steps, **kw):
+    args = dict(model_dir=str(model_dir), model_config=TINY, mixture_or_task_name='doa_toy',
+                task_feature_lengths=LENGTHS, train_steps=steps, batch_size=8,
+                optimizer=optimizers.make_optimizer('adamw', 3e-3), log_period=5,
+                checkpoint_period=30, show_progress=False)
+    args.update(kw)
+    return trainer.train(**args)
+
+
+def test_overfits_then_stops_and_nan_keeps_last_checkpoint(tmp_path):
+    rec = Recorder()
+    result = _train(tmp_path, 60, eval_period=30, callbacks=[rec])
+    first, last = result.history[0]['loss'], result.history[-1]['loss']
+    assert last <= 0.2 * first, f'loss fell only from {first:.3f} to {last:.3f}'
+    assert result.reason == 'done' and result.step == 60
+    assert result.history[-1]['eval/accuracy'] > 0.5
+
+    intervals = [c[1:] for c in rec.calls if c[0] == 'steps']
+    assert intervals == [(s + 1, s + 5) for s in range(0, 60, 5)]
+    assert rec.calls[0] == ('start', 0) and rec.calls[1] == ('compile',)
+    assert [c[1] for c in rec.calls if c[0] == 'checkpoint'] == [30, 60]
+    assert [c[1] for c in rec.calls if c[0] == 'eval'] == [30, 60]
+    assert rec.calls[-1] == ('end', 60, 'done')
+
+    # TensorBoard events carry the t5x timing names and MFU.
+    tags = set()
+    for path in glob.glob(str(tmp_path / 'train' / 'events.*')):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    assert {'timing/seqs_per_second', 'timing/target_tokens_per_second',
+            'timing/compilation_seconds', 'timing/mfu', 'loss'} <= tags
+
+    # A callback asking to stop: the trainer saves at that step and ends cleanly.
+    rec = Recorder()
+    stopped = _train(tmp_path, 90, callbacks=[rec, callbacks.StopAtStep(70)])
+    assert (stopped.reason, stopped.step) == ('stopped', 70)
+    assert rec.calls[0] == ('start', 60) and ('checkpoint', 70) in rec.calls
+    assert rec.calls[-1] == ('end', 70, 'stopped')
+
+    # NaN loss: an error naming the first bad step; the last good checkpoint stays the latest.
+    def nan_loss(logits, batch):
+        loss, aux = losses.cross_entropy_loss()(logits, batch)
+        return loss * jnp.nan, aux
+
+    rec = Recorder()
+    with pytest.raises(trainer.NonFiniteLossError, match='step 71'):
+        _train(tmp_path, 90, loss_fn=nan_loss, callbacks=[rec])
+    assert rec.calls[-1] == ('end', 75, 'error')
+    ckpts = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+    assert ckpts[-1] == 70
+
+
+def test_gradient_accumulation_matches_full_batch():
+    mesh = partitioning.make_mesh()
+    model = T5(TINY)
+    opt = optax.sgd(0.1)
+
+    def init_params(rng):
+        return model.init(rng, jnp.ones((1, 48), jnp.int32), jnp.ones((1, 8), jnp.int32))['params']
+
+    abstract, shardings = abstract_train_state(init_params, opt, mesh, partitioning.STANDARD_RULES,
+                                               jax.random.PRNGKey(0))
+    ds = train_data.host_dataset('doa_toy', LENGTHS, 'train', 8, seed=0)
+    batch = train_data.to_global(next(train_data.numpy_batches(ds)), mesh, 8)
+    out = {}
+    for micro in (1, 4):
+        state = init_train_state(init_params, opt, shardings, jax.random.PRNGKey(0))
+        step = make_train_step(model_apply_fn(model), losses.cross_entropy_loss(), opt, mesh,
+                               partitioning.STANDARD_RULES, shardings, num_microbatches=micro,
+                               use_dropout=False)
+        with jax.set_mesh(mesh):
+            state, metrics = step(state, batch, zero_metrics())
+        out[micro] = (jax.device_get(metrics), jax.device_get(state.params))
+    np.testing.assert_allclose(out[4][0]['loss'], out[1][0]['loss'], rtol=1e-5)
+    assert out[4][0]['num_tokens'] == out[1][0]['num_tokens']
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), out[4][1], out[1][1])
+
+
+def test_cross_entropy_matches_optax_and_smoothing_and_normalizing():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(1, 11, size=(2, 5)), jnp.int32).at[1, 3:].set(0)
+    batch = {'decoder_target_tokens': targets, 'decoder_loss_weights': (targets > 0).astype(jnp.int32)}
+    ref = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    w = np.asarray(targets > 0, np.float32)
+    batch['loss_weights'] = losses.normalized_loss_weights(batch, None)
+    loss, aux = losses.cross_entropy_loss(z_loss=0.0)(logits, batch)
+    np.testing.assert_allclose(loss, np.sum(ref * w) / w.sum(), rtol=1e-6)
+    assert aux['num_tokens'] == w.sum()
+    # Per-sequence averaging and a constant factor.
+    batch['loss_weights'] = losses.normalized_loss_weights(batch, 'AVERAGE_PER_SEQUENCE')
+    loss, _ = losses.cross_entropy_loss(z_loss=0.0)(logits, batch)
+    per_seq = np.sum(ref * w, axis=1) / w.sum(axis=1)
+    np.testing.assert_allclose(loss, per_seq.mean(), rtol=1e-6)
+    batch['loss_weights'] = losses.normalized_loss_weights(batch, 4.0)
+    loss, _ = losses.cross_entropy_loss(z_loss=0.0)(logits, batch)
+    np.testing.assert_allclose(loss, np.sum(ref * w) / 4.0, rtol=1e-6)
+    # z-loss adds z * logsumexp^2; label smoothing of a perfect one-hot-like logit scores ~0.
+    ce, zl = losses.cross_entropy_with_z_loss(logits, targets, 1e-4, 0.0)
+    np.testing.assert_allclose(zl, 1e-4 * jax.nn.logsumexp(logits, -1) ** 2, rtol=1e-6)
+    smooth = 0.1
+    soft_logits = jnp.log(jax.nn.one_hot(targets, 11) * (1 - smooth - smooth / 10) + smooth / 10)
+    ce, _ = losses.cross_entropy_with_z_loss(soft_logits, targets, 0.0, smooth)
+    np.testing.assert_allclose(ce, 0.0, atol=1e-5)
+    with pytest.raises(ValueError, match='LOSS_NORMALIZING_FACTOR'):
+        losses.normalized_loss_weights(batch, 'PER_TOKEN')
+
+
+def test_schedules_and_optimizers():
+    rsqrt = optimizers.make_schedule('rsqrt', 0.01, warmup_steps=100)
+    np.testing.assert_allclose([rsqrt(0), rsqrt(99), rsqrt(399)], [0.01, 0.01, 0.005], rtol=1e-6)
+    linear = optimizers.make_schedule('linear', 1.0, warmup_steps=10, total_steps=110)
+    np.testing.assert_allclose([linear(5), linear(10), linear(60), linear(110)],
+                               [0.5, 1.0, 0.5, 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match='TRAIN_STEPS'):
+        optimizers.make_schedule('linear', 1.0, warmup_steps=10, total_steps=5)
+    with pytest.raises(ValueError, match='adafactor'):
+        optimizers.make_optimizer('sgd')
+    # Adafactor keeps factored statistics for 2-D parameters (row and column vectors).
+    state = optimizers.make_optimizer('adafactor').init({'w': jnp.zeros((256, 384))})
+    shapes = {leaf.shape for leaf in jax.tree.leaves(state)}
+    assert (256,) in shapes and (384,) in shapes and (256, 384) not in shapes
+
+
+def test_flop_formula_matches_design_numbers():
+    small = get_config('t5_1_1_small')
+    counts = flops.parameter_counts(small)
+    total = sum(counts.values()) + small.vocab_size * small.emb_dim    # + the input embedding
+    assert abs(total - 76.96e6) / 76.96e6 < 0.005
+    # By hand: encoder 18.87M and cross K/V 3.15M params see 128 tokens, decoder rest 22.02M and
+    # head 16.45M see 32; attention 12*384*(8*128^2 + 8*(32^2/2 + 128*32)).
+    by_hand = 6 * ((18_874_368 + 3_145_728) * 128 + (22_020_096 + 16_449_536) * 32) \
+        + 12 * 384 * (8 * 128**2 + 8 * (32**2 / 2 + 128 * 32))
+    seq = flops.train_flops_per_sequence(small, 128, 32)
+    assert seq == pytest.approx(by_hand, rel=1e-9)
+    non_embedding = total - small.vocab_size * small.emb_dim
+    assert seq == pytest.approx(3 * non_embedding * (128 + 32), rel=0.25)   # DESIGN.md's rule
+    assert flops.mfu(1e12, 1.0, 2, 1e12) == 0.5
+
+
+def test_bad_input_messages():
+    with pytest.raises(ValueError, match=r"Unknown task or mixture 'no_such_task'.*doa_toy"):
+        train_data.get_task('no_such_task')
+
+    class FakeMesh:
+        shape = {'data': 4, 'model': 2}
+
+    with pytest.raises(ValueError, match=r'BATCH_SIZE=6 .* data axis size 4'):
+        partitioning.check_batch_size(6, FakeMesh())
+    with pytest.raises(ValueError, match='MESH_MODEL'):
+        partitioning.make_mesh(partitioning.MeshConfig(model=3))
+
+
+def test_overlong_examples_truncated_with_count_or_fail():
+    short = {'inputs': 16, 'targets': 8}
+    counter = train_data.OverlongCounter()
+    ds = train_data.host_dataset('doa_toy', short, 'validation', 16, seed=0, shuffle=False,
+                                 repeat=False, counter=counter)
+    batch = next(train_data.numpy_batches(ds))
+    assert batch['encoder_input_tokens'].shape == (16, 16)
+    assert counter.new_since_last() == 16     # every toy input is longer than 16 bytes
+    ds = train_data.host_dataset('doa_toy', short, 'validation', 16, seed=0, shuffle=False,
+                                 repeat=False, overlong='error')
+    with pytest.raises(tf.errors.InvalidArgumentError, match='longer than TASK_FEATURE_LENGTHS'):
+        next(train_data.numpy_batches(ds))
