@@ -1,4 +1,4 @@
-"""Cost accounting: the paper's quoted prices, price tables, the ledger's resume model, report CLI."""
+"""Cost accounting: the paper's quoted prices, price tables, the ledger's resume model, report."""
 
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def test_preflight_refuses_over_budget_unless_forced():
     with pytest.raises(BudgetExceededError) as e:
         check_budget(est, budget_usd=20.0, spent_usd=10.0)
     msg = str(e.value)
-    assert '$15.00' in msg and '$10.00' in msg and '--force' in msg and 'FORCE_OVER_BUDGET' in msg
+    assert '$15.00' in msg and '$10.00' in msg and 'CostCallback.force=True' in msg
     assert check_budget(est, 20.0, 10.0, force=True) == -5.0
     assert check_budget(est, 20.0, 5.0) == 0.0
     bench = estimate_from_benchmark({'timing/seqs_per_second': 64.0, 'name': 'xxl'}, steps=3600,
@@ -215,7 +215,8 @@ def test_callback_preflight_from_warmup_or_given_speed(tmp_path):
 
     cb = start()
     # Warm-up: 3.6 s/step -> 990 more steps on 4 A100s = $7.425 > $5 - $0.075 spent.
-    with pytest.raises(BudgetExceededError, match=r'\$7\.42.*\$4\.92.*--force'):
+    with pytest.raises(BudgetExceededError,
+                       match=r'\$7\.42.*remaining budget \$4\.9\d.*force=True'):
         cb.on_steps_end(first_step=1, last_step=10, seconds=36.0)
     start(force=True).on_steps_end(first_step=11, last_step=20, seconds=36.0)   # forced: runs
     with pytest.raises(BudgetExceededError, match='seconds_per_step'):

@@ -8,7 +8,8 @@ from typing import Mapping, Sequence
 
 from doa_jax.cost.prices import device_cost_usd
 
-FORCE_HINT = 'pass --force (gin: --gin.FORCE_OVER_BUDGET=True; Python: force=True)'
+FORCE_HINT = ('pass --gin.CostCallback.force=True (a --force flag where the entry point has one; '
+              'Python: force=True)')
 
 
 class BudgetExceededError(RuntimeError):

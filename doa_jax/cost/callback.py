@@ -37,7 +37,8 @@ class CostCallback(TrainerCallback):
                  prices: PriceTable | str | None = None, run_id: str | None = None,
                  stage: str = 'train', budget_usd: float | None = None,
                  include_compile: bool = True, include_eval: bool = True,
-                 include_other: bool = True, budget_scope: str = 'run', device_price_fallback: str | None = None,
+                 include_other: bool = True, budget_scope: str = 'run',
+                 device_price_fallback: str | None = None,
                  planned_steps: int | None = None, seconds_per_step: float | None = None,
                  force: bool = False, write: bool | None = None):
         if budget_scope not in ('run', 'ledger'):

@@ -3,7 +3,8 @@
 Why SQLite: every write is one short transaction, so a SIGKILL loses at most the entry being written
 and never leaves a half-written one; several processes on one host can write the same study ledger
 (writers queue on SQLite's lock); and UNIQUE keys make re-recording the same interval a no-op.
-Keep the ledger on a local or POSIX-locking file system (not a bucket mount): WAL needs shared memory.
+Keep the ledger on a local or POSIX-locking file system (not a bucket mount): WAL needs shared
+memory.
 
 Resume model. Each `on_train_start` opens a new *attempt* with its start step S. Steps an attempt
 ran above a later attempt's start were redone by that later attempt, so they are *redone* money:
@@ -426,7 +427,7 @@ class Ledger:
 
 @contextlib.contextmanager
 def _transaction(con: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue, never deadlock."""
+    """BEGIN IMMEDIATE takes the write lock up front: concurrent writers queue, never deadlock."""
     con.execute('BEGIN IMMEDIATE')
     try:
         yield

@@ -96,8 +96,9 @@ class PriceTable:
         raise PriceError(
             f'No price for device kind {device_kind!r} (normalised {norm!r}) in {self.origin}. '
             f'Known entries: {", ".join(d.name for d in self.devices)}. Fix: add it to a price '
-            f'YAML (devices: {{"{device_kind}": {{usd_per_hour: X}}}}) and pass it with '
-            f'--prices / gin PRICES_FILE, or pass fallback="A100" (gin DEVICE_PRICE_FALLBACK) to '
+            f'YAML (devices: {{"{device_kind}": {{usd_per_hour: X}}}}) and pass it as '
+            f'prices= (gin: --gin.CostCallback.prices="\'my_prices.yaml\'"), or pass '
+            f'fallback="A100" (gin: --gin.CostCallback.device_price_fallback="\'A100\'") to '
             f'price it like a known device.')
 
     def usd_per_device_hour(self, device_kind: str, fallback: str | None = None) -> Decimal:
@@ -205,7 +206,8 @@ def _read_yaml(text: str, origin: str) -> Mapping:
     except yaml.YAMLError as e:
         raise PriceError(f'{origin}: not valid YAML: {e}') from None
     if not isinstance(raw, Mapping):
-        raise PriceError(f'{origin}: expected a mapping at the top level, got {type(raw).__name__}.')
+        raise PriceError(f'{origin}: expected a mapping at the top level, got '
+                         f'{type(raw).__name__}.')
     return raw
 
 
