@@ -181,7 +181,7 @@ def test_budget_scope_ledger_counts_other_runs(tmp_path):
     led = Ledger(tmp_path)
     led.record_labels('labels', 'annotate', 'wlp', 0, 999, 0.26)         # $260 already spent
     cb = CostCallback(led, default_prices(), 'r', 'train', budget_usd=261.0,
-                      budget_scope='ledger', write=True)
+                      budget_scope='study', write=True)
     cb.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh(n=4))
     cb.on_steps_end(first_step=1, last_step=1, seconds=3600.0)           # + $7.50
     assert cb.should_stop(step=1) and cb.stopped_at == 1

@@ -21,7 +21,7 @@ class CostCallback(TrainerCallback):
 
     Only process 0 writes (the mesh's device count covers all hosts); every process takes the
     same should_stop decision because process 0's answer is broadcast. `budget_scope='run'` caps
-    this run's spending; 'ledger' caps everything in the ledger (a whole study's budget).
+    this run's spending; 'study' (alias 'ledger') caps everything in the ledger.
     Redone steps after a restart count towards the cap: that money was spent.
     Wall-clock the trainer reports in no hook (checkpoint saves, input start-up, host work between
     intervals) is recorded as 'other' overhead at each checkpoint and at the end of the run.
@@ -41,8 +41,9 @@ class CostCallback(TrainerCallback):
                  device_price_fallback: str | None = None,
                  planned_steps: int | None = None, seconds_per_step: float | None = None,
                  force: bool = False, write: bool | None = None):
-        if budget_scope not in ('run', 'ledger'):
-            raise ValueError(f"budget_scope must be 'run' or 'ledger', got {budget_scope!r}.")
+        if budget_scope not in ('run', 'study', 'ledger'):
+            raise ValueError(f"budget_scope must be 'run' (this run's spending) or 'study' (the "
+                             f"whole ledger's), got {budget_scope!r}.")
         if budget_usd is not None and budget_usd <= 0:
             raise ValueError(f'budget_usd must be positive (or None for no cap), got '
                              f'{budget_usd}; set BUDGET_USD to the dollars this run may spend.')
