@@ -9,6 +9,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['doa_jax', 'doa_jax.*', 'tasks', 'tasks.*']),
     include_package_data=True,
+    package_data={'doa_jax.cost': ['prices.yaml']},
     install_requires=[
         'jax>=0.4.30',
         'flax>=0.10',
