@@ -111,8 +111,9 @@ def test_gradient_accumulation_matches_full_batch():
     ds = train_data.host_dataset('doa_toy', LENGTHS, 'train', 8, seed=0)
     batch = train_data.to_global(next(train_data.numpy_batches(ds)), mesh, 8)
     out = {}
+    state0 = init_train_state(init_params, opt, shardings, jax.random.PRNGKey(0))
     for micro in (1, 4):
-        state = init_train_state(init_params, opt, shardings, jax.random.PRNGKey(0))
+        state = jax.tree.map(jnp.copy, state0)     # the step donates its input state
         step = make_train_step(model_apply_fn(model), losses.cross_entropy_loss(), opt, mesh,
                                partitioning.STANDARD_RULES, shardings, num_microbatches=micro,
                                use_dropout=False)
@@ -211,3 +212,69 @@ def test_overlong_examples_truncated_with_count_or_fail():
                                  repeat=False, overlong='error')
     with pytest.raises(tf.errors.InvalidArgumentError, match='longer than TASK_FEATURE_LENGTHS'):
         next(train_data.numpy_batches(ds))
+
+
+def _toy_lookup_generate(wrong_every: int = 0):
+    """A stand-in for doa_jax.decoding.generate that answers from the toy task's own examples."""
+    vocab = tasks.toy.VOCABULARY
+    answers = {e['inputs']: e['targets'] for s in ('train', 'validation')
+               for e in tasks.toy.toy_examples(s)}
+    calls = []
+
+    def generate(params, config, encoder_input_tokens, *, max_decode_length, method='greedy'):
+        enc = np.asarray(encoder_input_tokens)
+        out = np.zeros((enc.shape[0], max_decode_length), np.int32)
+        for i, row in enumerate(enc):
+            text = vocab.decode([int(t) for t in row if t > 1])
+            answer = answers.get(text, '')
+            if wrong_every and len(calls) % wrong_every == 0:
+                answer = 'wrong'
+            calls.append(text)
+            ids = list(vocab.encode(answer))[:max_decode_length - 1] + [vocab.eos_id]
+            out[i, :len(ids)] = ids
+        return jnp.asarray(out), jnp.zeros((enc.shape[0],))
+
+    return generate
+
+
+def test_decode_based_task_metrics_use_generate_and_task_metric(monkeypatch):
+    import sys
+    import types
+    mesh = partitioning.make_mesh()
+    model = T5(TINY)
+    ev = trainer._Evaluator(TINY, model_apply_fn(model), losses.cross_entropy_loss(), mesh,
+                            partitioning.STANDARD_RULES, 'doa_toy', LENGTHS, 'validation', 8, None,
+                            True, 8, None, 0)
+    batches = list(ev._batches())
+    assert len(batches) == 2      # 16 validation examples, batch 8
+    for wrong_every, expected in ((0, 100.0), (2, 50.0)):
+        fake = types.ModuleType('doa_jax.decoding')
+        fake.generate = _toy_lookup_generate(wrong_every)
+        monkeypatch.setitem(sys.modules, 'doa_jax.decoding', fake)
+        assert ev.task_metrics(None, batches) == {'task/accuracy': expected}
+
+
+def test_initial_checkpoint_is_loaded_and_checked(tmp_path, monkeypatch):
+    import doa_jax.checkpoints as ckpts
+    model = T5(TINY)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.ones((1, 48), jnp.int32),
+                                               jnp.ones((1, 8), jnp.int32))['params'])
+    from flax import linen as nn
+    shapes = nn.unbox(shapes)
+    loaded = jax.tree.map(lambda s: np.full(s.shape, 0.01, np.float32), shapes)
+    seen = []
+
+    def load_checkpoint(path, config):
+        seen.append((path, config))
+        return loaded
+
+    monkeypatch.setattr(ckpts, 'load_checkpoint', load_checkpoint, raising=False)
+    result = _train(tmp_path / 'a', 5, initial_checkpoint_path='/ckpt/t5',
+                    optimizer=optimizers.make_optimizer('adamw', 0.0))
+    assert seen == [('/ckpt/t5', TINY)]
+    jax.tree.map(lambda p: np.testing.assert_array_equal(p, np.float32(0.01)), result.state.params)
+
+    bad = dict(loaded, token_embedder={'embedding': np.zeros((7, 32), np.float32)})
+    monkeypatch.setattr(ckpts, 'load_checkpoint', lambda path, config: bad, raising=False)
+    with pytest.raises(ValueError, match=r'token_embedder/embedding.*INITIAL_CHECKPOINT_PATH'):
+        _train(tmp_path / 'b', 5, initial_checkpoint_path='/ckpt/t5')
