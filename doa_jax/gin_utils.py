@@ -96,8 +96,7 @@ def register_configurables() -> None:
 def run_configured_training(argv: Sequence[str]) -> trainer.TrainResult:
     """Imports the task module(s), then calls the gin-configured `train`, adding a RunRecord."""
     CONFIGURABLE['import_task_modules']()
-    bound = gin.get_bindings('train').get('callbacks', ())
-    return CONFIGURABLE['train'](callbacks=[RunRecord(argv), *bound])
+    return CONFIGURABLE['train'](extra_callbacks=[RunRecord(argv)])
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:

@@ -78,12 +78,15 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
           decode_metrics: bool = True, max_decode_length: int | None = None,
           overlong: str = 'truncate', cpu_peak_flops: float = DEFAULT_CPU_PEAK_FLOPS,
           transfer_guard: bool = True, show_progress: bool = True,
-          callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+          callbacks: Sequence[TrainerCallback] = (),
+          extra_callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
     """Trains `model_config` on a seqio task; resumes from MODEL_DIR's latest checkpoint if any.
 
     `shuffle=False` streams each host's shard in order (for debugging and the multi-process test).
+    `callbacks` are the user's (gin: `train.callbacks`); `extra_callbacks` are added by the entry
+    point (e.g. the run record) so that binding one never drops the other.
     """
-    callbacks = CallbackList(callbacks)
+    callbacks = CallbackList([*callbacks, *extra_callbacks])
     optimizer = optimizer or optax.adafactor(1e-3, decay_rate=0.8)
     loss_fn = loss_fn or cross_entropy_loss()
     mesh = partitioning.make_mesh(mesh_config)
