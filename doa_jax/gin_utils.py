@@ -91,6 +91,12 @@ def register_configurables() -> None:
     gin.external_configurable(losses.cross_entropy_loss, 'cross_entropy_loss')
     gin.external_configurable(partitioning.MeshConfig, 'MeshConfig')
     gin.external_configurable(callbacks_lib.StopAtStep, 'StopAtStep')
+    try:    # the cost meter, bindable as `train.callbacks = [@CostCallback()]`
+        from doa_jax.cost import CostCallback
+    except ImportError:
+        pass
+    else:
+        gin.external_configurable(CostCallback, 'CostCallback')
 
 
 def run_configured_training(argv: Sequence[str]) -> trainer.TrainResult:

@@ -55,6 +55,18 @@ def test_gin_files_found():
                                                     't5_small', 't5_11b', 't5_tiny')} <= set(GIN_FILES)
 
 
+def test_cost_callback_is_bindable_from_gin():
+    gin_utils.register_configurables()
+    gin.clear_config()
+    try:
+        gin.parse_config(['CostCallback.budget_usd = 5.0'])
+        from doa_jax.cost import CostCallback
+        assert isinstance(gin.get_configurable('CostCallback')(), CostCallback)
+        assert gin.query_parameter('CostCallback.budget_usd') == 5.0
+    finally:
+        gin.clear_config()
+
+
 def test_flags_turn_gin_dot_into_bindings():
     args = gin_utils.parse_flags(['--gin_file=a.gin', '--gin.TRAIN_STEPS=5',
                                   "--gin.MODEL_DIR='/tmp/x'", '--gin_search_paths=p,q'])
