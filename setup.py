@@ -24,6 +24,7 @@ setup(
         'numpy>=1.26',
         'safetensors>=0.4',
         'clu>=0.0.10',
+        'tensorboard>=2.15',
         'tqdm>=4.66',
         'scikit-learn>=1.3',
         'sacrebleu>=2.4',
