@@ -1,0 +1,156 @@
+"""The seqio tasks: every paper task tokenizes, budget slices are nested and disjoint from the
+pool, the pool withholds targets, user and pseudo-labeled tasks register from files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import seqio
+
+import tasks
+from doa_jax.data import jsonl, paper, vocabulary
+
+LENGTHS = {'inputs': 64, 'targets': 32}
+BYTE = seqio.ByteVocabulary()
+
+
+@pytest.fixture(scope='module', autouse=True)
+def byte_tasks(data_dir):
+    mp = pytest.MonkeyPatch()
+    mp.setenv('DOA_DATA_DIR', str(data_dir))
+    tasks.register_paper_tasks(vocabulary=BYTE, overwrite=True)
+    yield
+    mp.undo()
+
+
+def _examples(name, split='train', n=None, lengths=LENGTHS):
+    ds = seqio.get_mixture_or_task(name).get_dataset(lengths, split=split, shuffle=False)
+    return list((ds.take(n) if n else ds).as_numpy_iterator())
+
+
+@pytest.mark.parametrize('dataset', sorted(paper.DATASETS))
+def test_every_paper_task_yields_tokenized_examples(dataset):
+    spec = paper.DATASETS[dataset]
+    for ex in _examples(f'doa_{dataset}', 'test', 3, {'inputs': 1024, 'targets': 1024}):
+        assert ex['inputs_pretokenized'].decode().startswith(spec.prefix)
+        assert ex['inputs'].dtype == np.int32 and ex['inputs'][-1] == 1  # EOS appended.
+        assert BYTE.decode(ex['inputs'][:-1].tolist()) == ex['inputs_pretokenized'].decode()
+        assert BYTE.decode(ex['targets'][:-1].tolist()) == ex['targets_pretokenized'].decode()
+
+
+def test_prefixes_follow_the_paper():
+    assert {d: s.prefix for d, s in paper.DATASETS.items()} == {
+            'wlp': 'wlp: ', 'stanceosaurus': 'stanceosaurus: ', 'fever': 'fever: ',
+            'multipit_id': 'multipit_id: ', 'multipit_gen': 'multipit: ', 'nq': 'nq: '}
+
+
+def test_missing_train_file_says_how_to_fix():
+    with pytest.raises(FileNotFoundError, match='fever_train_all.json: no such data file.*download'):
+        _examples('doa_fever', 'train', 1)
+
+
+def test_sentencepiece_vocabulary_trained_on_real_data(tmp_path, data_dir):
+    import sentencepiece as spm
+    rows = [json.loads(l) for l in open(data_dir / 'wlp/wlp_train_all.json')][:3000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(r['source'] for r in rows),
+                                   model_prefix=str(tmp_path / 'sp'), vocab_size=400,
+                                   character_coverage=1.0, model_type='unigram', pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, num_threads=1)
+    vocabulary.set_default_vocabulary(str(tmp_path / 'sp.model'))
+    try:
+        vocab = vocabulary.default_vocabulary()
+        name = tasks.register_jsonl_task(
+                'test_wlp_sp', {'test': str(data_dir / 'wlp/wlp_test_all.json')}, 'wlp: ',
+                allow_empty_target=True, overwrite=True).name
+    finally:
+        vocabulary.set_default_vocabulary(None)
+    assert isinstance(vocab, seqio.SentencePieceVocabulary) and vocab.vocab_size == 500
+    ex = _examples(name, 'test', 1, {'inputs': 256, 'targets': 256})[0]
+    assert vocab.decode(ex['inputs'].tolist()) == ex['inputs_pretokenized'].decode()
+
+
+def test_vocabulary_env_override(monkeypatch):
+    monkeypatch.setenv('DOA_VOCAB', 'byte')
+    assert isinstance(vocabulary.default_vocabulary(), seqio.ByteVocabulary)
+    monkeypatch.delenv('DOA_VOCAB')
+    # The T5 default loads lazily: no file is read to build it.
+    assert vocabulary.default_vocabulary().sentencepiece_model_file == vocabulary.T5_SPM_PATH
+
+
+def test_wlp_budget_slices_nested_and_pool_disjoint_without_targets(data_dir):
+    small = _examples('doa_wlp_labeled_1000')
+    large = _examples('doa_wlp_labeled_5000')
+    pool = _examples('doa_wlp_unlabeled')
+    assert (len(small), len(large), len(pool)) == (1000, 5000, 14271 - 5000)
+    ids = lambda exs: [e['id'] for e in exs]
+    assert ids(large)[:1000] == ids(small)  # Nested prefixes of one shuffled order.
+    assert not set(ids(large)) & set(ids(pool))
+    assert len(set(ids(large)) | set(ids(pool))) == 14271
+    assert all(e['targets_pretokenized'] == b'' and e['targets'].tolist() == [1] for e in pool)
+    # The pool's source itself never carries the gold targets.
+    raw = seqio.get_mixture_or_task('doa_wlp_unlabeled').source.get_dataset('train')
+    assert {e['targets'] for e in raw.as_numpy_iterator()} == {b''}
+    assert ids(_examples('doa_wlp_labeled_1000')) == ids(small)  # Deterministic.
+    gold = {f'wlp_train_all.json:{i}': json.loads(l)['target']
+            for i, l in enumerate(open(data_dir / 'wlp/wlp_train_all.json'), 1)}
+    assert all(gold[e['id'].decode()] == e['targets_pretokenized'].decode() for e in small[:50])
+
+
+def test_budget_tasks_on_a_split_file_and_seed(data_dir):
+    files = {'train': str(data_dir / 'fever/fever_dev_all.json'),
+             'test': str(data_dir / 'nq/nq_dev_all.json')}
+    names = tasks.register_budget_tasks('test_fever', files, 'fever: ', (100, 400), seed=3,
+                                        pool_size=50, vocabulary=BYTE, overwrite=True)
+    assert names == ['test_fever_labeled_100', 'test_fever_labeled_400', 'test_fever_unlabeled']
+    a, b = _examples(names[0]), _examples(names[1])
+    assert [e['id'] for e in b[:100]] == [e['id'] for e in a]
+    assert len(_examples(names[2])) == 50
+    tasks.register_budget_tasks('test_fever_s4', files, 'fever: ', (100,), seed=4,
+                                vocabulary=BYTE, overwrite=True)
+    assert [e['id'] for e in _examples('test_fever_s4_labeled_100')] != [e['id'] for e in a]
+    with pytest.raises(ValueError, match='already registered'):
+        tasks.register_budget_tasks('test_fever', files, 'fever: ', (100,))
+
+
+def test_jsonl_factory_user_task(tmp_path):
+    path = tmp_path / 'mine.jsonl'
+    path.write_text('\n'.join(json.dumps({'q': f'q{i}', 'a': f'a{i}'}) for i in range(5)) + '\n')
+    from doa_jax.metrics import squad
+    task = tasks.register_jsonl_task('test_user', {'train': str(path), 'validation': str(path)},
+                                     'mine: ', [squad], fields=('q', 'a'), vocabulary=BYTE,
+                                     overwrite=True)
+    exs = _examples('test_user', 'validation')
+    assert [e['inputs_pretokenized'] for e in exs] == [f'mine: q{i}'.encode() for i in range(5)]
+    assert task.metric_fns == [squad]
+
+
+def test_pseudo_labeled_task_from_inference_shards(tmp_path):
+    pool = _examples('doa_wlp_unlabeled', n=6)
+    out = tmp_path / 'infer'
+    out.mkdir()
+    for shard in range(2):
+        lines = [json.dumps({'id': e['id'].decode(), 'input': e['inputs_pretokenized'].decode(),
+                             'prediction': f'pseudo {shard}-{i} [Reagent]'})
+                 for i, e in enumerate(pool[3 * shard:3 * shard + 3])]
+        (out / f'shard-{shard:05d}-of-00002.jsonl').write_text('\n'.join(lines) + '\n')
+    (out / 'shard-00000-of-00002.jsonl.COMPLETED').write_text('')
+    task = tasks.register_pseudo_labeled_task('test_pseudo', str(out), prefix='wlp: ',
+                                              eval_task='doa_wlp', vocabulary=BYTE,
+                                              overwrite=True)
+    exs = _examples('test_pseudo')
+    assert [e['id'] for e in exs] == [e['id'] for e in pool]
+    assert exs[4]['targets_pretokenized'] == b'pseudo 1-1 [Reagent]'
+    assert exs[0]['inputs_pretokenized'] == pool[0]['inputs_pretokenized']  # Not prefixed twice.
+    assert 'test' in task.splits and task.metric_fns == seqio.get_mixture_or_task('doa_wlp').metric_fns
+    assert len(_examples('test_pseudo', 'test', 2)) == 2
+    tasks.register_pseudo_labeled_task('test_pseudo_done', str(out), completed_only=True,
+                                       vocabulary=BYTE, overwrite=True)
+    assert len(_examples('test_pseudo_done')) == 3
+
+    (out / 'shard-00001-of-00002.jsonl').write_text(json.dumps({'input': 'x', 'prediction': 'y'}))
+    with pytest.raises(jsonl.DataError, match=r'shard-00001-of-00002.jsonl:1: missing field "id"'):
+        tasks.read_pseudo_labels(str(out))
+    with pytest.raises(FileNotFoundError, match='no inference shards'):
+        tasks.read_pseudo_labels(str(tmp_path))
