@@ -81,3 +81,55 @@ def test_empty_target_allowed_only_when_asked(tmp_path):
 def test_missing_file_says_how_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match='DOA_DATA_DIR'):
         read_jsonl(str(tmp_path / 'nope.json'))
+
+
+def test_download_verifies_checksums_offline(tmp_path, data_dir, capsys):
+    from doa_jax.data import download
+    from doa_jax.data.__main__ import main
+    dest = tmp_path / 'data'
+    url_base = data_dir.as_uri() + '/'  # A file:// mirror: no network.
+    assert main(['download', '--tasks=nq', f'--data_dir={dest}', f'--url_base={url_base}']) == 0
+    out = capsys.readouterr().out
+    assert 'nq/nq_dev_all.json: downloaded (verified)' in out
+    assert 'nq/nq_train_all.json: not public' in out
+    assert (dest / 'nq/nq_dev_all.json').read_bytes() == (data_dir / 'nq/nq_dev_all.json').read_bytes()
+    assert download.download(['nq'], dest, url_base=url_base)['nq/nq_dev_all.json'] == 'present'
+
+    def corrupt(url, path):
+        with open(path, 'wb') as f:
+            f.write(b'{"source": "tampered", "target": "x"}\n')
+    with pytest.raises(download.ChecksumError, match='fever_dev_all.json: got size 38'):
+        download.download(['fever'], dest, fetch=corrupt)
+    assert not list((dest / 'fever').iterdir())  # No partial or bad file left behind.
+
+
+def test_unverified_file_records_checksum_then_verifies(tmp_path, data_dir):
+    from doa_jax.data import download
+    mirror, dest = tmp_path / 'mirror', tmp_path / 'data'
+    (mirror / 'nq').mkdir(parents=True)
+    (mirror / 'nq/nq_dev_all.json').write_bytes((data_dir / 'nq/nq_dev_all.json').read_bytes())
+    (mirror / 'nq/nq_train_all.json').write_text('{"source": "q?", "target": "a"}\n')
+    status = download.download(['nq'], dest, url_base=mirror.as_uri() + '/', public_only=False)
+    assert status == {'nq/nq_dev_all.json': 'downloaded (verified)',
+                      'nq/nq_train_all.json': 'downloaded (unverified; checksum recorded)'}
+    recorded = download.read_recorded(dest)
+    assert recorded['nq/nq_train_all.json'] == download.sha256_of(dest / 'nq/nq_train_all.json')
+    (dest / 'nq/nq_train_all.json').write_text('{"source": "changed", "target": "a"}\n')
+    with pytest.raises(download.ChecksumError, match='nq_train_all.json: size/sha256 differ'):
+        download.download(['nq'], dest, url_base=mirror.as_uri() + '/', public_only=False)
+
+
+def test_prepare_builds_tfds_records(tmp_path, data_dir, capsys):
+    import tensorflow_datasets as tfds
+    from doa_jax.data.__main__ import main
+    tfds_dir = tmp_path / 'tfds'
+    assert main(['prepare', '--tasks=nq', f'--data_dir={data_dir}', f'--tfds_dir={tfds_dir}']) == 0
+    assert 'nq: test=2837, validation=2837' in capsys.readouterr().out
+    from doa_jax.data.tfds_builder import DistillOrAnnotate
+    ds = DistillOrAnnotate(config='nq', data_dir=str(tfds_dir)).as_dataset(split='test')
+    first = next(iter(tfds.as_numpy(ds.take(1))))
+    file_name, line = first['id'].decode().split(':')
+    record = json.loads((data_dir / 'nq' / file_name).read_text().splitlines()[int(line) - 1])
+    assert (first['source'].decode(), first['target'].decode()) == (record['source'], record['target'])
+    with pytest.raises(Exception, match='none of .*fever_dev_all.json.* found'):
+        main(['prepare', '--tasks=fever', f'--data_dir={tmp_path}', f'--tfds_dir={tfds_dir}'])
