@@ -155,3 +155,28 @@ def test_pseudo_labeled_task_from_inference_shards(tmp_path):
         tasks.read_pseudo_labels(str(out))
     with pytest.raises(FileNotFoundError, match='no inference shards'):
         tasks.read_pseudo_labels(str(tmp_path))
+
+
+def test_seqio_evaluator_scores_with_the_task_metric(tmp_path, data_dir):
+    """The metric functions plug into seqio's Evaluator: half-wrong predictions give 50 accuracy."""
+    lines = (data_dir / 'fever/fever_dev_all.json').read_text().splitlines()[:20]
+    path = tmp_path / 'fever20.json'
+    path.write_text('\n'.join(lines) + '\n')
+    from doa_jax import metrics
+    tasks.register_jsonl_task('test_fever20', {'validation': str(path)}, 'fever: ',
+                              [metrics.fever_accuracy], labels=metrics.FEVER_LABELS,
+                              vocabulary=BYTE, overwrite=True)
+    evaluator = seqio.Evaluator('test_fever20', seqio.EncDecFeatureConverter(pack=False),
+                                sequence_length={'inputs': 128, 'targets': 16},
+                                async_compute_metrics=False)
+
+    def predict_fn(ds):
+        out = []
+        for i, ex in ds.as_numpy_iterator():  # seqio passes (index, features) pairs.
+            tokens = ex['decoder_target_tokens'].tolist()
+            wrong = BYTE.encode('NOT A LABEL') + [1]
+            out.append((i, tokens if i % 2 else wrong + [0] * (len(tokens) - len(wrong))))
+        return out
+
+    all_metrics, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn)
+    assert all_metrics.result()['test_fever20']['accuracy'] == pytest.approx(50.0)
