@@ -101,7 +101,7 @@ def register_budget_tasks(base_name: str, files: Mapping[str, PathLike], prefix:
     """Registers `{base}_labeled_{N}` for each N and `{base}_unlabeled` (the pool after the largest
     N, targets withheld); evaluation splits are those of `files`. Returns the task names."""
     sizes = budget.check_sizes(sizes)
-    pool_start = sizes[-1]
+    pool_start, order_seed = sizes[-1], seed
     files = dict(files)
     eval_splits = [s for s in files if s != 'train']
 
@@ -115,22 +115,23 @@ def register_budget_tasks(base_name: str, files: Mapping[str, PathLike], prefix:
                           allow_empty_target)
 
     def make_labeled(size: int):
-        def dataset_fn(split: str, shuffle_files: bool = False, seed_: int | None = None):
+        def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
+            # seqio's shuffle seed; the slice itself depends only on order_seed.
             if split != 'train':
                 return eval_dataset(split)
             ids, sources, targets = train_lines()
-            idx = budget.labeled_indices(len(ids), size, seed, pool_start,
+            idx = budget.labeled_indices(len(ids), size, order_seed, pool_start,
                                          where=f'{base_name}_labeled_{size}')
             return _to_dataset([ids[i] for i in idx], [prefix + sources[i] for i in idx],
                                [targets[i] for i in idx])
         return dataset_fn
 
-    def pool_fn(split: str, shuffle_files: bool = False, seed_: int | None = None):
+    def pool_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
         ids, sources, _ = train_lines()
         if len(ids) <= pool_start:
             raise ValueError(f'{base_name}_unlabeled: the train file has {len(ids)} lines, none left '
                              f'after the largest labeled slice ({pool_start}).')
-        idx = budget.pool_indices(len(ids), pool_start, seed, pool_size)
+        idx = budget.pool_indices(len(ids), pool_start, order_seed, pool_size)
         # The gold targets are never put into the pool's dataset.
         return _to_dataset([ids[i] for i in idx], [prefix + sources[i] for i in idx], [''] * len(idx))
 

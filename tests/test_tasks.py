@@ -108,6 +108,9 @@ def test_budget_tasks_on_a_split_file_and_seed(data_dir):
     a, b = _examples(names[0]), _examples(names[1])
     assert [e['id'] for e in b[:100]] == [e['id'] for e in a]
     assert len(_examples(names[2])) == 50
+    # A seqio shuffle seed reorders the slice but never changes its content.
+    shuffled = seqio.get_mixture_or_task(names[0]).get_dataset(LENGTHS, 'train', shuffle=True, seed=7)
+    assert sorted(e['id'] for e in shuffled.as_numpy_iterator()) == sorted(e['id'] for e in a)
     tasks.register_budget_tasks('test_fever_s4', files, 'fever: ', (100,), seed=4,
                                 vocabulary=BYTE, overwrite=True)
     assert [e['id'] for e in _examples('test_fever_s4_labeled_100')] != [e['id'] for e in a]
