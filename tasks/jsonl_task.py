@@ -158,7 +158,9 @@ def read_pseudo_labels(infer_output_dir: str, completed_only: bool = False,
                                 'inference on the unlabeled pool first.')
     ids, inputs, preds, seen = [], [], [], {}
     for shard in shards:
-        for number, record in iter_jsonl(shard, ('input', 'prediction'), on_error=on_error):
+        # An empty prediction is a real pseudo-label (a WLP sentence without entities).
+        for number, record in iter_jsonl(shard, ('input', 'prediction'), on_error=on_error,
+                                         allow_empty=('prediction',)):
             if 'id' not in record:
                 raise DataError(f'{shard}:{number}: missing field "id"; every line needs id, '
                                 'input and prediction.')

@@ -136,7 +136,7 @@ def test_pseudo_labeled_task_from_inference_shards(tmp_path):
     out.mkdir()
     for shard in range(2):
         lines = [json.dumps({'id': e['id'].decode(), 'input': e['inputs_pretokenized'].decode(),
-                             'prediction': f'pseudo {shard}-{i} [Reagent]'})
+                             'prediction': f'pseudo {shard}-{i} [Reagent]' if i else ''})
                  for i, e in enumerate(pool[3 * shard:3 * shard + 3])]
         (out / f'shard-{shard:05d}-of-00002.jsonl').write_text('\n'.join(lines) + '\n')
     (out / 'shard-00000-of-00002.jsonl.COMPLETED').write_text('')
@@ -146,6 +146,7 @@ def test_pseudo_labeled_task_from_inference_shards(tmp_path):
     exs = _examples('test_pseudo')
     assert [e['id'] for e in exs] == [e['id'] for e in pool]
     assert exs[4]['targets_pretokenized'] == b'pseudo 1-1 [Reagent]'
+    assert exs[3]['targets_pretokenized'] == b''  # Empty predictions are kept, not dropped.
     assert exs[0]['inputs_pretokenized'] == pool[0]['inputs_pretokenized']  # Not prefixed twice.
     assert 'test' in task.splits and task.metric_fns == seqio.get_mixture_or_task('doa_wlp').metric_fns
     assert len(_examples('test_pseudo', 'test', 2)) == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 from sklearn import metrics as skm
 
 FEVER_LABELS = ('SUPPORTS', 'REFUTES')
@@ -74,7 +73,3 @@ def multipit_id_accuracy(targets: Sequence[str], predictions: Sequence[str]) -> 
 
 def stance_f1(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
     return classification_f1(targets, predictions, STANCE_LABELS)
-
-
-def mean(values) -> float:
-    return float(np.mean(values)) if len(values) else 0.0
