@@ -1,0 +1,227 @@
+"""LLM annotation against a real doa_jax model served over HTTP on 127.0.0.1 (tiny random T5,
+byte vocabulary: the labels are garbage, the plumbing is real)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import seqio
+
+from doa_jax import llm
+from doa_jax.cost.ledger import Ledger
+from doa_jax.cost.prices import llm_cost_usd, load_prices
+from doa_jax.llm.annotate import STAGE, Example
+from doa_jax.llm.client import parse_completion, MalformedResponseError
+from doa_jax.models.config import get_config
+from doa_jax.serving import Batcher, ChatServer, load_params, make_generate_fn
+
+MODEL = 'doa-local'
+PRICES_YAML = 'llm:\n  doa-local:\n    usd_per_1k_input: 1.0\n    usd_per_1k_output: 2.0\n'
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def generate_fn():
+    cfg = get_config('t5_1_1_tiny')
+    return make_generate_fn(cfg, load_params('random', cfg), seqio.ByteVocabulary(),
+                            max_input_length=256, max_decode_length=8)
+
+
+@pytest.fixture(scope='module')
+def server(generate_fn):
+    s = ChatServer(Batcher(generate_fn, max_batch=8, wait_ms=5), MODEL, test_faults=True).start()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def prices(tmp_path):
+    path = tmp_path / 'prices.yaml'
+    path.write_text(PRICES_YAML)
+    return str(path)
+
+
+def _pool(n: int) -> list[Example]:
+    return [Example(f'u{i}', f'sentence number {i} about cats') for i in range(n)]
+
+
+SHOTS = [Example('l0', 'a happy sentence', 'positive'), Example('l1', 'a sad one', 'negative')]
+
+
+def _run(server, tmp_path, prices_path, pool, **kw):
+    ledger = Ledger(tmp_path / 'ledger.sqlite')
+    cache = llm.ResponseCache(tmp_path / 'cache.sqlite')
+    client = llm.ChatClient(server.url, MODEL, backoff_base_s=0.01)
+    defaults = dict(client=client, cache=cache, ledger=ledger, prices=load_prices(prices_path),
+                    run_id='run', output_dir=str(tmp_path / 'out'), labels=None,
+                    instruction='Continue.', params={'max_tokens': 6, 'temperature': 0.0},
+                    num_shards=2, concurrency=4, progress=False)
+    defaults.update(kw)
+    summary = llm.annotate(pool, SHOTS, **defaults)
+    return summary, ledger, cache, client
+
+
+def _rows(out_dir):
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out_dir, '*'))):
+        if not path.endswith('.COMPLETED'):
+            rows += [json.loads(line) for line in open(path)]
+    return rows
+
+
+def _cache_usd(path, prices_path) -> tuple[float, int]:
+    """Dollars of every answer in the cache, from the usage the server reported."""
+    con = sqlite3.connect(path)
+    values = [json.loads(v) for (v,) in con.execute('SELECT value FROM responses')]
+    con.close()
+    table = load_prices(prices_path)
+    return math.fsum(llm_cost_usd(MODEL, v['prompt_tokens'], v['completion_tokens'], table)
+                     for v in values), len(values)
+
+
+def test_prompt_and_label_parsing():
+    msgs = llm.build_messages('Label it.', [('x1', 'yes')], 'x2')
+    assert msgs[0] == {'role': 'system', 'content': 'Label it.'}
+    assert msgs[1]['content'] == 'Input: x1\nOutput: yes\n\nInput: x2\nOutput:'
+    labels = ['SUPPORTS', 'REFUTES', 'NOT ENOUGH INFO']
+    assert llm.parse_output(' supports.', labels) == ('SUPPORTS', True)
+    assert llm.parse_output('Not enough info, since ...', labels) == ('NOT ENOUGH INFO', True)
+    assert llm.parse_output('maybe', labels) == ('maybe', False)
+    assert llm.parse_output('a paraphrase\nInput: junk', None) == ('a paraphrase', True)
+    assert llm.parse_output('  ', None) == ('', False)
+    with pytest.raises(MalformedResponseError):
+        parse_completion({'choices': [], 'usage': {}})
+
+
+def test_labels_come_back_with_costs_from_usage(server, tmp_path, prices):
+    pool = _pool(6)
+    before = server.chat_requests
+    summary, ledger, cache, _ = _run(server, tmp_path, prices, pool)
+    rows = _rows(tmp_path / 'out')
+    assert [r['id'] for r in rows] == [e.id for e in pool]
+    assert summary.completed_shards == 2 and summary.requests == server.chat_requests - before
+    assert len(glob.glob(str(tmp_path / 'out' / '*.COMPLETED'))) == 2
+    for r in rows:
+        assert r['valid'] == bool(r['raw'].strip())
+        assert r['prediction'] == (r['raw'].strip() if r['valid'] else '')
+    # The ledger holds exactly the usage the server reported, priced from the price table.
+    usd, n_cached = _cache_usd(tmp_path / 'cache.sqlite', prices)
+    assert n_cached == summary.requests
+    assert ledger.spent_usd('run') == pytest.approx(usd, rel=1e-9)
+    assert ledger.spent_usd('run') == pytest.approx(summary.usd, rel=1e-9)
+    in_tokens = sum(r['prompt_tokens'] for r in rows)
+    assert in_tokens > 100  # Byte vocabulary: one token per prompt byte.
+    # A second pass is served from the cache and records nothing new.
+    again, ledger2, _, _ = _run(server, tmp_path, prices, pool, output_dir=str(tmp_path / 'out2'))
+    assert again.requests == 0 and again.cached == summary.requests
+    assert ledger2.spent_usd('run') == pytest.approx(usd, rel=1e-9)
+
+
+def test_invalid_outputs_are_reasked_then_marked(server, tmp_path, prices):
+    summary, ledger, _, _ = _run(server, tmp_path, prices, _pool(3), num_shards=1,
+                                 labels=['zzz-never-said'], max_invalid_retries=2)
+    rows = _rows(tmp_path / 'out')
+    assert summary.invalid == 3 and summary.invalid_outputs == 9 and summary.requests == 9
+    assert all(not r['valid'] and r['attempts'] == 3 and r['prediction'] == '' for r in rows)
+    # All three paid attempts per example are in its one ledger entry.
+    usd, n = _cache_usd(tmp_path / 'cache.sqlite', prices)
+    assert n == 9 and ledger.spent_usd('run') == pytest.approx(usd, rel=1e-9)
+
+
+def test_429_5xx_and_malformed_responses_are_retried(server, tmp_path, prices):
+    r = httpx.post(server.url.removesuffix('/v1') + '/test/faults',
+                   json={'429': 2, 'malformed': 2, '503': 1})
+    assert r.status_code == 200
+    summary, ledger, _, client = _run(server, tmp_path, prices, _pool(2), concurrency=1,
+                                      num_shards=1)
+    assert client.retries == {'429': 2, 'malformed': 2, '503': 1}
+    assert summary.labeled == 2 and summary.requests == 2 and not server.faults
+    usd, _ = _cache_usd(tmp_path / 'cache.sqlite', prices)
+    assert ledger.spent_usd('run') == pytest.approx(usd, rel=1e-9)
+
+
+def test_retries_exhausted_and_bad_requests_say_what_to_do(server):
+    httpx.post(server.url.removesuffix('/v1') + '/test/faults', json={'429': 3})
+    client = llm.ChatClient(server.url, MODEL, max_retries=2, backoff_base_s=0.01)
+    with pytest.raises(llm.LLMRequestError, match='gave up after 3 attempts.*HTTP 429'):
+        client.complete([{'role': 'user', 'content': 'x'}], {'max_tokens': 2})
+    with pytest.raises(llm.LLMRequestError, match='HTTP 400.*messages'):
+        client.complete([], {'max_tokens': 2})
+    assert not server.faults
+
+
+def test_budget_caps_spend_with_requests_in_flight(server, tmp_path, prices):
+    budget = 0.25  # Each request costs ~0.1-0.2$ at $1/1K input tokens: room for about two.
+    summary, ledger, _, _ = _run(server, tmp_path, prices, _pool(8), budget_usd=budget,
+                                 concurrency=4, num_shards=2)
+    assert summary.stopped_for_budget
+    assert 0 < summary.labeled < 8
+    assert ledger.spent_usd('run') <= budget
+    assert not glob.glob(str(tmp_path / 'out' / '*.COMPLETED'))
+
+
+def test_killed_run_resumes_from_cache_without_paying_again(generate_fn, tmp_path, prices):
+    def slow(prompts, max_tokens):
+        time.sleep(0.15)
+        return generate_fn(prompts, max_tokens)
+
+    server = ChatServer(Batcher(slow, max_batch=4, wait_ms=1), MODEL).start()
+    try:
+        labeled = tmp_path / 'labeled.jsonl'
+        labeled.write_text(''.join(json.dumps({'source': s.source, 'target': s.target}) + '\n'
+                                   for s in SHOTS))
+        pool = tmp_path / 'pool.jsonl'
+        pool.write_text(''.join(json.dumps({'id': e.id, 'source': e.source}) + '\n'
+                                for e in _pool(16)))
+        out = tmp_path / 'run' / 'llm'
+        cmd = [sys.executable, '-m', 'doa_jax.annotate_llm', f'--model={MODEL}',
+               f'--base_url={server.url}', f'--labeled_file={labeled}',
+               f'--unlabeled_file={pool}', f'--output_dir={out}', f'--prices={prices}',
+               '--labels=', '--concurrency=2', '--num_shards=4', '--max_tokens=4',
+               '--no_progress']
+        env = {**os.environ, 'PYTHONPATH': REPO}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        cache_path = str(out) + '.cache.sqlite'
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if os.path.exists(cache_path):
+                con = sqlite3.connect(cache_path)
+                try:
+                    n = con.execute('SELECT COUNT(*) FROM responses').fetchone()[0]
+                except sqlite3.OperationalError:
+                    n = 0
+                con.close()
+                if n >= 6:
+                    break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not os.path.exists(str(out) + '/llm_labels.jsonl-00003-of-00004.COMPLETED')
+        assert 6 <= server.chat_requests < 16
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert 'cached' in done.stdout
+        rows = _rows(out)
+        assert sorted(r['id'] for r in rows) == sorted(f'u{i}' for i in range(16))
+        usd, n_cached = _cache_usd(cache_path, prices)
+        # Every request the server answered is in the cache, except at most the one(s) in flight
+        # at the kill; nothing was asked twice.
+        assert n_cached == 16
+        assert 16 <= server.chat_requests <= 16 + 2
+        ledger = Ledger(tmp_path / 'run' / 'cost_ledger.sqlite')
+        assert ledger.spent_usd('llm') == pytest.approx(usd, rel=1e-9)
+        entries = ledger._rows('SELECT first, last FROM entries WHERE stage=?', (STAGE,))
+        assert sorted(e['first'] for e in entries) == list(range(16))
+    finally:
+        server.close()
