@@ -31,6 +31,7 @@ setup(
         'bert-score>=0.3.13',
         'matplotlib>=3.8',
         'pyyaml>=6.0',
+        'importlib_resources>=6.0',
     ],
     extras_require={
         'test': [
