@@ -39,8 +39,16 @@ def get_model_config(name: str, dropout_rate: float = 0.0, activation_dtype: str
                       scan_layers=scan_layers, remat_policy=remat_policy)
 
 
-def import_task_modules(module: str | Sequence[str] | None = 'tasks') -> None:
-    """Imports the module(s) that register seqio tasks (gin: MIXTURE_OR_TASK_MODULE)."""
+def import_task_modules(module: str | Sequence[str] | None = 'tasks',
+                        vocabulary: str | None = None) -> None:
+    """Imports the module(s) that register seqio tasks (gin: MIXTURE_OR_TASK_MODULE).
+
+    `vocabulary` (gin: VOCABULARY) is a sentencepiece model path or 'byte'; it becomes the default
+    vocabulary of tasks registered by those modules, so it is set before they are imported.
+    """
+    if vocabulary is not None:
+        from doa_jax.data.vocabulary import set_default_vocabulary
+        set_default_vocabulary(vocabulary)
     names = [module] if isinstance(module, str) else list(module or ())
     for name in names:
         try:
