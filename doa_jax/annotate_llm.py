@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--max_retries', type=int, default=6, help='per request, on 429/5xx/timeouts')
     p.add_argument('--max_invalid_retries', type=int, default=2, help='re-asks per bad answer')
     p.add_argument('--timeout_s', type=float, default=60.0)
+    p.add_argument('--keep_invalid', action='store_true', help='write unparseable answers into '
+                   'the shards too (default: <output_dir>.invalid.jsonl)')
     p.add_argument('--limit', type=int, help='label only the first N pool examples')
     p.add_argument('--no_progress', action='store_true')
     return p
@@ -94,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             params={'max_tokens': args.max_tokens, 'temperature': args.temperature},
             price_model=args.price_model, num_shards=args.num_shards,
             concurrency=args.concurrency, budget_usd=args.budget_usd,
-            max_invalid_retries=args.max_invalid_retries, progress=not args.no_progress)
+            max_invalid_retries=args.max_invalid_retries, keep_invalid=args.keep_invalid,
+            progress=not args.no_progress)
     print(f'labeled {summary.labeled} (invalid {summary.invalid}), {summary.requests} paid '
           f'requests, {summary.cached} cached, ${summary.usd:.6f} this run, '
           f'{summary.completed_shards}/{summary.num_shards} shards complete; retries '

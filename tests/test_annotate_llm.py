@@ -107,8 +107,11 @@ def test_labels_come_back_with_costs_from_usage(server, tmp_path, prices):
     pool = _pool(6)
     before = server.chat_requests
     summary, ledger, cache, _ = _run(server, tmp_path, prices, pool)
+    summary_ids = [e.id for e in pool]
     rows = _rows(tmp_path / 'out')
-    assert [r['id'] for r in rows] == [e.id for e in pool]
+    if os.path.exists(tmp_path / 'out.invalid.jsonl'):
+        rows += [json.loads(x) for x in open(tmp_path / 'out.invalid.jsonl')]
+    assert sorted(r['id'] for r in rows) == sorted(summary_ids)
     assert summary.completed_shards == 2 and summary.requests == server.chat_requests - before
     assert len(glob.glob(str(tmp_path / 'out' / '*.COMPLETED'))) == 2
     for r in rows:
@@ -130,8 +133,12 @@ def test_labels_come_back_with_costs_from_usage(server, tmp_path, prices):
 def test_invalid_outputs_are_reasked_then_marked(server, tmp_path, prices):
     summary, ledger, _, _ = _run(server, tmp_path, prices, _pool(3), num_shards=1,
                                  labels=['zzz-never-said'], max_invalid_retries=2)
-    rows = _rows(tmp_path / 'out')
     assert summary.invalid == 3 and summary.invalid_outputs == 9 and summary.requests == 9
+    # Invalid rows stay out of the shards (a pseudo-labeled task would train on them).
+    assert _rows(tmp_path / 'out') == []
+    assert os.path.exists(tmp_path / 'out' / 'llm_labels.jsonl-00000-of-00001.COMPLETED')
+    rows = [json.loads(x) for x in open(tmp_path / 'out.invalid.jsonl')]
+    assert [r['id'] for r in rows] == ['u0', 'u1', 'u2']
     assert all(not r['valid'] and r['attempts'] == 3 and r['prediction'] == '' for r in rows)
     # All three paid attempts per example are in its one ledger entry.
     usd, n = _cache_usd(tmp_path / 'cache.sqlite', prices)
@@ -213,6 +220,8 @@ def test_killed_run_resumes_from_cache_without_paying_again(generate_fn, tmp_pat
         assert done.returncode == 0, done.stdout + done.stderr
         assert 'cached' in done.stdout
         rows = _rows(out)
+        if os.path.exists(str(out) + '.invalid.jsonl'):
+            rows += [json.loads(x) for x in open(str(out) + '.invalid.jsonl')]
         assert sorted(r['id'] for r in rows) == sorted(f'u{i}' for i in range(16))
         usd, n_cached = _cache_usd(cache_path, prices)
         # Every request the server answered is in the cache, except at most the one(s) in flight
@@ -225,3 +234,20 @@ def test_killed_run_resumes_from_cache_without_paying_again(generate_fn, tmp_pat
         assert sorted(e['first'] for e in entries) == list(range(16))
     finally:
         server.close()
+
+
+def test_task_flag_reads_labeled_slice_and_pool(server, tmp_path, prices, data_dir, monkeypatch):
+    from doa_jax import annotate_llm
+    monkeypatch.setenv('DOA_DATA_DIR', str(data_dir))
+    out = tmp_path / 'wlp'
+    rc = annotate_llm.main(['--task=doa_wlp', f'--model={MODEL}', f'--base_url={server.url}',
+                            f'--output_dir={out}', f'--prices={prices}', '--limit=3',
+                            '--k_shot=2', '--max_tokens=4', '--no_progress'])
+    assert rc == 0
+    rows = _rows(out)
+    if os.path.exists(str(out) + '.invalid.jsonl'):
+        rows += [json.loads(x) for x in open(str(out) + '.invalid.jsonl')]
+    assert len(rows) == 3 and all(r['input'].startswith('wlp: ') for r in rows)
+    # Two few-shot examples from the labeled slice are in every prompt.
+    assert all(r['prompt_tokens'] > len(r['input'].encode()) + 40 for r in rows)
+    assert Ledger(tmp_path / 'cost_ledger.sqlite').spent_usd('wlp') > 0

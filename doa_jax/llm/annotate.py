@@ -111,13 +111,16 @@ def annotate(pool: Sequence[Example], shots: Sequence[Example], *, client: ChatC
              output_dir: str, labels: Sequence[str] | None, instruction: str,
              params: Mapping[str, Any], price_model: str | None = None, num_shards: int = 1,
              concurrency: int = 4, budget_usd: float | None = None, max_invalid_retries: int = 2,
-             progress: bool = True) -> AnnotationSummary:
+             keep_invalid: bool = False, progress: bool = True) -> AnnotationSummary:
     """Labels `pool` shard by shard; finished shards (with .COMPLETED) are skipped on resume.
 
     Each example's tokens, over all its attempts, are recorded once in the ledger as the range
     [i, i] of stage 'llm_annotation', so a resumed run (answers from the cache) records nothing
     twice. `budget_usd` caps this run_id's ledger total: a request starts only when the spent
-    dollars, all in-flight requests' worst cases and its own worst case fit."""
+    dollars, all in-flight requests' worst cases and its own worst case fit.
+
+    Rows whose answers never parsed go to `<output_dir>.invalid.jsonl`, not into the shards (a
+    pseudo-labeled task would train on them), unless `keep_invalid`."""
     price_model = price_model or client.model
     prices.llm_price(price_model)  # Fail before any request when the model has no price.
     max_tokens = int(params.get('max_tokens', 64))
@@ -187,17 +190,21 @@ def annotate(pool: Sequence[Example], shots: Sequence[Example], *, client: ChatC
             if budget.exhausted:
                 break
             futures = [executor.submit(label_one, i, pool[i]) for i in range(lo, hi)]
-            rows = []
+            rows, invalid, finished = [], [], 0
             for f in futures:
                 row = f.result()
                 bar.update(1)
                 if row is not None:
-                    rows.append(row)
+                    finished += 1
                     summary.labeled += 1
                     summary.invalid += not row['valid']
-            complete = len(rows) == hi - lo
-            if rows:
+                    (rows if row['valid'] or keep_invalid else invalid).append(row)
+            complete = finished == hi - lo
+            if rows or complete:
                 _write_shard(output_dir, s, num_shards, rows, complete)
+            if invalid:
+                with open(output_dir.rstrip('/') + '.invalid.jsonl', 'a') as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in invalid)
             summary.completed_shards += complete
     bar.close()
     summary.stopped_for_budget = budget.exhausted
