@@ -179,7 +179,7 @@ def test_budget_caps_spend_with_requests_in_flight(server, tmp_path, prices):
 
 def test_killed_run_resumes_from_cache_without_paying_again(generate_fn, tmp_path, prices):
     def slow(prompts, max_tokens):
-        time.sleep(0.15)
+        time.sleep(0.25)  # Slow enough that the kill lands mid-run.
         return generate_fn(prompts, max_tokens)
 
     server = ChatServer(Batcher(slow, max_batch=4, wait_ms=1), MODEL).start()
