@@ -26,6 +26,7 @@ setup(
         'clu>=0.0.10',
         'tensorboard>=2.15',
         'tqdm>=4.66',
+        'httpx>=0.27',
         'scikit-learn>=1.3',
         'sacrebleu>=2.4',
         'bert-score>=0.3.13',
