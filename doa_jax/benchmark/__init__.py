@@ -1,0 +1,1 @@
+"""Throughput benchmarks: `python -m doa_jax.benchmark {train,decode} ...`."""

@@ -1,0 +1,30 @@
+"""`python -m doa_jax.benchmark <subcommand>`: train-step and decoding throughput."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# subcommand -> module with add_arguments(parser) and run(args)
+SUBCOMMANDS = {
+    'train': ('doa_jax.benchmark.train', 'train-step tokens/s and MFU (optionally vs HF PyTorch)'),
+    'decode': ('doa_jax.benchmark.decode', 'greedy/beam decoding tokens/s (optionally vs HF generate)'),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m doa_jax.benchmark', description=__doc__)
+    sub = parser.add_subparsers(dest='command', required=True)
+    modules = {}
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        modules[name] = importlib.import_module(module_name)
+        modules[name].add_arguments(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    modules[args.command].run(args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

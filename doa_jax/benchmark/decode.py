@@ -1,0 +1,160 @@
+"""`python -m doa_jax.benchmark decode`: decoding throughput, optionally against HF `generate`.
+
+Both sides decode the same random-weight model (ours is converted from the HF model's weights when
+`--hf` is given), the same batch of random inputs, exactly `--new_tokens` new tokens per row (EOS is
+disabled, so no row stops early), with the same CPU thread count. Compilation is timed separately
+and excluded from tokens/s. Also runnable as `python -m doa_jax.benchmark.decode ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Sequence
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', default='t5_1_1_small', help='named model config')
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--input_len', type=int, default=128)
+    parser.add_argument('--new_tokens', type=int, default=32)
+    parser.add_argument('--dtype', default='float32', choices=DTYPES,
+                        help='activation dtype (HF: the whole model in this dtype)')
+    parser.add_argument('--method', default='greedy', choices=('greedy', 'beam'))
+    parser.add_argument('--num_beams', type=int, default=4)
+    parser.add_argument('--repeats', type=int, default=3, help='timed runs (after one warm-up)')
+    parser.add_argument('--hf', action='store_true', help='also time HF PyTorch generate')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='CPU threads for PyTorch (default: os.cpu_count())')
+    parser.add_argument('--json', default=None, help='also write the results to this JSON file')
+
+
+def _inputs(args, vocab_size: int):
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    return rng.randint(2, vocab_size, (args.batch, args.input_len)).astype(np.int32)
+
+
+def _hf_model(args):
+    import torch
+    import transformers
+
+    from doa_jax.checkpoints.hf_mapping import hf_config_dict
+    from doa_jax.models.config import get_config
+
+    cfg = get_config(args.model)
+    fields = hf_config_dict(cfg)
+    fields.pop('architectures'), fields.pop('model_type')
+    hf_config = transformers.T5Config(**fields)
+    hf_config.tie_word_embeddings = cfg.logits_via_embedding
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(hf_config).eval()
+    model.encoder.embed_tokens = model.shared
+    model.decoder.embed_tokens = model.shared
+    return model
+
+
+def bench_ours(args, params=None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from doa_jax import decoding
+    from doa_jax.models.config import get_config
+    from doa_jax.models.t5 import T5
+
+    cfg = get_config(args.model, dtype=jnp.float32 if args.dtype == 'float32' else jnp.bfloat16)
+    enc = _inputs(args, cfg.vocab_size)
+    if params is None:
+        tokens = jnp.ones((1, 4), jnp.int32)
+        params = jax.jit(lambda r: T5(cfg).init(r, tokens, tokens)['params'])(
+                jax.random.PRNGKey(0))
+    # eos_id=-1: no row ever ends, so exactly `new_tokens` tokens are produced.
+    run = jax.jit(lambda p, e: decoding.generate(
+            p, cfg, e, max_decode_length=args.new_tokens, method=args.method,
+            num_beams=args.num_beams, eos_id=-1, return_scores=False))
+    t0 = time.perf_counter()
+    compiled = run.lower(params, enc).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(params, enc))   # warm-up
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(compiled(params, enc))
+        times.append(time.perf_counter() - t0)
+    assert np.asarray(out).shape == (args.batch, args.new_tokens)
+    median = statistics.median(times)
+    return {'impl': f'doa_jax {args.dtype}', 'median_s': median, 'compile_s': compile_s,
+            'tokens_per_s': args.batch * args.new_tokens / median,
+            'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}'}
+
+
+def bench_hf(args, model) -> dict:
+    import torch
+
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    dtype = torch.float32 if args.dtype == 'float32' else torch.bfloat16
+    model = model.to(dtype)
+    enc = torch.tensor(_inputs(args, model.config.vocab_size), dtype=torch.long)
+    kwargs = dict(input_ids=enc, attention_mask=torch.ones_like(enc),
+                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                  num_beams=args.num_beams if args.method == 'beam' else 1)
+    with torch.no_grad():
+        model.generate(**kwargs)   # warm-up
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = model.generate(**kwargs)
+            times.append(time.perf_counter() - t0)
+    assert out.shape[1] == args.new_tokens + 1
+    median = statistics.median(times)
+    return {'impl': f'HF PyTorch {args.dtype}', 'median_s': median,
+            'tokens_per_s': args.batch * args.new_tokens / median, 'threads': threads}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    params = hf = None
+    if args.hf:
+        import jax.numpy as jnp
+
+        from doa_jax.checkpoints.hf_mapping import params_from_hf_state_dict
+        from doa_jax.models.config import get_config
+
+        hf = _hf_model(args)
+        state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+        params = params_from_hf_state_dict(state, get_config(args.model, dtype=jnp.float32))
+    results = [bench_ours(args, params)]
+    if hf is not None:
+        results.append(bench_hf(args, hf))
+    ours = results[0]['tokens_per_s']
+    print(f'\n{args.model}: {args.method}, batch {args.batch}, {args.input_len} input tokens, '
+          f'{args.new_tokens} new tokens, {results[0]["device"]}')
+    print(f'{"implementation":<22} {"s/batch (median)":>17} {"tokens/s":>10} {"ours/this":>10}')
+    for r in results:
+        print(f'{r["impl"]:<22} {r["median_s"]:>17.3f} {r["tokens_per_s"]:>10.0f} '
+              f'{ours / r["tokens_per_s"]:>10.2f}')
+    print(f'compilation (excluded): {results[0]["compile_s"]:.1f} s')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'args': vars(args), 'results': results}, f, indent=1)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m doa_jax.benchmark decode',
+                                     description=__doc__.split('\n')[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
