@@ -214,3 +214,17 @@ def test_scanned_params_decode_like_unscanned():
     got = decoding.generate(scan_params(params, scanned_cfg), scanned_cfg, enc,
                             max_decode_length=MAX_LEN, return_scores=False)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_decode_benchmark_cli_reports_both_implementations(tmp_path, capsys):
+    import json
+
+    from doa_jax.benchmark.__main__ import main
+
+    out = tmp_path / 'bench.json'
+    assert main(['decode', '--model', 't5_1_1_tiny', '--batch', '2', '--input_len', '8',
+                 '--new_tokens', '4', '--repeats', '1', '--hf', '--json', str(out)]) == 0
+    results = json.loads(out.read_text())['results']
+    assert [r['impl'] for r in results] == ['doa_jax float32', 'HF PyTorch float32']
+    assert all(r['tokens_per_s'] > 0 for r in results)
+    assert 'ours/this' in capsys.readouterr().out
