@@ -1,0 +1,133 @@
+"""Checkpoint interop: HF directories, t5x (legacy and Orbax), and doa_jax's own run checkpoints.
+
+`load_checkpoint(path, config)` detects the format and returns a plain parameter tree with t5x
+names in the layout `config` asks for (scanned or not), after checking every name and shape.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from doa_jax.checkpoints.errors import CheckpointMismatchError
+from doa_jax.checkpoints.hf import load_hf, save_hf
+from doa_jax.checkpoints.t5x import read_t5x_legacy, write_t5x_legacy
+from doa_jax.models.config import T5Config
+
+__all__ = ['CheckpointMismatchError', 'detect_format', 'load_checkpoint', 'load_hf', 'save_hf',
+           'read_t5x_legacy', 'write_t5x_legacy', 'save_params', 'check_params']
+
+
+def _flatten(tree: Mapping, prefix: str = '') -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f'{prefix}/{k}' if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def check_params(params: Mapping, config: T5Config, source: str) -> None:
+    """Raises CheckpointMismatchError unless `params` has exactly the unscanned tree of `config`."""
+    from doa_jax.checkpoints.hf_mapping import expected_shapes
+
+    want = expected_shapes(config)
+    have = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    bad = [(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]]
+    if missing or unexpected or bad:
+        raise CheckpointMismatchError.build(source, missing, unexpected, bad)
+
+
+def _orbax_item_dir(path: pathlib.Path) -> pathlib.Path | None:
+    """Finds the Orbax PyTree directory in a run dir, a checkpoints dir, or a step dir."""
+    if (path / '_METADATA').is_file() or (path / '_CHECKPOINT_METADATA').is_file() and not (
+            path / 'state').is_dir():
+        return path
+    if (path / 'state' / '_METADATA').is_file():
+        return path / 'state'                       # doa_jax step dir
+    for parent in (path / 'checkpoints', path):       # doa_jax run dir / checkpoints dir
+        if parent.is_dir():
+            steps = sorted((int(p.name), p) for p in parent.iterdir()
+                           if p.is_dir() and p.name.isdigit())
+            steps += sorted((int(p.name.split('_')[1]), p) for p in parent.iterdir()
+                            if p.is_dir() and p.name.startswith('checkpoint_')
+                            and p.name.split('_')[1].isdigit())
+            if steps:
+                return _orbax_item_dir(max(steps, key=lambda s: s[0])[1])
+    return None
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'hf', 't5x' (legacy msgpack + zarr) or 'orbax'; raises FileNotFoundError otherwise."""
+    from doa_jax.checkpoints.hf import is_hf_dir
+    from doa_jax.checkpoints.t5x import is_t5x_legacy
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f'Checkpoint path {path} does not exist (check '
+                                'INITIAL_CHECKPOINT_PATH / CHECKPOINT_PATH).')
+    if is_hf_dir(path):
+        return 'hf'
+    if is_t5x_legacy(path):
+        return 't5x'
+    if _orbax_item_dir(path) is not None:
+        return 'orbax'
+    raise FileNotFoundError(
+            f'{path} is not a checkpoint doa_jax recognises: expected an HF directory '
+            '(config.json + model.safetensors / pytorch_model.bin), a t5x checkpoint_<step> '
+            'directory (msgpack `checkpoint` file, or Orbax), or a doa_jax MODEL_DIR.')
+
+
+def _read_orbax(path: pathlib.Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    item = _orbax_item_dir(path)
+    tree = ocp.PyTreeCheckpointer().restore(str(item))
+    for key in ('params', 'target'):                 # doa_jax TrainState / t5x state dict
+        if isinstance(tree, Mapping) and key in tree:
+            tree = tree[key]
+            break
+    if not isinstance(tree, Mapping) or 'encoder' not in tree:
+        raise CheckpointMismatchError(
+                f'Orbax checkpoint {item} has no T5 parameter tree (looked for `params`, '
+                f'`target`, or `encoder` at the top); found keys '
+                f'{sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__}.')
+    return {k: (_to_numpy(v)) for k, v in tree.items()}
+
+
+def _to_numpy(node):
+    if isinstance(node, Mapping):
+        return {k: _to_numpy(v) for k, v in node.items()}
+    return np.asarray(node, dtype=np.float32)
+
+
+def load_checkpoint(path: str | os.PathLike, config: T5Config) -> dict:
+    """Loads HF / t5x legacy / Orbax (t5x or doa_jax) parameters, checked against `config`."""
+    from doa_jax.models.scan import scan_params, unscan_params
+
+    fmt = detect_format(path)
+    if fmt == 'hf':
+        params, _ = load_hf(path, config.replace(scan_layers=False))
+    elif fmt == 't5x':
+        params = read_t5x_legacy(path)
+    else:
+        params = _read_orbax(pathlib.Path(path))
+    if any('layers' in params.get(stack, {}) for stack in ('encoder', 'decoder')):
+        params = unscan_params(params, config)
+    check_params(params, config, f'{fmt} checkpoint {path}')
+    return scan_params(params, config) if config.scan_layers else params
+
+
+def save_params(params: Mapping, path: str | os.PathLike) -> None:
+    """Writes a parameter tree as an Orbax PyTree checkpoint that `load_checkpoint` reads."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    ocp.PyTreeCheckpointer().save(str(path), {'params': params})
