@@ -146,8 +146,10 @@ def _beam_decode(params, config: T5Config, encoder_input_tokens: Array, *, max_d
     model = T5(config)
     batch, src_len = encoder_input_tokens.shape
     k, length = num_beams, max_decode_length
+    # Encode each input once, then give every beam its copy of the encoder outputs.
+    encoded = model.apply({'params': params}, encoder_input_tokens, method=T5.encode)
+    encoded = jnp.repeat(encoded, k, axis=0)
     expanded = jnp.repeat(encoder_input_tokens, k, axis=0)
-    encoded = model.apply({'params': params}, expanded, method=T5.encode)
     vocab = config.vocab_size
 
     logits, cache = _first_step(model, params, encoded, expanded, length)
@@ -248,6 +250,17 @@ def generate(params: Any, config: T5Config, encoder_input_tokens: Array, *, max_
     return out[0] if len(out) == 1 else out
 
 
+def decoded_lengths(tokens: Array | np.ndarray, eos_id: int = 1) -> np.ndarray:
+    """Lengths of decoded rows including their EOS (0-padding excluded), for detokenizing.
+
+    `vocab.decode(row[:n])` with a seqio vocabulary then gives the text; seqio stops at EOS itself.
+    """
+    tokens = np.asarray(tokens)
+    is_eos = tokens == eos_id
+    first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, (tokens != 0).sum(axis=1))
+    return first.astype(np.int32)
+
+
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
 
 
@@ -255,11 +268,13 @@ class Decoder:
     """A jitted decoder over fixed shapes: inputs padded to length buckets, batches to `batch_size`.
 
     A stream of batches therefore compiles once per bucket (`compile_count` counts traces).
+    `jit_kwargs` (e.g. `in_shardings`/`out_shardings` over a mesh) go to `jax.jit` unchanged.
     """
 
     def __init__(self, config: T5Config, params: Any, *, max_decode_length: int,
                  batch_size: int, length_buckets: Sequence[int] = DEFAULT_BUCKETS,
-                 method: str = 'greedy', eos_id: int = 1, **generate_kwargs):
+                 method: str = 'greedy', eos_id: int = 1, jit_kwargs: dict | None = None,
+                 **generate_kwargs):
         self.config, self.batch_size = config, batch_size
         self.buckets = tuple(sorted(length_buckets))
         self.params, self._config = _prepare(params, config)
@@ -272,7 +287,7 @@ class Decoder:
                             method=method, eos_id=eos_id, rng=rng, return_scores=True,
                             **generate_kwargs)
 
-        self._run = jax.jit(run)
+        self._run = jax.jit(run, **(jit_kwargs or {}))
 
     def bucket_for(self, length: int) -> int:
         for b in self.buckets:

@@ -205,6 +205,11 @@ def test_bucketed_decoder_compiles_once_per_bucket():
         decoder([[5] * 40])
 
 
+def test_decoded_lengths_count_through_eos():
+    tokens = np.array([[7, 1, 0, 0], [7, 8, 9, 4], [1, 0, 0, 0], [5, 6, 0, 0]])
+    np.testing.assert_array_equal(decoding.decoded_lengths(tokens), [2, 4, 1, 2])
+
+
 def test_scanned_params_decode_like_unscanned():
     from doa_jax.models.scan import scan_params
 
