@@ -1,0 +1,1 @@
+"""Analysis layer of the distill-or-annotate study: frontiers and result bookkeeping."""
