@@ -35,3 +35,10 @@ def test_results_resume(tmp_path):
     recs = load_results(str(tmp_path))
     assert recs['p1']['total_usd'] == 3.0
     assert (tmp_path / 'results.csv').read_text().count('\n') == 3
+
+
+def test_recommend_headline():
+    from doa_jax.study.recommend import recommend
+    pts = [Point('distill', 161, 81.0), Point('annotate', 1980, 81.0), Point('annotate', 161, 70.0)]
+    r = recommend(pts, 200)
+    assert r.strategy == 'distill' and r.expected_metric == 81.0 and 'annotate' in r.explanation
