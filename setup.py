@@ -31,6 +31,7 @@ setup(
         'sacrebleu>=2.4',
         'bert-score>=0.3.13',
         'matplotlib>=3.8',
+        'scipy>=1.11',
         'pyyaml>=6.0',
         'importlib_resources>=6.0',
     ],
