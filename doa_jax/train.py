@@ -9,9 +9,7 @@ import logging
 import sys
 from typing import Sequence
 
-import jax
-
-from doa_jax import gin_utils
+from doa_jax import distributed, gin_utils
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,9 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = gin_utils.parse_flags(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     gin_utils.hide_gpus_from_tensorflow()
-    if args.coordinator_address:
-        jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+    # Flags, the local launcher, GKE, SLURM or a TPU pod slice; a no-op for one process.
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
     gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
     result = gin_utils.run_configured_training(['-m', 'doa_jax.train', *argv])
