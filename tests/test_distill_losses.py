@@ -1,0 +1,87 @@
+"""Distillation losses: token-level KD against a direct full-softmax computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from doa_jax import distill_losses as dl
+from doa_jax.losses import cross_entropy_loss, normalized_loss_weights
+
+
+def _batch(seed=0, b=3, length=5, vocab=11):
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(1, vocab, size=(b, length))
+    targets[0, 3:] = 0
+    batch = {'decoder_target_tokens': jnp.asarray(targets)}
+    batch['loss_weights'] = normalized_loss_weights(batch, None)
+    student = jnp.asarray(rng.normal(size=(b, length, vocab)), jnp.float32)
+    teacher = jnp.asarray(rng.normal(size=(b, length, vocab)) * 2, jnp.float32)
+    return batch, student, teacher
+
+
+def _direct_kl(student, teacher, weights, t):
+    p = np.exp(np.asarray(jax.nn.log_softmax(teacher / t)))
+    logp = np.log(p)
+    logq = np.asarray(jax.nn.log_softmax(student / t))
+    return float(np.sum((t * t) * np.sum(p * (logp - logq), -1) * np.asarray(weights)))
+
+
+@pytest.mark.parametrize('t', [1.0, 2.0])
+def test_topk_covering_vocab_equals_full_softmax(t):
+    batch, student, teacher = _batch()
+    logp = jax.nn.log_softmax(teacher)
+    vals, ids = jax.lax.top_k(logp, teacher.shape[-1])
+    offline = dict(batch, teacher_topk_ids=ids, teacher_topk_logprobs=vals)
+    loss, aux = dl.token_kd_loss(temperature=t)(student, offline)
+    want = _direct_kl(student, teacher, batch['loss_weights'], t)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(aux['kd_loss']), want, rtol=1e-5)
+    online, _ = dl.token_kd_loss(temperature=t)(student, dict(batch, teacher_logits=teacher))
+    np.testing.assert_allclose(float(online), want, rtol=1e-5)
+
+
+def test_topk_truncated_differs_and_is_finite():
+    batch, student, teacher = _batch(1)
+    vals, ids = jax.lax.top_k(jax.nn.log_softmax(teacher), 3)
+    loss, _ = dl.token_kd_loss()(student, dict(batch, teacher_topk_ids=ids, teacher_topk_logprobs=vals))
+    assert np.isfinite(float(loss))
+    full = _direct_kl(student, teacher, batch['loss_weights'], 2.0)
+    assert abs(float(loss) - full) > 1e-4
+
+
+def test_kd_zero_when_student_matches_teacher():
+    batch, _, teacher = _batch(2)
+    loss, _ = dl.token_kd_loss()(teacher, dict(batch, teacher_logits=teacher))
+    assert abs(float(loss)) < 1e-5
+
+
+def test_alpha_mixing_and_gold_rows():
+    batch, student, teacher = _batch(3)
+    b = dict(batch, teacher_logits=teacher)
+    ce, _ = cross_entropy_loss(z_loss=0.0)(student, batch)
+    kd, _ = dl.token_kd_loss(alpha=0.0)(student, b)
+    mixed, _ = dl.token_kd_loss(alpha=0.25)(student, b)
+    np.testing.assert_allclose(float(mixed), 0.25 * float(ce) + 0.75 * float(kd), rtol=1e-5)
+    all_gold, aux = dl.token_kd_loss(alpha=0.0)(student, dict(b, is_gold=jnp.ones(3, bool)))
+    np.testing.assert_allclose(float(all_gold), float(ce), rtol=1e-5)
+    assert float(aux['kd_loss']) == 0.0
+
+
+def test_sequence_kd_is_cross_entropy_on_targets():
+    batch, student, _ = _batch(4)
+    a, _ = dl.sequence_kd_loss(z_loss=0.0)(student, batch)
+    b, _ = cross_entropy_loss(z_loss=0.0)(student, batch)
+    assert float(a) == float(b)
+
+
+def test_bad_inputs_are_named():
+    batch, student, teacher = _batch()
+    with pytest.raises(KeyError, match='teacher_topk_ids'):
+        dl.token_kd_loss()(student, batch)
+    with pytest.raises(ValueError, match='share a vocabulary'):
+        dl.token_kd_loss()(student, dict(batch, teacher_logits=teacher[..., :5]))
+    with pytest.raises(ValueError, match='vocab_size 512 != student vocab_size 32128'):
+        dl.check_same_vocab(512, 32128)
+    with pytest.raises(ValueError, match='temperature'):
+        dl.token_kd_loss(temperature=0.0)
