@@ -1,0 +1,216 @@
+"""Sharded, resumable pseudo-labeling: a teacher decodes an unlabeled pool into JSONL chunks.
+
+Layout of an output directory (read back by `tasks.jsonl_task.register_pseudo_labeled_task`):
+  chunk-SSSSS-CCCCC.jsonl            one line per example: id, input, prediction, score[, topk]
+  chunk-SSSSS-CCCCC.jsonl.COMPLETED  written (atomically) only after the chunk file is fsynced
+Each host (shard S of N) takes pool indices S, S+N, S+2N, ... (index striding), so it reads only
+its own examples; its list is cut into chunks of `chunk_size`. A restarted job skips every chunk that
+has a marker, so a SIGKILL loses at most the chunk in flight. Temporary files start with '.', which
+the task reader's glob never sees. `merge` checks that every pool id appears exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+Example = tuple[str, str]  # (id, input text)
+# label_batch(inputs) -> list of dicts with at least 'prediction' and 'score'.
+LabelBatchFn = Callable[[Sequence[str]], list[dict[str, Any]]]
+MARKER = '.COMPLETED'
+
+
+class PseudoLabelError(ValueError):
+    """A pool or output directory that cannot give exactly-once pseudo-labels."""
+
+
+def shard_indices(num_examples: int, num_shards: int, shard_id: int) -> list[int]:
+    """Pool indices this shard owns (striding: shard_id, shard_id + num_shards, ...)."""
+    if not 0 <= shard_id < num_shards:
+        raise PseudoLabelError(f'shard_id={shard_id} must be in [0, {num_shards}); check '
+                               'jax.process_index() / the launcher flags.')
+    return list(range(shard_id, num_examples, num_shards))
+
+
+def chunk_path(output_dir: str, shard_id: int, chunk_id: int) -> str:
+    return os.path.join(output_dir, f'chunk-{shard_id:05d}-{chunk_id:05d}.jsonl')
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """Writes `text` to a dot-prefixed temp file, fsyncs it, renames it over `path`, fsyncs the dir."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f'.{name}.tmp-{os.getpid()}')
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+
+
+def write_chunk(path: str, records: Sequence[dict[str, Any]]) -> None:
+    """Writes one chunk, then its marker; a reader that trusts markers never sees a partial chunk."""
+    _atomic_write(path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))
+    _atomic_write(path + MARKER, json.dumps({'count': len(records)}) + '\n')
+
+
+def is_completed(path: str) -> bool:
+    return os.path.exists(path + MARKER) and os.path.exists(path)
+
+
+@dataclasses.dataclass
+class ShardResult:
+    shard_id: int
+    chunks_written: int
+    chunks_skipped: int
+    examples_written: int
+
+
+def _chunks(indices: Sequence[int], chunk_size: int) -> Iterator[tuple[int, Sequence[int]]]:
+    for c, start in enumerate(range(0, len(indices), chunk_size)):
+        yield c, indices[start:start + chunk_size]
+
+
+def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, output_dir: str, *,
+                       shard_id: int = 0, num_shards: int = 1, chunk_size: int = 256,
+                       batch_size: int = 32,
+                       meter_factory: Callable[[int, int], Any] | None = None,
+                       on_chunk: Callable[[int], None] | None = None) -> ShardResult:
+    """Labels this shard's part of `pool`, skipping chunks that already carry a marker.
+
+    `meter_factory(first, last)` returns a context manager (e.g. `cost.ComputeMeter` with
+    write=True) that prices each chunk by its global index range, so a restart never double-counts.
+    """
+    if not pool:
+        raise PseudoLabelError('The unlabeled pool is empty: nothing to pseudo-label. Check the '
+                               'task name (e.g. doa_<task>_unlabeled_<N>) and its split.')
+    if chunk_size < 1 or batch_size < 1:
+        raise PseudoLabelError(f'chunk_size={chunk_size} and batch_size={batch_size} must be >= 1.')
+    os.makedirs(output_dir, exist_ok=True)
+    indices = shard_indices(len(pool), num_shards, shard_id)
+    written = skipped = examples = 0
+    for chunk_id, idx in _chunks(indices, chunk_size):
+        path = chunk_path(output_dir, shard_id, chunk_id)
+        if is_completed(path):
+            skipped += 1
+            continue
+        ctx = meter_factory(idx[0], idx[-1]) if meter_factory else None
+        if ctx is not None:
+            ctx.__enter__()
+        records = []
+        for b in range(0, len(idx), batch_size):
+            part = idx[b:b + batch_size]
+            outs = label_batch([pool[i][1] for i in part])
+            if len(outs) != len(part):
+                raise PseudoLabelError(f'label_batch returned {len(outs)} outputs for '
+                                       f'{len(part)} inputs.')
+            for i, out in zip(part, outs):
+                records.append({'id': pool[i][0], 'input': pool[i][1], 'index': i, **out})
+        write_chunk(path, records)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        written += 1
+        examples += len(records)
+        if on_chunk is not None:
+            on_chunk(chunk_id)
+    return ShardResult(shard_id, written, skipped, examples)
+
+
+def read_chunks(output_dir: str) -> list[dict[str, Any]]:
+    """Every record of every completed chunk; chunks without a marker are ignored (in flight)."""
+    names = sorted(n for n in os.listdir(output_dir)
+                   if n.startswith('chunk-') and n.endswith('.jsonl'))
+    records = []
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if not os.path.exists(path + MARKER):
+            continue
+        with open(path, encoding='utf-8') as f:
+            records.extend(json.loads(line) for line in f if line.strip())
+    return records
+
+
+def merge(output_dir: str, expected_ids: Sequence[str]) -> dict[str, Any]:
+    """Checks exactly-once coverage of `expected_ids` by count and ids; writes merge.json.
+
+    Raises PseudoLabelError naming the missing, duplicate or unexpected ids.
+    """
+    records = read_chunks(output_dir)
+    seen: dict[str, int] = {}
+    for r in records:
+        seen[str(r['id'])] = seen.get(str(r['id']), 0) + 1
+    expected = [str(i) for i in expected_ids]
+    dup = sorted(k for k, v in seen.items() if v > 1)
+    missing = sorted(set(expected) - set(seen))
+    extra = sorted(set(seen) - set(expected))
+    if dup or missing or extra or len(records) != len(expected):
+        raise PseudoLabelError(
+                f'{output_dir}: {len(records)} pseudo-labels for {len(expected)} pool examples; '
+                f'duplicates {dup[:5]}, missing {missing[:5]}, unexpected {extra[:5]}. Re-run '
+                'inference (completed chunks are kept) or delete stale chunks from another pool.')
+    summary = {'count': len(records), 'chunks': len(os.listdir(output_dir)) // 2}
+    _atomic_write(os.path.join(output_dir, '.merge.json'), json.dumps(summary) + '\n')
+    return summary
+
+
+# --- the model side -------------------------------------------------------------------------
+
+
+def teacher_topk(params: Any, config: Any, encoder_input_tokens: Any, decoded_tokens: Any,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced forward on the decoded sequences; top-k log-probs and ids per target token."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from doa_jax.models.t5 import T5
+
+    targets = jnp.asarray(decoded_tokens, jnp.int32)
+    dec_in = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+    logits = T5(config).apply({'params': nn.unbox(params)}, jnp.asarray(encoder_input_tokens),
+                              dec_in, targets)
+    vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), k)
+    return np.asarray(vals), np.asarray(ids)
+
+
+def model_label_batch(params: Any, config: Any, encode: Callable[[str], list[int]],
+                      decode: Callable[[list[int]], str], *, max_input_length: int,
+                      max_decode_length: int, method: str = 'greedy', num_beams: int = 4,
+                      top_k: int = 0, eos_id: int = 1) -> LabelBatchFn:
+    """A `label_batch` that tokenizes, decodes with `doa_jax.decoding.generate` and detokenizes."""
+    from doa_jax.decoding import decoded_lengths, generate
+
+    def label(inputs: Sequence[str]) -> list[dict[str, Any]]:
+        toks = np.zeros((len(inputs), max_input_length), np.int32)
+        for r, text in enumerate(inputs):
+            ids = list(encode(text))[:max_input_length - 1] + [eos_id]
+            toks[r, :len(ids)] = ids
+        out, scores = generate(params, config, toks, max_decode_length=max_decode_length,
+                               method=method, num_beams=num_beams, eos_id=eos_id)
+        out = np.asarray(out)
+        lengths = decoded_lengths(out, eos_id)
+        topk = teacher_topk(params, config, toks, out, top_k) if top_k > 0 else None
+        results = []
+        for r in range(len(inputs)):
+            n = int(lengths[r])
+            body = [int(t) for t in out[r, :n] if t != eos_id]
+            rec = {'prediction': decode(body), 'score': float(np.asarray(scores)[r])}
+            if topk is not None:
+                rec['topk_logprobs'] = np.round(topk[0][r, :n], 6).tolist()
+                rec['topk_ids'] = topk[1][r, :n].tolist()
+            results.append(rec)
+        return results
+
+    return label
