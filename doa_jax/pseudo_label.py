@@ -214,3 +214,110 @@ def model_label_batch(params: Any, config: Any, encode: Callable[[str], list[int
         return results
 
     return label
+
+
+# --- the job: a seqio pool, a checkpoint, this host's shard -----------------------------------
+
+
+def read_pool(mixture_or_task_name: str, split: str, shard_id: int = 0, num_shards: int = 1,
+              limit: int | None = None) -> tuple[list[Example], int]:
+    """(this shard's (id, input) pairs, pool size) of a task split; inputs are raw (untokenized).
+
+    Only the ids of other shards are read (for the size); ids default to '<split>:<index>'.
+    """
+    import seqio
+
+    task = seqio.get_mixture_or_task(mixture_or_task_name)
+    ds = task.source.get_dataset(split=split, shuffle=False)
+    mine, total = [], 0
+    for i, ex in enumerate(ds.as_numpy_iterator()):
+        if limit is not None and i >= limit:
+            break
+        total += 1
+        if i % num_shards == shard_id:
+            key = ex['id'].decode() if 'id' in ex else f'{split}:{i}'
+            mine.append((key, ex['inputs'].decode('utf-8')))
+    return mine, total
+
+
+def pool_ids(mixture_or_task_name: str, split: str, limit: int | None = None) -> list[str]:
+    pool, _ = read_pool(mixture_or_task_name, split, 0, 1, limit)
+    return [k for k, _ in pool]
+
+
+def load_teacher(checkpoint_path: str, config: Any) -> Any:
+    """Teacher parameters; a missing or partial checkpoint is named with the path."""
+    if not checkpoint_path or not os.path.exists(checkpoint_path):
+        raise FileNotFoundError(f'Teacher checkpoint {checkpoint_path!r} does not exist; set '
+                                '--gin.CHECKPOINT_PATH to a doa_jax run dir, an HF or t5x checkpoint.')
+    from doa_jax.checkpoints import load_checkpoint
+    try:
+        return load_checkpoint(checkpoint_path, config)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a partial or foreign checkpoint
+        raise FileNotFoundError(f'Teacher checkpoint {checkpoint_path!r} could not be read '
+                                f'({type(e).__name__}: {e}); it may be partial (a run killed '
+                                'mid-save) — point CHECKPOINT_PATH at a completed step.') from e
+
+
+def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: Any,
+                        mixture_or_task_name: str, split: str = 'train',
+                        max_input_length: int = 512, max_decode_length: int = 128,
+                        batch_size: int = 32, chunk_size: int = 256, method: str = 'greedy',
+                        num_beams: int = 4, top_k: int = 0, student_vocab_size: int | None = None,
+                        limit: int | None = None, shard_id: int | None = None,
+                        num_shards: int | None = None) -> ShardResult:
+    """Pseudo-labels this host's shard of a task split, then (on process 0, after all hosts
+    finish) checks exactly-once coverage with `merge`. Bad vocabularies fail before any compute."""
+    import jax
+    import seqio
+
+    from doa_jax.distill_losses import check_same_vocab
+
+    if student_vocab_size is not None:
+        check_same_vocab(model_config.vocab_size, student_vocab_size)
+    task = seqio.get_mixture_or_task(mixture_or_task_name)
+    vocab = task.output_features['inputs'].vocabulary
+    if vocab.vocab_size > model_config.vocab_size:
+        raise ValueError(f'Task {mixture_or_task_name!r} vocabulary has {vocab.vocab_size} ids but '
+                         f'the teacher config only {model_config.vocab_size}; use the teacher\'s '
+                         'vocabulary (--gin.VOCABULARY) or a matching model config.')
+    shard_id = jax.process_index() if shard_id is None else shard_id
+    num_shards = jax.process_count() if num_shards is None else num_shards
+    pool, total = read_pool(mixture_or_task_name, split, shard_id, num_shards, limit)
+    if total == 0:
+        raise PseudoLabelError(f'The unlabeled pool {mixture_or_task_name!r} split {split!r} is '
+                               'empty: nothing to pseudo-label.')
+    params = load_teacher(checkpoint_path, model_config)
+    label = model_label_batch(params, model_config, vocab.encode, vocab.decode,
+                              max_input_length=max_input_length,
+                              max_decode_length=max_decode_length, method=method,
+                              num_beams=num_beams, top_k=top_k, eos_id=vocab.eos_id)
+    result = ShardResult(shard_id, 0, 0, 0)
+    if pool:
+        # Global indices of this shard: striding keeps them, so chunk ranges are global too.
+        result = pseudo_label_shard(_Strided(pool, shard_id, num_shards, total), label, output_dir,
+                                    shard_id=shard_id, num_shards=num_shards,
+                                    chunk_size=chunk_size, batch_size=batch_size)
+    if num_shards > 1 and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('pseudo_label_done')
+    if shard_id == 0:
+        merge(output_dir, pool_ids(mixture_or_task_name, split, limit))
+    return result
+
+
+class _Strided(Sequence):
+    """A global-index view of one shard's examples (other indices are never touched)."""
+
+    def __init__(self, mine: list[Example], shard_id: int, num_shards: int, total: int):
+        self.mine, self.s, self.n, self.total = mine, shard_id, num_shards, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, i):
+        if (i - self.s) % self.n:
+            raise IndexError(f'index {i} is not in shard {self.s} of {self.n}')
+        return self.mine[(i - self.s) // self.n]
