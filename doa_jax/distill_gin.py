@@ -1,0 +1,25 @@
+"""Gin glue for the distillation run files (imported by them with `import doa_jax.distill_gin`).
+
+Like `gin_utils`, this is entry-point code: it makes the distillation losses and the pseudo-labeled
+task bindable, so `python -m doa_jax.train` runs students without knowing about distillation.
+"""
+
+from __future__ import annotations
+
+import gin
+
+from doa_jax import distill_losses
+
+
+def pseudo_labeled_task(infer_output_dir: str, eval_task: str | None = None,
+                        name: str = 'doa_pseudo_labeled', prefix: str = '') -> str:
+    """Registers the teacher's completed chunks as a task (train = predictions); returns its name."""
+    from tasks.jsonl_task import register_pseudo_labeled_task
+    register_pseudo_labeled_task(name, infer_output_dir, prefix=prefix, eval_task=eval_task,
+                                 completed_only=True, overwrite=True)
+    return name
+
+
+gin.external_configurable(pseudo_labeled_task, 'pseudo_labeled_task')
+gin.external_configurable(distill_losses.sequence_kd_loss, 'sequence_kd_loss')
+gin.external_configurable(distill_losses.token_kd_loss, 'token_kd_loss')
