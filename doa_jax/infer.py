@@ -15,17 +15,27 @@ import gin
 from doa_jax import distributed, gin_utils, pseudo_label
 
 
+_REGISTERED: list[object] = []
+
+
+def register_configurables() -> None:
+    """Makes `infer` (the pseudo-labeling job) bindable from gin (idempotent)."""
+    gin_utils.register_configurables()
+    if not _REGISTERED:
+        _REGISTERED.append(gin.external_configurable(pseudo_label.run_pseudo_labeling, 'infer'))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = gin_utils.parse_flags(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     gin_utils.hide_gpus_from_tensorflow()
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    run = gin.external_configurable(pseudo_label.run_pseudo_labeling, 'infer')
+    register_configurables()
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
     gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
     gin_utils.CONFIGURABLE['import_task_modules']()
-    result = run()
+    result = _REGISTERED[0]()
     logging.info('Pseudo-labeling shard %d: %d chunks written, %d skipped, %d examples.',
                  result.shard_id, result.chunks_written, result.chunks_skipped,
                  result.examples_written)
