@@ -95,3 +95,27 @@ def check_same_vocab(teacher_vocab_size: int, student_vocab_size: int) -> None:
                          f'{student_vocab_size}: token-level KD and pseudo-labels need one shared '
                          'vocabulary; pick a teacher and student from the same family (e.g. both '
                          't5_1_1_*) or set the same --gin.VOCABULARY.')
+
+
+def online_teacher_kd_loss(teacher_params, teacher_config, temperature: float = 2.0,
+                           alpha: float = 0.0, z_loss: float = 0.0) -> LossFn:
+    """Token-level KD with an online teacher forward on the batch's (teacher-decoded) targets.
+
+    The teacher's parameters are closed over, so they become jit constants: right for small
+    teachers; an XXL teacher wants them passed as a sharded argument (a trainer hook).
+    """
+    from flax import linen as nn
+
+    from doa_jax.models.t5 import T5
+
+    base = token_kd_loss(temperature=temperature, alpha=alpha, z_loss=z_loss)
+    model, params = T5(teacher_config), nn.unbox(teacher_params)
+
+    def loss(logits: Array, batch: Batch) -> tuple[Array, dict[str, Array]]:
+        check_same_vocab(teacher_config.vocab_size, logits.shape[-1])
+        teacher_logits = jax.lax.stop_gradient(model.apply(
+                {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+                batch['decoder_target_tokens']))
+        return base(logits, {**batch, TEACHER_LOGITS: teacher_logits})
+
+    return loss

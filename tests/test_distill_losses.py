@@ -85,3 +85,23 @@ def test_bad_inputs_are_named():
         dl.check_same_vocab(512, 32128)
     with pytest.raises(ValueError, match='temperature'):
         dl.token_kd_loss(temperature=0.0)
+
+
+def test_online_teacher_matches_explicit_teacher_logits():
+    from flax import linen as nn
+    from doa_jax.models.config import get_config
+    from doa_jax.models.t5 import T5
+    config = get_config('t5_1_1_tiny')
+    enc = jnp.asarray(np.random.default_rng(0).integers(2, 500, (2, 7)), jnp.int32)
+    tgt = jnp.asarray([[5, 6, 1, 0], [7, 1, 0, 0]], jnp.int32)
+    dec = jnp.pad(tgt[:, :-1], ((0, 0), (1, 0)))
+    params = T5(config).init(jax.random.PRNGKey(1), enc, dec)['params']
+    batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': dec, 'decoder_target_tokens': tgt}
+    batch['loss_weights'] = normalized_loss_weights(batch, None)
+    teacher = T5(config).apply({'params': nn.unbox(params)}, enc, dec, tgt)
+    student = jnp.asarray(np.random.default_rng(2).normal(size=teacher.shape), jnp.float32)
+    got, _ = jax.jit(dl.online_teacher_kd_loss(params, config))(student, batch)
+    want, _ = dl.token_kd_loss()(student, dict(batch, teacher_logits=teacher))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-3)  # jit vs eager rounding
+    with pytest.raises(ValueError, match='vocab_size 512 != student vocab_size 300'):
+        dl.online_teacher_kd_loss(params, config)(student[..., :300], batch)
