@@ -23,3 +23,16 @@ def pseudo_labeled_task(infer_output_dir: str, eval_task: str | None = None,
 gin.external_configurable(pseudo_labeled_task, 'pseudo_labeled_task')
 gin.external_configurable(distill_losses.sequence_kd_loss, 'sequence_kd_loss')
 gin.external_configurable(distill_losses.token_kd_loss, 'token_kd_loss')
+
+
+def teacher_kd_loss(checkpoint_path: str, teacher_model: str, temperature: float = 2.0,
+                    alpha: float = 0.0, z_loss: float = 0.0):
+    """Token-level KD against an online teacher loaded from `checkpoint_path` (named if missing)."""
+    from doa_jax.models.config import get_config
+    from doa_jax.pseudo_label import load_teacher
+    config = get_config(teacher_model, dropout_rate=0.0)
+    params = load_teacher(checkpoint_path, config)
+    return distill_losses.online_teacher_kd_loss(params, config, temperature, alpha, z_loss)
+
+
+gin.external_configurable(teacher_kd_loss, 'teacher_kd_loss')

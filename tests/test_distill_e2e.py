@@ -33,6 +33,10 @@ def test_teacher_pseudo_labels_students(tmp_path):
     assert _train(['distill_seq', 'distill_seq_tiny'], f"--gin.MODEL_DIR='{seq}'",
                   f"--gin.INFER_OUTPUT_DIR='{plabels}'") == 0
     _metrics(seq)
+    kd = tmp_path / 'kd'
+    assert _train(['distill_kd', 'distill_kd_tiny'], f"--gin.MODEL_DIR='{kd}'",
+                  f"--gin.INFER_OUTPUT_DIR='{plabels}'", f"--gin.TEACHER_CHECKPOINT='{teacher}'") == 0
+    _metrics(kd)
     ann = tmp_path / 'annotate'
     assert _train(['annotate', 'annotate_tiny'], f"--gin.MODEL_DIR='{ann}'") == 0
     _metrics(ann)
