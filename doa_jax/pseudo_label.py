@@ -118,9 +118,11 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
                                        f'{len(part)} inputs.')
             for i, out in zip(part, outs):
                 records.append({'id': pool[i][0], 'input': pool[i][1], 'index': i, **out})
-        write_chunk(path, records)
         if ctx is not None:
+            # Priced before the marker exists: a crash in between redoes the chunk, and the
+            # range-keyed ledger entry keeps it counted once.
             ctx.__exit__(None, None, None)
+        write_chunk(path, records)
         written += 1
         examples += len(records)
         if on_chunk is not None:
@@ -267,9 +269,14 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
                         batch_size: int = 32, chunk_size: int = 256, method: str = 'greedy',
                         num_beams: int = 4, top_k: int = 0, student_vocab_size: int | None = None,
                         limit: int | None = None, shard_id: int | None = None,
-                        num_shards: int | None = None) -> ShardResult:
+                        num_shards: int | None = None,
+                        cost_ledger_dir: str | None = None) -> ShardResult:
     """Pseudo-labels this host's shard of a task split, then (on process 0, after all hosts
-    finish) checks exactly-once coverage with `merge`. Bad vocabularies fail before any compute."""
+    finish) checks exactly-once coverage with `merge`. Bad vocabularies fail before any compute.
+
+    Each chunk's device time is priced into the cost ledger in `cost_ledger_dir` (default: the
+    directory holding `output_dir`), run id = the output directory's name, stage 'pseudo_label'.
+    """
     import jax
     import seqio
 
@@ -297,9 +304,17 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
     result = ShardResult(shard_id, 0, 0, 0)
     if pool:
         # Global indices of this shard: striding keeps them, so chunk ranges are global too.
+        from doa_jax import cost
+
+        ledger_dir = cost_ledger_dir or os.path.dirname(os.path.abspath(output_dir))
+        ledger, prices = cost.Ledger(ledger_dir), cost.default_prices()
+        run_id = os.path.basename(os.path.abspath(output_dir))
+        meter = lambda first, last: cost.ComputeMeter(ledger, prices, run_id, 'pseudo_label',
+                                                      first, last, write=True)
         result = pseudo_label_shard(_Strided(pool, shard_id, num_shards, total), label, output_dir,
                                     shard_id=shard_id, num_shards=num_shards,
-                                    chunk_size=chunk_size, batch_size=batch_size)
+                                    chunk_size=chunk_size, batch_size=batch_size,
+                                    meter_factory=meter)
     if num_shards > 1 and jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices('pseudo_label_done')

@@ -44,6 +44,10 @@ def test_infer_writes_complete_chunks_and_resumes(teacher, tmp_path):
     assert _run(*args) == 0  # every chunk already has its marker: nothing is redone
     assert sorted(p.stat().st_mtime_ns for p in out.glob('chunk-*.jsonl')) == before
     json.loads((out / '.merge.json').read_text())
+    # The labelled chunks were priced into the ledger beside the output directory.
+    from doa_jax.cost import Ledger
+    (stage,) = [s for s in Ledger(str(tmp_path)).summary() if s.stage == 'pseudo_label']
+    assert stage.run_id == 'pl' and stage.compute_device_hours > 0
 
 
 def test_missing_checkpoint_is_named(tmp_path):
