@@ -76,6 +76,7 @@ class ShardResult:
     chunks_written: int
     chunks_skipped: int
     examples_written: int
+    stopped_by_budget: bool = False
 
 
 def _chunks(indices: Sequence[int], chunk_size: int) -> Iterator[tuple[int, Sequence[int]]]:
@@ -87,11 +88,14 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
                        shard_id: int = 0, num_shards: int = 1, chunk_size: int = 256,
                        batch_size: int = 32,
                        meter_factory: Callable[[int, int], Any] | None = None,
-                       on_chunk: Callable[[int], None] | None = None) -> ShardResult:
+                       on_chunk: Callable[[int], None] | None = None,
+                       keep_going: Callable[[int], bool] | None = None) -> ShardResult:
     """Labels this shard's part of `pool`, skipping chunks that already carry a marker.
 
     `meter_factory(first, last)` returns a context manager (e.g. `cost.ComputeMeter` with
     write=True) that prices each chunk by its global index range, so a restart never double-counts.
+    `keep_going(chunk_id)` is asked before each chunk that needs work; False stops the shard there
+    (a budget cap), leaving the completed chunks a prefix of the shard.
     """
     if not pool:
         raise PseudoLabelError('The unlabeled pool is empty: nothing to pseudo-label. Check the '
@@ -106,6 +110,8 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
         if is_completed(path):
             skipped += 1
             continue
+        if keep_going is not None and not keep_going(chunk_id):
+            return ShardResult(shard_id, written, skipped, examples, stopped_by_budget=True)
         ctx = meter_factory(idx[0], idx[-1]) if meter_factory else None
         if ctx is not None:
             ctx.__enter__()
@@ -270,12 +276,17 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
                         num_beams: int = 4, top_k: int = 0, student_vocab_size: int | None = None,
                         limit: int | None = None, shard_id: int | None = None,
                         num_shards: int | None = None,
-                        cost_ledger_dir: str | None = None) -> ShardResult:
+                        cost_ledger_dir: str | None = None, prices: Any = None,
+                        max_usd: float | None = None) -> ShardResult:
     """Pseudo-labels this host's shard of a task split, then (on process 0, after all hosts
     finish) checks exactly-once coverage with `merge`. Bad vocabularies fail before any compute.
 
     Each chunk's device time is priced into the cost ledger in `cost_ledger_dir` (default: the
-    directory holding `output_dir`), run id = the output directory's name, stage 'pseudo_label'.
+    directory holding `output_dir`), run id = the output directory's name, stage 'pseudo_label',
+    at `prices` (a PriceTable or YAML path; default: the package's table). `max_usd` caps the
+    run's spending: before each chunk, the chunks already priced plus the last chunk's cost must
+    fit, else the run stops and the completed chunks (a prefix of the pool) are what it bought.
+    The cap needs one shard (one host), so that the prefix is well defined.
     """
     import jax
     import seqio
@@ -284,6 +295,10 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
 
     if student_vocab_size is not None:
         check_same_vocab(model_config.vocab_size, student_vocab_size)
+    if max_usd is not None and (num_shards or jax.process_count()) > 1:
+        raise PseudoLabelError(f'max_usd={max_usd} caps spending by stopping at a chunk boundary, '
+                               'which needs a single shard; run the budgeted job on one host, or '
+                               'drop the cap and bound the pool with limit=.')
     task = seqio.get_mixture_or_task(mixture_or_task_name)
     vocab = task.output_features['inputs'].vocabulary
     if vocab.vocab_size > model_config.vocab_size:
@@ -307,20 +322,40 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
         from doa_jax import cost
 
         ledger_dir = cost_ledger_dir or os.path.dirname(os.path.abspath(output_dir))
-        ledger, prices = cost.Ledger(ledger_dir), cost.default_prices()
+        ledger = cost.Ledger(ledger_dir)
+        table = prices if isinstance(prices, cost.PriceTable) else cost.load_prices(prices)
         run_id = os.path.basename(os.path.abspath(output_dir))
-        meter = lambda first, last: cost.ComputeMeter(ledger, prices, run_id, 'pseudo_label',
+        meter = lambda first, last: cost.ComputeMeter(ledger, table, run_id, 'pseudo_label',
                                                       first, last, write=True)
+        keep_going = None
+        if max_usd is not None:
+            keep_going = lambda _: _fits_budget(ledger, run_id, chunk_size, max_usd)
         result = pseudo_label_shard(_Strided(pool, shard_id, num_shards, total), label, output_dir,
                                     shard_id=shard_id, num_shards=num_shards,
                                     chunk_size=chunk_size, batch_size=batch_size,
-                                    meter_factory=meter)
+                                    meter_factory=meter, keep_going=keep_going)
     if num_shards > 1 and jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices('pseudo_label_done')
     if shard_id == 0:
-        merge(output_dir, pool_ids(mixture_or_task_name, split, limit))
+        ids = pool_ids(mixture_or_task_name, split, limit)
+        if result.stopped_by_budget:   # one shard: the completed chunks are a prefix of the pool
+            ids = ids[:sum(1 for r in read_chunks(output_dir))]
+        merge(output_dir, ids)
     return result
+
+
+def _fits_budget(ledger: Any, run_id: str, chunk_size: int, max_usd: float) -> bool:
+    """Whether one more chunk, priced like the last one, keeps the run within max_usd."""
+    if max_usd <= 0:
+        return False
+    entries = ledger.compute_entries(run_id, 'pseudo_label')
+    if not entries:
+        return True
+    spent = sum(e['usd'] for e in entries)
+    last = entries[-1]
+    per_example = last['usd'] / (last['last'] - last['first'] + 1)
+    return spent + per_example * chunk_size <= max_usd
 
 
 class _Strided(Sequence):

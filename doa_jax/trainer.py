@@ -208,6 +208,26 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
     return TrainResult(step=step, reason=reason, state=state, history=history)
 
 
+def evaluate(params, *, model_config: T5Config, mixture_or_task_name: str,
+             task_feature_lengths: Mapping[str, int], batch_size: int,
+             mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
+             split: str = 'validation', eval_steps: int | None = None,
+             decode_metrics: bool = True, max_decode_length: int | None = None,
+             loss_fn: LossFn | None = None, random_seed: int = 0) -> dict[str, float]:
+    """Teacher-forced loss/accuracy and decode-based task metrics (`task/<name>`) of `params`
+    on a task split, as the trainer's periodic eval computes them."""
+    mesh = partitioning.make_mesh(mesh_config)
+    partitioning.check_batch_size(batch_size, mesh)
+    train_data.get_task(mixture_or_task_name)
+    evaluator = _Evaluator(model_config, model_apply_fn(T5(model_config)),
+                           loss_fn or cross_entropy_loss(), mesh, partitioning.STANDARD_RULES,
+                           mixture_or_task_name, task_feature_lengths, split, batch_size,
+                           eval_steps, decode_metrics,
+                           max_decode_length or task_feature_lengths['targets'], None, random_seed)
+    with jax.set_mesh(mesh):
+        return evaluator.run(params)
+
+
 def _interval_scalars(host: Mapping[str, Any], seconds: float, batch_size: int,
                       flops_per_step: float, peak: float, mesh) -> dict[str, float]:
     n = max(float(host['num_steps']), 1.0)

@@ -323,6 +323,13 @@ class Ledger:
                             e['seconds'] * kept_n / (e['last'] - e['first'] + 1)))
         return sorted(out)
 
+    def compute_entries(self, run_id: str, stage: str) -> list[dict]:
+        """Range-keyed compute rows of a run/stage (first, last, seconds, usd), by first index."""
+        if not os.path.exists(self.path):
+            return []
+        return self._rows('SELECT first, last, seconds, usd FROM entries WHERE run_id=? AND '
+                          "stage=? AND category='compute' ORDER BY first", (run_id, stage))
+
     def _rows(self, sql: str, args=()) -> list[dict]:
         with self._read() as con:
             cur = con.execute(sql, args)

@@ -256,3 +256,16 @@ def llm_cost_usd(model: str, input_tokens: int, output_tokens: int,
     p = (prices or default_prices()).llm_price(model)
     return float((p.usd_per_1k_input * input_tokens + p.usd_per_1k_output * output_tokens)
                  / Decimal(1000))
+
+
+def format_usd(x: float) -> str:
+    """'$1,980' style for whole dollars, cents below $100, 3 significant digits below a dollar
+    (a tiny CPU run costs $0.00x): readable at every scale a study spans."""
+    x = float(x)
+    if x == 0:
+        return '$0'
+    if abs(x) >= 100:
+        return f'${x:,.0f}'
+    if abs(x) >= 1:
+        return f'${x:,.2f}'
+    return f'${x:.3g}'

@@ -61,14 +61,23 @@ def collect(directory: str) -> dict:
     return {'directory': directory, 'ledgers': paths, 'rows': rows, 'totals': totals}
 
 
+def _money(x: float) -> str:
+    """Cents for dollar amounts; 3 significant digits below a dollar (tiny runs cost 0.00x)."""
+    return f'{x:,.2f}' if x == 0 or abs(x) >= 1 else f'{x:.3g}'
+
+
+def _fmt(fmt: str, value) -> str:
+    return _money(value) if fmt == '{:,.2f}' else fmt.format(value)
+
+
 def format_table(report: dict) -> str:
     head = [h for _, h, _ in _COLUMNS]
-    body = [[fmt.format(r[k]) for k, _, fmt in _COLUMNS] for r in report['rows']]
+    body = [[_fmt(fmt, r[k]) for k, _, fmt in _COLUMNS] for r in report['rows']]
     t = report['totals']
-    body.append(['TOTAL', '', '', '', f"{t['device_hours']:.4f}", f"{t['step_usd']:,.2f}",
-                 f"{t['redone_usd']:,.2f}", f"{t['overhead_usd']:,.2f}",
-                 f"{t['compute_usd']:,.2f}", f"{t['labels']:,}", f"{t['annotation_usd']:,.2f}",
-                 f"{t['total_usd']:,.2f}", ''])
+    body.append(['TOTAL', '', '', '', f"{t['device_hours']:.4f}", _money(t['step_usd']),
+                 _money(t['redone_usd']), _money(t['overhead_usd']),
+                 _money(t['compute_usd']), f"{t['labels']:,}", _money(t['annotation_usd']),
+                 _money(t['total_usd']), ''])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: '  '.join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     out = [line(head), line(['-' * w for w in widths])] + [line(b) for b in body]

@@ -69,6 +69,9 @@ NAMED_CONFIGS: dict[str, T5Config] = {
     # Tiny configs for tests and laptop runs; heads * head_dim != emb_dim on purpose.
     't5_1_1_tiny': T5Config(vocab_size=512, emb_dim=32, num_heads=4, num_encoder_layers=2,
                             num_decoder_layers=2, head_dim=12, mlp_dim=48),
+    # A slightly larger tiny model: the teacher of the offline study quickstart.
+    't5_1_1_mini': T5Config(vocab_size=512, emb_dim=64, num_heads=4, num_encoder_layers=3,
+                            num_decoder_layers=3, head_dim=16, mlp_dim=128),
     't5_tiny': T5Config(vocab_size=512, emb_dim=32, num_heads=4, num_encoder_layers=2,
                         num_decoder_layers=2, head_dim=12, mlp_dim=48,
                         mlp_activations=('relu',), logits_via_embedding=True),

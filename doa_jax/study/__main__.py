@@ -1,43 +1,52 @@
-"""`python -m doa_jax.study report STUDY_DIR`: frontier table and plot from results.json.
+"""`python -m doa_jax.study --gin_file=gin_configs/studies/quickstart.gin --gin.STUDY_DIR=...`
+runs a study; `python -m doa_jax.study report STUDY_DIR` and `... plan --results=...` read one.
 
-Subcommands live in SUBCOMMANDS so a gin-driven `run` can be registered later.
+gin binds here only: `study(...)`, `StageConfig` (scoped `teacher/` and `student/`) and the data
+sources (`synthetic_wlp`, `paper_dataset`); the logic is doa_jax.study.runner.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import sys
+from typing import Mapping, Sequence
 
-from doa_jax.study.frontier import Point, frontiers_by_strategy
+from doa_jax.cost.prices import format_usd
+from doa_jax.study.frontier import frontiers_by_strategy
 from doa_jax.study.results import load_results
 
 
 def _report(args: argparse.Namespace) -> int:
+    from doa_jax.study.report import points_of, write_report
     recs = load_results(args.study_dir)
     if not recs:
         print(f'no results.json in {args.study_dir}; run the study first', file=sys.stderr)
         return 2
-    pts = [Point(r['strategy'], float(r['total_usd']), float(r['metric'])) for r in recs.values()]
-    for name, fr in frontiers_by_strategy(pts).items():
-        print(name + ': ' + ', '.join(f'${p.cost_usd:.2f}->{p.metric:.3f}' for p in fr))
-    from doa_jax.study.plots import plot_cost_metric
-    print(plot_cost_metric(pts, os.path.join(args.study_dir, 'cost_metric.png')))
+    for name, fr in frontiers_by_strategy(points_of(list(recs.values()))).items():
+        print(name + ': ' + ', '.join(f'{format_usd(p.cost_usd)}->{p.metric:.3f}' for p in fr))
+    out = write_report(args.study_dir)
+    print('\n'.join(out['recommendations']))
+    print('\n'.join(str(out[k]) for k in ('report', 'cost_metric', 'budget_bars') if out[k]))
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
+    import os
+
     from doa_jax.study.planner import fit_curve
+    from doa_jax.study.report import points_of
     recs = list(load_results(os.path.dirname(args.results) or '.').values()) \
         if os.path.basename(args.results) == 'results.json' else []
     if not recs:
         print(f'--results={args.results} must name an existing results.json', file=sys.stderr)
         return 2
+    pts = points_of(recs)
     for b in args.budgets:
         best = None
-        for s in sorted({r['strategy'] for r in recs}):
-            rs = [r for r in recs if r['strategy'] == s]
+        for s in sorted({p.strategy for p in pts}):
+            sp = [p for p in pts if p.strategy == s]
             try:
-                fit = fit_curve([float(r['total_usd']) for r in rs], [float(r['metric']) for r in rs])
+                fit = fit_curve([p.cost_usd for p in sp], [p.metric for p in sp])
             except (ValueError, RuntimeError) as e:
                 print(f'{s}: not fitted ({e})')
                 continue
@@ -45,7 +54,8 @@ def _plan(args: argparse.Namespace) -> int:
             if best is None or m > best[1]:
                 best = (s, m, lo, hi)
         if best:
-            print(f'${b:,.0f}: {best[0]} expected {best[1]:.3f} [{best[2]:.3f}, {best[3]:.3f}]')
+            print(f'{format_usd(b)}: {best[0]} expected {best[1]:.3f} '
+                  f'[{best[2]:.3f}, {best[3]:.3f}]')
     return 0
 
 
@@ -58,13 +68,77 @@ SUBCOMMANDS = {'report': (_report, lambda p: p.add_argument('study_dir')),
                'plan': (_plan, _add_plan)}
 
 
+def study(*, study_dir: str, data, strategies: Sequence[str], n_labels: Sequence[int],
+          budgets_usd: Sequence[float], teacher, student,
+          task_feature_lengths: Mapping[str, int], prices: str | None = None,
+          usd_per_label: float | None = None,
+          usd_per_device_hour: Mapping[str, float] | None = None, seed: int = 0,
+          pool_size: int | None = None, chunk_size: int = 256, infer_batch_size: int = 32,
+          eval_batch_size: int = 32, student_loss: str = 'sequence',
+          count_student_compute: bool = False, show_progress: bool = True) -> dict:
+    """Runs (or resumes) the study, then writes its report; returns write_report's dict."""
+    from doa_jax.study import runner
+    from doa_jax.study.report import write_report
+    table = runner.load_prices_for(data, prices, usd_per_label, usd_per_device_hour)
+    settings = runner.StudySettings(
+            study_dir=study_dir, data=data, teacher=teacher, student=student,
+            task_feature_lengths=dict(task_feature_lengths), prices=table, seed=seed,
+            pool_size=pool_size, chunk_size=chunk_size, infer_batch_size=infer_batch_size,
+            eval_batch_size=eval_batch_size, student_loss=student_loss,
+            count_student_compute=count_student_compute, show_progress=show_progress)
+    ran, skipped = runner.run_study(settings, strategies, n_labels, budgets_usd)
+    logging.info('study: ran %d points, skipped %d finished ones.', len(ran), len(skipped))
+    return write_report(study_dir)
+
+
+_CONFIGURABLE: dict = {}
+
+
+def register_configurables() -> None:
+    """Makes the study bindable from gin (idempotent)."""
+    if _CONFIGURABLE:
+        return
+    import gin
+
+    from doa_jax.study import data, runner
+    _CONFIGURABLE['study'] = gin.external_configurable(study, 'study')
+    gin.external_configurable(runner.StageConfig, 'StageConfig')
+    gin.external_configurable(data.synthetic_wlp, 'synthetic_wlp')
+    gin.external_configurable(data.paper_dataset, 'paper_dataset')
+
+
+def run_from_flags(argv: Sequence[str]) -> int:
+    from doa_jax import gin_utils
+    args = gin_utils.parse_flags(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    gin_utils.hide_gpus_from_tensorflow()
+    register_configurables()
+    search = args.gin_search_paths.split(',') if args.gin_search_paths else None
+    gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
+    out = _CONFIGURABLE['study']()
+    print('\n'.join(['', 'Recommendation per budget:', *out['recommendations'], '',
+                     f'Report: {out["report"]}'] +
+                    [f'Figure: {out[k]}' for k in ('cost_metric', 'budget_bars') if out[k]]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m doa_jax.study')
-    sub = parser.add_subparsers(dest='cmd', required=True)
-    for name, (fn, add) in SUBCOMMANDS.items():
-        add(sub.add_parser(name))
-    args = parser.parse_args(argv)
-    return SUBCOMMANDS[args.cmd][0](args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        parser = argparse.ArgumentParser(prog='python -m doa_jax.study')
+        sub = parser.add_subparsers(dest='cmd', required=True)
+        for name, (fn, add) in SUBCOMMANDS.items():
+            add(sub.add_parser(name))
+        args = parser.parse_args(argv)
+        return SUBCOMMANDS[args.cmd][0](args)
+    if not argv or argv[0] in ('-h', '--help'):
+        print('usage: python -m doa_jax.study --gin_file=gin_configs/studies/quickstart.gin '
+              "--gin.STUDY_DIR=\"'/tmp/study'\"   (run a study)\n"
+              '       python -m doa_jax.study report STUDY_DIR\n'
+              '       python -m doa_jax.study plan --results=STUDY_DIR/results.json '
+              '--budgets 10 100')
+        return 0 if argv else 2
+    return run_from_flags(argv)
 
 
 if __name__ == '__main__':

@@ -37,4 +37,7 @@ def fit_curve(cost_usd, metric) -> CurveFit:
     p0 = [y.max() + 1e-3, max(y.max() - y.min(), 1e-3) * x.min() ** 0.5, 0.5]
     params, cov = curve_fit(power_curve, x, y, p0=p0, maxfev=20000,
                             bounds=([-np.inf, 0, 1e-4], [np.inf, np.inf, 5]))
+    if not np.all(np.isfinite(cov)):
+        raise ValueError(f'the curve through {len(np.unique(x))} costs has no uncertainty estimate '
+                         '(3 parameters fit 3 points exactly); run a 4th budget for a band')
     return CurveFit(params, cov)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from doa_jax.cost.prices import format_usd
 from doa_jax.study.frontier import Point, best_within_budget
 
 
@@ -21,11 +22,14 @@ def recommend(points: Iterable[Point], budget_usd: float) -> Recommendation:
     best = best_within_budget(pts, budget_usd)
     if best is None:
         cheapest = min((p.cost_usd for p in pts), default=None)
-        raise ValueError(f'no measured point fits a ${budget_usd:.2f} budget (cheapest is '
-                         f'${cheapest}); raise the budget or run cheaper points')
+        raise ValueError(f'no measured point fits a {format_usd(budget_usd)} budget (cheapest is '
+                         f'{format_usd(cheapest) if cheapest is not None else "none"}); raise the '
+                         'budget or run cheaper points')
     others = [best_within_budget([p for p in pts if p.strategy == s], budget_usd)
               for s in sorted({p.strategy for p in pts}) if s != best.strategy]
-    alt = '; '.join(f'{o.strategy} reaches {o.metric:.1f} for ${o.cost_usd:,.0f}' for o in others if o)
-    text = (f'With ${budget_usd:,.0f}, {best.strategy} gives the best measured metric '
-            f'({best.metric:.1f}) for ${best.cost_usd:,.0f}.' + (f' By comparison, {alt}.' if alt else ''))
+    alt = '; '.join(f'{o.strategy} reaches {o.metric:.1f} for {format_usd(o.cost_usd)}'
+                    for o in others if o)
+    text = (f'With {format_usd(budget_usd)}, {best.strategy} gives the best measured metric '
+            f'({best.metric:.1f}) for {format_usd(best.cost_usd)}.'
+            + (f' By comparison, {alt}.' if alt else ''))
     return Recommendation(budget_usd, best.strategy, best.metric, best.cost_usd, text)

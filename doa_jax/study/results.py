@@ -7,8 +7,15 @@ import os
 import tempfile
 from typing import Callable, Iterable, Mapping
 
-FIELDS = ['point_id', 'strategy', 'n_labels', 'budget_usd', 'usd_labels', 'usd_compute',
-          'usd_llm', 'total_usd', 'metric']
+FIELDS = ['point_id', 'strategy', 'n_start', 'budget_usd', 'n_labels', 'n_pseudo', 'usd_labels',
+          'usd_teacher', 'usd_pseudo_label', 'usd_student', 'usd_compute', 'usd_llm',
+          'total_usd', 'metric_name', 'metric', 'status']
+
+
+def finished_records(records) -> list[dict]:
+    """Records with a metric (infeasible points, which bought nothing, are left out)."""
+    rows = records.values() if isinstance(records, dict) else records
+    return [r for r in rows if r.get('status', 'done') == 'done' and r.get('metric') is not None]
 
 
 def _atomic_write(path: str, text: str) -> None:

@@ -1,0 +1,132 @@
+"""The study report: a table of every point, the frontier, a recommendation per budget, figures.
+
+`write_report(study_dir)` reads results.json and writes report.md, cost_metric.png and
+budget_bars.png next to it; it is what `python -m doa_jax.study report` and the end of a study run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from doa_jax.cost.prices import format_usd
+from doa_jax.study.frontier import Point, frontiers_by_strategy
+from doa_jax.study.recommend import recommend
+from doa_jax.study.results import finished_records, load_results
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = [('point_id', 'point', '{}'), ('strategy', 'strategy', '{}'), ('n_start', 'N', '{}'),
+            ('budget_usd', 'budget', 'usd'), ('n_labels', 'gold', '{}'),
+            ('n_pseudo', 'pseudo', '{}'), ('usd_labels', 'labels', 'usd'),
+            ('usd_teacher', 'teacher', 'usd'), ('usd_pseudo_label', 'pseudo-label', 'usd'),
+            ('usd_student', 'student', 'usd'), ('total_usd', 'total', 'usd'),
+            ('metric', 'metric', '{:.2f}'), ('status', 'status', '{}')]
+
+
+def _cell(rec: Mapping, key: str, fmt: str) -> str:
+    v = rec.get(key)
+    if v is None or v == '':
+        return '-'
+    try:
+        return format_usd(v) if fmt == 'usd' else fmt.format(v)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def results_table(records: Sequence[Mapping]) -> str:
+    """A Markdown table of every point (infeasible ones included, with their status)."""
+    head = '| ' + ' | '.join(h for _, h, _ in _COLUMNS) + ' |'
+    sep = '|' + '|'.join('---' for _ in _COLUMNS) + '|'
+    body = ['| ' + ' | '.join(_cell(r, k, f) for k, _, f in _COLUMNS) + ' |'
+            for r in sorted(records, key=lambda r: (_n(r), _budget(r), r.get('strategy', '')))]
+    return '\n'.join([head, sep, *body])
+
+
+def points_of(records: Sequence[Mapping]) -> list[Point]:
+    return [Point(r['strategy'], float(r['total_usd']), float(r['metric']), dict(r))
+            for r in finished_records(list(records))]
+
+
+def planner_bands(points: Sequence[Point], num: int = 60) -> dict:
+    """Fitted saturating curves with a band per strategy that has >= 3 distinct costs."""
+    from doa_jax.study.planner import fit_curve
+    bands = {}
+    costs = [p.cost_usd for p in points if p.cost_usd > 0]
+    if not costs:
+        return bands
+    xs = np.geomspace(min(costs), max(costs) * 2, num)
+    for s in sorted({p.strategy for p in points}):
+        sp = [p for p in points if p.strategy == s and p.cost_usd > 0]
+        try:
+            fit = fit_curve([p.cost_usd for p in sp], [p.metric for p in sp])
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as e:
+            log.info('planner: no curve for %s (%s)', s, e)
+            continue
+        mean, lo, hi = fit.predict(xs)
+        bands[s] = (xs, mean, lo, hi)
+    return bands
+
+
+def _n(r: Mapping) -> int:
+    return int(r.get('n_start') or 0)
+
+
+def _budget(r: Mapping) -> float:
+    """The point's budget; records written by hand may only carry their total."""
+    return float(r.get('budget_usd') or r.get('total_usd') or 0.0)
+
+
+def recommendations(records: Sequence[Mapping]) -> list[str]:
+    """One plain-language line per (N, budget) of the grid, from the measured points."""
+    lines = []
+    done = finished_records(list(records))
+    for n in sorted({_n(r) for r in records}):
+        pts = points_of([r for r in done if _n(r) == n])
+        for b in sorted({_budget(r) for r in records if _n(r) == n}):
+            try:
+                rec = recommend(pts, b)
+            except ValueError as e:
+                lines.append(f'- N={n}, budget {format_usd(b)}: no recommendation ({e}).')
+                continue
+            lines.append(f'- N={n}, budget {format_usd(b)}: **{rec.strategy}**. {rec.explanation}')
+    return lines
+
+
+def write_report(study_dir: str, title: str | None = None) -> dict:
+    """Writes report.md and the figures; returns {'report', 'cost_metric', 'budget_bars',
+    'recommendations'} (figure paths are None when there is nothing to draw)."""
+    from doa_jax.study.plots import plot_budget_bars, plot_cost_metric
+    records = list(load_results(study_dir).values())
+    if not records:
+        raise FileNotFoundError(f'no results.json in {study_dir}; run the study first '
+                                '(python -m doa_jax.study --gin_file=...).')
+    metric = next((r.get('metric_name') for r in records if r.get('metric_name')), 'metric')
+    title = title or os.path.basename(os.path.abspath(study_dir))
+    pts = points_of(records)
+    figures = {'cost_metric': None, 'budget_bars': None}
+    if pts:
+        figures['cost_metric'] = plot_cost_metric(
+                pts, os.path.join(study_dir, 'cost_metric.png'), title, metric,
+                bands=planner_bands(pts))
+        figures['budget_bars'] = plot_budget_bars(
+                records, os.path.join(study_dir, 'budget_bars.png'), title, metric)
+    recs = recommendations(records)
+    frontier = frontiers_by_strategy(pts)['overall'] if pts else []
+    lines = [f'# Study report: {title}', '', f'Metric: {metric}. Costs in US dollars; the '
+             'student\'s own training ("student $") is common to all strategies and is in the '
+             'total only when the study counts it.', '', '## Points', '', results_table(records),
+             '', '## Pareto frontier (cheapest point for each metric level)', '']
+    lines += [f'- {p.strategy} (N={p.info.get("n_start")}, budget '
+              f'{format_usd(p.info.get("budget_usd") or 0)}): {p.metric:.2f} for '
+              f'{format_usd(p.cost_usd)}' for p in frontier] or ['- (no finished points)']
+    lines += ['', '## Recommendation per budget', '', *recs]
+    if figures['cost_metric']:
+        lines += ['', '![metric vs cost](cost_metric.png)', '', '![per budget](budget_bars.png)']
+    path = os.path.join(study_dir, 'report.md')
+    with open(path + '.tmp', 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    os.replace(path + '.tmp', path)
+    return {'report': path, **figures, 'recommendations': recs}

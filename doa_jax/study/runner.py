@@ -1,0 +1,484 @@
+"""Runs a distill-or-annotate study: every (strategy, N, budget) point through train/infer, priced.
+
+Strategies (as the paper ran them):
+  annotate   the student trains on N + B/$label gold labels;
+  distill    the teacher fine-tunes on N labels, pseudo-labels as much of the unlabeled pool as
+             the rest of B buys, and the student trains on those pseudo-labels;
+  mixed:F    a fraction F of B buys gold labels; the teacher fine-tunes on N + those, the rest of
+             B pays for pseudo-labels, and the student trains on gold + pseudo-labels.
+
+Where the money goes: labels x $/label; the teacher's fine-tuning and the pseudo-labeling at
+device-hours x $/device-hour from the cost ledgers the runs write. The student's own training is
+common to every strategy: it is recorded (`usd_student`) and, as in the paper, left out of the
+total unless `count_student_compute=True`.
+
+Layout of STUDY_DIR:
+  study.json                 the study's settings (a rerun must match them)
+  data/eval.jsonl            the evaluation set
+  teachers/M<m>_<model>/     a teacher fine-tuned on the first m gold labels (shared by points),
+      train.jsonl, cost_ledger.sqlite, checkpoints/, pool.jsonl, pseudo_labels/chunk-*.jsonl
+  points/<point_id>/         train.jsonl (the student's data), student/ (run dir), eval.json
+  results.json, results.csv  one record per finished point (a rerun skips them)
+  report.md, cost_metric.png, budget_bars.png
+One pseudo-labeling run per teacher serves every budget: chunks are priced one by one in the
+ledger, so a point with budget B uses the longest prefix of chunks that B pays for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Mapping, Sequence
+
+from doa_jax.cost.prices import PriceTable, load_prices
+from doa_jax.study import data as data_lib
+from doa_jax.study.data import StudyData
+from doa_jax.study.results import load_results, run_points
+
+log = logging.getLogger(__name__)
+
+STRATEGY_HELP = "'annotate', 'distill' or 'mixed:F' (F in (0, 1): the share of B spent on labels)"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """How the study trains one model (the teacher or the student). Steps = epochs x examples /
+    batch_size, clipped to [min_steps, max_steps]."""
+
+    model: str = 't5_1_1_small'
+    epochs: float = 50.0
+    batch_size: int = 32
+    learning_rate: float = 3e-5
+    optimizer: str = 'adamw'
+    schedule: str = 'constant'
+    warmup_steps: int = 0
+    activation_dtype: str = 'bfloat16'
+    dropout_rate: float = 0.1
+    z_loss: float = 1e-4
+    min_steps: int = 1
+    max_steps: int | None = None
+    initial_checkpoint_path: str | None = None
+    mesh_data: int = -1
+    mesh_model: int = 1
+    fsdp: bool = False
+    log_period: int = 100
+    checkpoint_period: int = 1000
+
+    def steps(self, num_examples: int) -> int:
+        steps = max(self.min_steps, math.ceil(self.epochs * num_examples / self.batch_size))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def model_config(self, inference: bool = False):
+        import jax.numpy as jnp
+
+        from doa_jax.models.config import get_config
+        dtypes = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+        if self.activation_dtype not in dtypes:
+            raise ValueError(f'activation_dtype={self.activation_dtype!r}; use one of {sorted(dtypes)}')
+        return get_config(self.model, dropout_rate=0.0 if inference else self.dropout_rate,
+                          dtype=dtypes[self.activation_dtype])
+
+    def mesh_config(self):
+        from doa_jax.partitioning import MeshConfig
+        return MeshConfig(data=self.mesh_data, model=self.mesh_model, fsdp=self.fsdp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    kind: str                 # 'annotate' | 'distill' | 'mixed'
+    label_fraction: float     # share of the budget spent on gold labels
+
+    @property
+    def name(self) -> str:
+        return f'mixed:{self.label_fraction:g}' if self.kind == 'mixed' else self.kind
+
+    @property
+    def id(self) -> str:
+        return f'mixed{self.label_fraction:g}' if self.kind == 'mixed' else self.kind
+
+
+def parse_strategy(text: str) -> Strategy:
+    t = text.strip().lower()
+    if t == 'annotate':
+        return Strategy('annotate', 1.0)
+    if t == 'distill':
+        return Strategy('distill', 0.0)
+    if t.startswith('mixed:'):
+        try:
+            f = float(t.split(':', 1)[1])
+        except ValueError:
+            f = -1.0
+        if 0.0 < f < 1.0:
+            return Strategy('mixed', f)
+    raise ValueError(f'Unknown study strategy {text!r}; use {STRATEGY_HELP}.')
+
+
+@dataclasses.dataclass
+class StudySettings:
+    """Everything a study point depends on besides its own (strategy, N, B)."""
+
+    study_dir: str
+    data: StudyData
+    teacher: StageConfig
+    student: StageConfig
+    task_feature_lengths: Mapping[str, int]
+    prices: PriceTable
+    seed: int = 0
+    pool_size: int | None = None
+    pool_start: int = 0
+    chunk_size: int = 256
+    infer_batch_size: int = 32
+    eval_batch_size: int = 32
+    student_loss: str = 'sequence'     # 'sequence' (CE on pseudo-labels) or 'token' (paper's KD)
+    kd_temperature: float = 2.0
+    count_student_compute: bool = False
+    show_progress: bool = True
+
+    @property
+    def usd_per_label(self) -> float:
+        return float(self.prices.usd_per_label(self.data.price_key))
+
+
+def _json_dump(path: str, obj) -> None:
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _json_load(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+def _train(s: StudySettings, stage: StageConfig, model_dir: str, task: str, num_examples: int,
+           loss_fn=None):
+    """Trains (or resumes) a model on `task`; every run prices itself into its dir's ledger."""
+    from doa_jax import trainer
+    from doa_jax.cost import CostCallback
+    from doa_jax.losses import cross_entropy_loss
+    from doa_jax.optimizers import make_optimizer
+    steps = stage.steps(num_examples)
+    optimizer = make_optimizer(stage.optimizer, stage.learning_rate, schedule=stage.schedule,
+                               warmup_steps=stage.warmup_steps, total_steps=steps)
+    _json_dump_once(os.path.join(model_dir, 'stage.json'),
+                    {'stage': dataclasses.asdict(stage), 'task': task, 'examples': num_examples,
+                     'train_steps': steps})
+    return trainer.train(
+            model_dir=model_dir, model_config=stage.model_config(), mixture_or_task_name=task,
+            task_feature_lengths=dict(s.task_feature_lengths), train_steps=steps,
+            batch_size=stage.batch_size, optimizer=optimizer,
+            loss_fn=loss_fn or cross_entropy_loss(z_loss=stage.z_loss),
+            mesh_config=stage.mesh_config(), random_seed=s.seed,
+            initial_checkpoint_path=stage.initial_checkpoint_path,
+            log_period=min(stage.log_period, steps), checkpoint_period=stage.checkpoint_period,
+            keep_checkpoints=1, eval_period=0, show_progress=s.show_progress,
+            callbacks=[CostCallback(prices=s.prices)])
+
+
+def _json_dump_once(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.exists(path):
+        _json_dump(path, obj)
+
+
+def _evaluate(s: StudySettings, stage: StageConfig, params, task: str, cache: str) -> dict:
+    """Scores params on the eval set once; the scores are kept in `cache` (a rerun reads them)."""
+    cached = _json_load(cache)
+    if cached is not None:
+        return cached
+    from doa_jax import trainer
+    scores = trainer.evaluate(params, model_config=stage.model_config(inference=True),
+                              mixture_or_task_name=task,
+                              task_feature_lengths=dict(s.task_feature_lengths),
+                              batch_size=s.eval_batch_size, mesh_config=stage.mesh_config())
+    _json_dump(cache, scores)
+    return scores
+
+
+def _ledger_usd(directory: str, run_id: str | None = None) -> float:
+    from doa_jax.cost import Ledger
+    from doa_jax.cost.ledger import ledger_path
+    if not os.path.exists(ledger_path(directory)):
+        return 0.0
+    ledger = Ledger(directory, readonly=True)
+    try:
+        return ledger.spent_usd(run_id)
+    finally:
+        ledger.close()
+
+
+class _Teacher:
+    """A teacher fine-tuned on the first m gold labels, and its budget-capped pseudo-labels."""
+
+    def __init__(self, s: StudySettings, m: int):
+        self.s, self.m = s, m
+        self.dir = os.path.join(s.study_dir, 'teachers', f'M{m}_{s.teacher.model}')
+        self.run_id = os.path.basename(self.dir)
+        self.pl_dir = os.path.join(self.dir, 'pseudo_labels')
+        self.task = f'doa_study_teacher_M{m}'
+        self.pool_task = f'doa_study_pool_M{m}'
+        self._params = None
+
+    def train(self, order) -> float:
+        """Fine-tunes (or resumes, or finds finished) the teacher; returns its $ so far."""
+        s = self.s
+        done = _json_load(os.path.join(self.dir, 'teacher.json'))
+        if done is not None:      # finished earlier: reuse it (a no-op resume would bill time)
+            return float(done['usd'])
+        path = os.path.join(self.dir, 'train.jsonl')
+        if not os.path.exists(path):
+            data_lib.write_jsonl(path, [s.data.train[i] for i in order[:self.m]])
+        data_lib.register_train_task(self.task, s.data, path, _eval_path(s))
+        log.info('study: teacher %s on %d gold labels -> %s', s.teacher.model, self.m, self.dir)
+        result = _train(s, s.teacher, self.dir, self.task, self.m)
+        self._params = result.state.params
+        scores = _evaluate(s, s.teacher, self._params, self.task,
+                           os.path.join(self.dir, 'eval.json'))
+        _json_dump(os.path.join(self.dir, 'teacher.json'),
+                   {'m': self.m, 'model': s.teacher.model, 'scores': scores,
+                    'usd': _ledger_usd(self.dir, self.run_id)})
+        return _ledger_usd(self.dir, self.run_id)
+
+    def pseudo_label(self, order, max_usd: float) -> list[dict]:
+        """Labels pool chunks until `max_usd` (the pseudo-labeling run's own $) is reached;
+        returns [{'first', 'last', 'usd'}] per priced chunk, in pool order."""
+        from doa_jax import pseudo_label as pl
+        s = self.s
+        pool_path = os.path.join(self.dir, 'pool.jsonl')
+        if not os.path.exists(pool_path):
+            start = max(s.pool_start, self.m)
+            rest = order[start:]
+            rest = rest[:s.pool_size] if s.pool_size else rest
+            # Targets withheld: the teacher sees sources only.
+            data_lib.write_jsonl(pool_path, [{'source': s.data.train[i]['source'], 'target': ''}
+                                             for i in rest])
+        data_lib.register_pool_task(self.pool_task, s.data, pool_path)
+        if max_usd > 0:
+            pl.run_pseudo_labeling(
+                    checkpoint_path=self.dir, output_dir=self.pl_dir,
+                    model_config=s.teacher.model_config(inference=True),
+                    mixture_or_task_name=self.pool_task,
+                    max_input_length=s.task_feature_lengths['inputs'],
+                    max_decode_length=s.task_feature_lengths['targets'],
+                    batch_size=s.infer_batch_size, chunk_size=s.chunk_size,
+                    shard_id=0, num_shards=1, cost_ledger_dir=self.dir, prices=s.prices,
+                    max_usd=max_usd)
+        return self.chunk_costs()
+
+    def chunk_costs(self) -> list[dict]:
+        from doa_jax.cost import Ledger
+        from doa_jax.cost.ledger import ledger_path
+        if not os.path.exists(ledger_path(self.dir)):
+            return []
+        ledger = Ledger(self.dir, readonly=True)
+        try:
+            return ledger.compute_entries('pseudo_labels', 'pseudo_label')
+        finally:
+            ledger.close()
+
+    def pseudo_labels(self, count: int) -> list[dict]:
+        """The first `count` pseudo-labels as {'source', 'target'} (source without the prefix)."""
+        from doa_jax import pseudo_label as pl
+        records = sorted(pl.read_chunks(self.pl_dir), key=lambda r: r['index'])[:count]
+        if len(records) < count:
+            raise RuntimeError(f'{self.pl_dir} holds {len(records)} pseudo-labels but {count} were '
+                               'priced; delete the directory to relabel.')
+        prefix = self.s.data.prefix
+        return [{'source': r['input'][len(prefix):] if r['input'].startswith(prefix)
+                 else r['input'], 'target': r['prediction']} for r in records]
+
+    def params(self):
+        if self._params is None:
+            from doa_jax.pseudo_label import load_teacher
+            self._params = load_teacher(self.dir, self.s.teacher.model_config(inference=True))
+        return self._params
+
+
+def _eval_path(s: StudySettings) -> str:
+    path = os.path.join(s.study_dir, 'data', 'eval.jsonl')
+    if not os.path.exists(path):
+        data_lib.write_jsonl(path, s.data.eval)
+    return path
+
+
+def _affordable_prefix(chunks: Sequence[Mapping], usd: float) -> tuple[int, float]:
+    """(examples, $) of the longest prefix of priced chunks that `usd` pays for."""
+    n, spent = 0, 0.0
+    for c in chunks:
+        if c['first'] != n or spent + c['usd'] > usd + 1e-12:
+            break
+        n, spent = c['last'] + 1, spent + c['usd']
+    return n, spent
+
+
+def _point_dir(s: StudySettings, point: Mapping) -> str:
+    return os.path.join(s.study_dir, 'points', point['point_id'])
+
+
+def _train_student(s: StudySettings, point: Mapping, rows: Sequence[Mapping],
+                   teacher: _Teacher | None) -> dict:
+    """Trains the point's student on `rows`, scores it, and returns its record fields."""
+    pdir = _point_dir(s, point)
+    path = os.path.join(pdir, 'train.jsonl')
+    if not os.path.exists(path):
+        data_lib.write_jsonl(path, rows)
+    task = data_lib.register_train_task(f'doa_study_{point["point_id"]}', s.data, path,
+                                        _eval_path(s), allow_empty_target=True)
+    loss_fn = None
+    if teacher is not None and s.student_loss == 'token':
+        from doa_jax.distill_losses import online_teacher_kd_loss
+        loss_fn = online_teacher_kd_loss(teacher.params(), s.teacher.model_config(inference=True),
+                                         s.kd_temperature, 0.0, s.student.z_loss)
+    student_dir = os.path.join(pdir, 'student')
+    cache = os.path.join(pdir, 'eval.json')
+    scores = _json_load(cache)
+    if scores is None:   # not trained and scored yet (a rerun after a crash resumes the run)
+        result = _train(s, s.student, student_dir, task, len(rows), loss_fn)
+        scores = _evaluate(s, s.student, result.state.params, task, cache)
+    key = f'task/{s.data.metric}'
+    if key not in scores:
+        raise KeyError(f'the metric {s.data.metric!r} is not among the scores of {task} '
+                       f'({", ".join(sorted(k[5:] for k in scores if k.startswith("task/")))}); '
+                       'set the study metric to one of them.')
+    return {'metric': scores[key], 'metric_name': s.data.metric,
+            'usd_student': _ledger_usd(student_dir),
+            'scores': {k[5:]: v for k, v in scores.items() if k.startswith('task/')}}
+
+
+def run_point(s: StudySettings, point: Mapping, order) -> dict:
+    """Runs one point end to end (resuming any finished stage) and returns its record fields."""
+    strategy = parse_strategy(point['strategy'])
+    n, budget = int(point['n_start']), float(point['budget_usd'])
+    per_label = s.usd_per_label
+    label_usd = budget * strategy.label_fraction
+    extra = min(int(label_usd // per_label + 1e-9), len(s.data.train) - n) if per_label > 0 else 0
+    m = n + max(extra, 0)
+    rec = {'n_labels': m, 'n_extra_labels': m - n, 'usd_labels': (m - n) * per_label,
+           'n_pseudo': 0, 'usd_teacher': 0.0, 'usd_pseudo_label': 0.0, 'status': 'done'}
+    if strategy.kind == 'annotate':
+        rows = [s.data.train[i] for i in order[:m]]
+        rec.update(_train_student(s, point, rows, None))
+    else:
+        teacher = _Teacher(s, m)
+        rec['usd_teacher'] = teacher.train(order)
+        compute_usd = budget - rec['usd_labels'] - rec['usd_teacher']
+        if compute_usd <= 0:
+            return _infeasible(rec, f'the teacher alone cost ${rec["usd_teacher"]:.4g}, more than '
+                                    f'the ${budget - rec["usd_labels"]:.4g} left for compute')
+        chunks = teacher.pseudo_label(order, compute_usd)
+        n_pseudo, pl_usd = _affordable_prefix(chunks, compute_usd)
+        if n_pseudo == 0:
+            return _infeasible(rec, f'${compute_usd:.4g} left after the teacher does not pay '
+                                    f'for one chunk of {s.chunk_size} pseudo-labels')
+        rec.update({'n_pseudo': n_pseudo, 'usd_pseudo_label': pl_usd})
+        gold = [s.data.train[i] for i in order[:m]] if strategy.kind == 'mixed' else []
+        rec.update(_train_student(s, point, gold + teacher.pseudo_labels(n_pseudo), teacher))
+    rec['usd_compute'] = rec['usd_teacher'] + rec['usd_pseudo_label'] + (
+            rec.get('usd_student', 0.0) if s.count_student_compute else 0.0)
+    return rec
+
+
+def _infeasible(rec: dict, why: str) -> dict:
+    log.warning('study: point infeasible: %s', why)
+    rec.update({'status': 'infeasible', 'why': why, 'metric': None, 'usd_compute': 0.0})
+    return rec
+
+
+def study_points(strategies: Sequence[str], n_labels: Sequence[int],
+                 budgets_usd: Sequence[float]) -> list[dict]:
+    """The grid, cheapest budget first (so shared pseudo-labeling grows budget by budget)."""
+    parsed = [parse_strategy(x) for x in strategies]
+    if not parsed or not n_labels or not budgets_usd:
+        raise ValueError('a study needs at least one strategy, one starting label count N and '
+                         f'one budget; got strategies={list(strategies)}, n_labels='
+                         f'{list(n_labels)}, budgets_usd={list(budgets_usd)}.')
+    if any(b <= 0 for b in budgets_usd):
+        raise ValueError(f'budgets_usd must be positive dollars, got {list(budgets_usd)}.')
+    points = []
+    for n in sorted(set(int(x) for x in n_labels)):
+        for b in sorted(set(float(x) for x in budgets_usd)):
+            for st in parsed:
+                points.append({'point_id': f'{st.id}_N{n}_B{b:g}', 'strategy': st.name,
+                               'n_start': n, 'budget_usd': b})
+    return points
+
+
+_SETTINGS_KEYS = ('data', 'seed', 'teacher', 'student', 'task_feature_lengths', 'pool_size',
+                  'chunk_size', 'student_loss', 'count_student_compute', 'usd_per_label')
+
+
+def _check_same_study(study_dir: str, fingerprint: dict) -> None:
+    path = os.path.join(study_dir, 'study.json')
+    old = _json_load(path)
+    if old is None:
+        os.makedirs(study_dir, exist_ok=True)
+        _json_dump(path, fingerprint)
+        return
+    diff = [k for k in _SETTINGS_KEYS if old.get(k) != fingerprint.get(k)]
+    if diff:
+        raise ValueError(f'{study_dir} holds a study with other settings ({", ".join(diff)}: '
+                         f'{[old.get(k) for k in diff]} there, {[fingerprint.get(k) for k in diff]} '
+                         'now); finished points would mix. Use a new STUDY_DIR, or restore them.')
+
+
+def run_study(s: StudySettings, strategies: Sequence[str], n_labels: Sequence[int],
+              budgets_usd: Sequence[float]) -> tuple[list[str], list[str]]:
+    """Runs every point not yet in results.json; returns (ran, skipped) point ids."""
+    points = study_points(strategies, n_labels, budgets_usd)
+    if max(int(n) for n in n_labels) >= len(s.data.train):
+        raise ValueError(f'N={max(n_labels)} leaves no unlabeled pool: the train set has '
+                         f'{len(s.data.train)} examples.')
+    s.usd_per_label    # fails early (naming the fix) when the task has no label price
+    _check_same_study(s.study_dir, {
+            'data': s.data.name, 'seed': s.seed, 'teacher': dataclasses.asdict(s.teacher),
+            'student': dataclasses.asdict(s.student),
+            'task_feature_lengths': dict(s.task_feature_lengths), 'pool_size': s.pool_size,
+            'chunk_size': s.chunk_size, 'student_loss': s.student_loss,
+            'count_student_compute': s.count_student_compute, 'usd_per_label': s.usd_per_label})
+    if s.student_loss not in ('sequence', 'token'):
+        raise ValueError(f"student_loss={s.student_loss!r}; use 'sequence' (cross entropy on the "
+                         "teacher's outputs) or 'token' (the paper's KL at temperature T).")
+    s.pool_start = max(int(n) for n in n_labels)
+    order = s.data.order(s.seed)
+    done = load_results(s.study_dir)
+    todo = [p for p in points if p['point_id'] not in done]
+    log.info('study: %d points, %d finished, %d to run, in %s', len(points),
+             len(points) - len(todo), len(todo), s.study_dir)
+    bar = None
+    if s.show_progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc='study points', unit='point')
+
+    def runner(point):
+        if bar is not None:
+            bar.set_postfix_str(point['point_id'])
+        rec = run_point(s, point, order)
+        if bar is not None:
+            bar.update(1)
+        return rec
+
+    try:
+        return run_points(s.study_dir, points, runner)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def load_prices_for(data: StudyData, prices: str | PriceTable | None,
+                    usd_per_label: float | None,
+                    usd_per_device_hour: Mapping[str, float] | None = None) -> PriceTable:
+    """The price table of a study: a YAML (or the default) plus the study's own overrides."""
+    table = prices if isinstance(prices, PriceTable) else load_prices(prices)
+    annotation = {data.price_key: usd_per_label} if usd_per_label is not None else None
+    if annotation or usd_per_device_hour:
+        table = table.with_overrides(devices=dict(usd_per_device_hour or {}),
+                                     annotation=annotation, origin='study settings')
+    return table
