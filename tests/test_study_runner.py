@@ -32,17 +32,17 @@ def test_quickstart_tiny_overlay_report_and_resume(tmp_path, monkeypatch, capsys
     assert _run_quickstart(study_dir) == 0
     out = capsys.readouterr().out
     records = load_results(str(study_dir))
-    assert sorted(records) == ['annotate_N32_B0.003', 'annotate_N32_B0.006',
-                               'distill_N32_B0.003', 'distill_N32_B0.006']
+    assert sorted(records) == ['annotate_N32_B0.004', 'annotate_N32_B0.008',
+                               'distill_N32_B0.004', 'distill_N32_B0.008']
     for r in records.values():
         assert r['status'] in ('done', 'infeasible'), r
         assert r['total_usd'] <= r['budget_usd'] + 1e-9, r       # no point overspends its budget
         if r['status'] == 'done':
             assert 0.0 <= r['metric'] <= 100.0 and r['metric_name'] == 'micro_f1'
-    ann = records['annotate_N32_B0.006']
-    assert ann['status'] == 'done' and ann['n_labels'] == 32 + int(0.006 / 0.0001 + 1e-9)
+    ann = records['annotate_N32_B0.008']
+    assert ann['status'] == 'done' and ann['n_labels'] == 32 + int(0.008 / 0.0001 + 1e-9)
     assert ann['usd_labels'] == pytest.approx((ann['n_labels'] - 32) * 0.0001)
-    for pid in ('distill_N32_B0.003', 'distill_N32_B0.006'):
+    for pid in ('distill_N32_B0.004', 'distill_N32_B0.008'):
         d = records[pid]
         if d['status'] == 'done':    # pseudo-labels bought with what the teacher left over
             assert d['n_pseudo'] > 0 and d['usd_teacher'] > 0 and d['usd_pseudo_label'] > 0
@@ -190,3 +190,47 @@ def test_paper_dataset_from_real_files(data_dir):
     with pytest.raises(ValueError, match='eval_fraction'):
         paper_dataset('fever', vocabulary='byte',
                       train_file=str(data_dir / 'fever' / 'fever_dev_all.json'), eval_fraction=1.5)
+
+
+def test_llm_strategies_against_a_served_model(tmp_path):
+    """'llm' and 'human+llm' points label the pool through a real Chat Completions server on
+    127.0.0.1 (a tiny random model: garbage labels, real plumbing), priced per token."""
+    import seqio
+
+    from doa_jax.models.config import get_config
+    from doa_jax.serving import Batcher, ChatServer, load_params, make_generate_fn
+    from doa_jax.study.data import synthetic_wlp
+
+    cfg = get_config('t5_1_1_tiny')
+    generate = make_generate_fn(cfg, load_params('random', cfg), seqio.ByteVocabulary(),
+                                max_input_length=512, max_decode_length=8)
+    server = ChatServer(Batcher(generate, max_batch=8, wait_ms=5), 'doa-local').start()
+    prices = tmp_path / 'prices.yaml'
+    prices.write_text('llm:\n  doa-local:\n    usd_per_1k_input: 1.0\n    usd_per_1k_output: 2.0\n')
+    data = synthetic_wlp(train_size=96, eval_size=8)
+    stage = runner.StageConfig(model='t5_1_1_tiny', epochs=0, batch_size=8, min_steps=4,
+                               max_steps=4, learning_rate=1e-3, activation_dtype='float32',
+                               dropout_rate=0.0)
+    s = runner.StudySettings(
+            study_dir=str(tmp_path / 'study'), data=data, teacher=stage, student=stage,
+            task_feature_lengths={'inputs': 72, 'targets': 88},
+            prices=runner.load_prices_for(data, str(prices), usd_per_label=0.01), pool_size=24,
+            eval_batch_size=8, show_progress=False,
+            llm=runner.LLMAnnotator(base_url=server.url, model='doa-local', shots=2,
+                                    max_tokens=8, concurrency=2))
+    try:
+        ran, _ = runner.run_study(s, ['llm', 'human+llm'], [16], [1.0, 100.0])
+    finally:
+        server.close()
+    recs = load_results(s.study_dir)
+    assert sorted(ran) == sorted(recs) and len(recs) == 4
+    small, big = recs['llm_N16_B1'], recs['llm_N16_B100']
+    assert 0 < small['n_llm'] < big['n_llm'] == 24          # $1 buys a few labels, $100 all 24
+    for r in recs.values():
+        assert r['status'] == 'done' and 0 < r['usd_llm'] <= r['budget_usd']
+        assert r['total_usd'] == pytest.approx(r['usd_llm'])
+        rows = (tmp_path / 'study' / 'points' / r['point_id'] / 'train.jsonl').read_text()
+        gold = 16 if r['strategy'] == 'human+llm' else 0
+        assert len(rows.splitlines()) == gold + r['n_llm']
+    ledger = Ledger(tmp_path / 'study' / 'points' / 'llm_N16_B100', readonly=True)
+    assert ledger.spent_usd('llm_N16_B100') == pytest.approx(big['usd_llm'])

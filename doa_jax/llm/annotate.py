@@ -111,7 +111,8 @@ def annotate(pool: Sequence[Example], shots: Sequence[Example], *, client: ChatC
              output_dir: str, labels: Sequence[str] | None, instruction: str,
              params: Mapping[str, Any], price_model: str | None = None, num_shards: int = 1,
              concurrency: int = 4, budget_usd: float | None = None, max_invalid_retries: int = 2,
-             keep_invalid: bool = False, progress: bool = True) -> AnnotationSummary:
+             keep_invalid: bool = False, progress: bool = True,
+             budget_counts_cached: bool = False) -> AnnotationSummary:
     """Labels `pool` shard by shard; finished shards (with .COMPLETED) are skipped on resume.
 
     Each example's tokens, over all its attempts, are recorded once in the ledger as the range
@@ -120,7 +121,11 @@ def annotate(pool: Sequence[Example], shots: Sequence[Example], *, client: ChatC
     dollars, all in-flight requests' worst cases and its own worst case fit.
 
     Rows whose answers never parsed go to `<output_dir>.invalid.jsonl`, not into the shards (a
-    pseudo-labeled task would train on them), unless `keep_invalid`."""
+    pseudo-labeled task would train on them), unless `keep_invalid`.
+
+    `budget_counts_cached=True` charges cached answers against `budget_usd` at their token price
+    too: the cap then bounds what the labels are worth, not only what this run pays (a study
+    point that reuses another point's answers must not get more labels than its budget buys)."""
     price_model = price_model or client.model
     prices.llm_price(price_model)  # Fail before any request when the model has no price.
     max_tokens = int(params.get('max_tokens', 64))
@@ -161,6 +166,12 @@ def annotate(pool: Sequence[Example], shots: Sequence[Example], *, client: ChatC
                     summary.usd += llm_cost_usd(price_model, c.prompt_tokens,
                                                 c.completion_tokens, prices)
             else:
+                if budget_counts_cached:
+                    usd = llm_cost_usd(price_model, hit['prompt_tokens'],
+                                       hit['completion_tokens'], prices)
+                    if not budget.reserve(usd):
+                        return None
+                    budget.settle(usd, usd)
                 with lock:
                     summary.cached += 1
             n_in += hit['prompt_tokens']

@@ -75,7 +75,8 @@ def study(*, study_dir: str, data, strategies: Sequence[str], n_labels: Sequence
           usd_per_device_hour: Mapping[str, float] | None = None, seed: int = 0,
           pool_size: int | None = None, chunk_size: int = 256, infer_batch_size: int = 32,
           eval_batch_size: int = 32, student_loss: str = 'sequence',
-          count_student_compute: bool = False, show_progress: bool = True) -> dict:
+          count_student_compute: bool = False, show_progress: bool = True,
+          llm=None) -> dict:
     """Runs (or resumes) the study, then writes its report; returns write_report's dict."""
     from doa_jax.study import runner
     from doa_jax.study.report import write_report
@@ -85,7 +86,7 @@ def study(*, study_dir: str, data, strategies: Sequence[str], n_labels: Sequence
             task_feature_lengths=dict(task_feature_lengths), prices=table, seed=seed,
             pool_size=pool_size, chunk_size=chunk_size, infer_batch_size=infer_batch_size,
             eval_batch_size=eval_batch_size, student_loss=student_loss,
-            count_student_compute=count_student_compute, show_progress=show_progress)
+            count_student_compute=count_student_compute, show_progress=show_progress, llm=llm)
     ran, skipped = runner.run_study(settings, strategies, n_labels, budgets_usd)
     logging.info('study: ran %d points, skipped %d finished ones.', len(ran), len(skipped))
     return write_report(study_dir)
@@ -103,6 +104,7 @@ def register_configurables() -> None:
     from doa_jax.study import data, runner
     _CONFIGURABLE['study'] = gin.external_configurable(study, 'study')
     gin.external_configurable(runner.StageConfig, 'StageConfig')
+    gin.external_configurable(runner.LLMAnnotator, 'LLMAnnotator')
     gin.external_configurable(data.synthetic_wlp, 'synthetic_wlp')
     gin.external_configurable(data.paper_dataset, 'paper_dataset')
 

@@ -39,6 +39,7 @@ class StudyData:
     vocabulary: seqio.Vocabulary
     price_key: str                 # annotation price table key ($ per label)
     allow_empty_target: bool = False
+    labels: Sequence[str] | None = None   # the label set of a classification task (LLM parsing)
 
     def order(self, seed: int):
         """The seeded order in which train labels are revealed (labeled slices are prefixes)."""
@@ -101,7 +102,8 @@ def paper_dataset(dataset: str, data_dir: str | None = None, vocabulary: str | N
                      eval=evaluation[:eval_size] if eval_size else evaluation,
                      metric_fns=_metric_fns(dataset), metric=PAPER_METRIC[dataset],
                      vocabulary=vocab, price_key=dataset,
-                     allow_empty_target=spec.allow_empty_target)
+                     allow_empty_target=spec.allow_empty_target,
+                     labels=list(spec.labels) if spec.labels else None)
 
 
 def write_jsonl(path: str, rows: Sequence[Mapping[str, str]]) -> str:

@@ -18,7 +18,7 @@ class ComputeModel:
 def annotate_point(task: str, n_start: int, budget_usd: float,
                    prices: PriceTable | None = None) -> dict:
     per_label = float((prices or default_prices()).usd_per_label(task))
-    extra = int(budget_usd // per_label)
+    extra = int(budget_usd / per_label + 1e-9)
     return {'point_id': f'annotate_N{n_start}_B{budget_usd:g}', 'strategy': 'annotate',
             'n_labels': n_start + extra, 'budget_usd': budget_usd,
             'usd_labels': extra * per_label}
@@ -38,7 +38,7 @@ def distill_point(n_start: int, budget_usd: float, compute: ComputeModel,
         if task is None:
             raise ValueError('a mixed point (label_fraction > 0) needs task= for its $/label')
         per_label = float(p.usd_per_label(task))
-        extra_labels = int(budget_usd * label_fraction // per_label)
+        extra_labels = int(budget_usd * label_fraction / per_label + 1e-9)
         usd_labels = extra_labels * per_label
     n_unlabeled = int((budget_usd - usd_labels) / usd_per_example + 1e-9) if usd_per_example > 0 else 0
     strategy = 'mixed' if label_fraction > 0 else 'distill'

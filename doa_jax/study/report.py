@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 _COLUMNS = [('point_id', 'point', '{}'), ('strategy', 'strategy', '{}'), ('n_start', 'N', '{}'),
             ('budget_usd', 'budget', 'usd'), ('n_labels', 'gold', '{}'),
-            ('n_pseudo', 'pseudo', '{}'), ('usd_labels', 'labels', 'usd'),
+            ('n_pseudo', 'pseudo', '{}'), ('n_llm', 'LLM labels', '{}'),
+            ('usd_labels', 'labels', 'usd'), ('usd_llm', 'LLM', 'usd'),
             ('usd_teacher', 'teacher', 'usd'), ('usd_pseudo_label', 'pseudo-label', 'usd'),
             ('usd_student', 'student', 'usd'), ('total_usd', 'total', 'usd'),
             ('metric', 'metric', '{:.2f}'), ('status', 'status', '{}')]
@@ -95,6 +96,22 @@ def recommendations(records: Sequence[Mapping]) -> list[str]:
     return lines
 
 
+def _teacher_lines(study_dir: str, metric: str) -> list[str]:
+    """What each fine-tuned teacher scored and cost (teachers/*/teacher.json)."""
+    import glob
+    import json
+    out = []
+    for path in sorted(glob.glob(os.path.join(study_dir, 'teachers', '*', 'teacher.json'))):
+        with open(path) as f:
+            t = json.load(f)
+        score = t.get('scores', {}).get(f'task/{metric}')
+        out.append(f'- {t.get("model")} fine-tuned on {t.get("m")} gold labels: {metric} '
+                   f'{score:.2f} for {format_usd(t.get("usd", 0.0))}' if score is not None else
+                   f'- {t.get("model")} fine-tuned on {t.get("m")} gold labels: '
+                   f'{format_usd(t.get("usd", 0.0))}')
+    return out or ['- (no teacher in this study)']
+
+
 def write_report(study_dir: str, title: str | None = None) -> dict:
     """Writes report.md and the figures; returns {'report', 'cost_metric', 'budget_bars',
     'recommendations'} (figure paths are None when there is nothing to draw)."""
@@ -122,6 +139,7 @@ def write_report(study_dir: str, title: str | None = None) -> dict:
     lines += [f'- {p.strategy} (N={p.info.get("n_start")}, budget '
               f'{format_usd(p.info.get("budget_usd") or 0)}): {p.metric:.2f} for '
               f'{format_usd(p.cost_usd)}' for p in frontier] or ['- (no finished points)']
+    lines += ['', '## Teachers', '', *_teacher_lines(study_dir, metric)]
     lines += ['', '## Recommendation per budget', '', *recs]
     if figures['cost_metric']:
         lines += ['', '![metric vs cost](cost_metric.png)', '', '![per budget](budget_bars.png)']

@@ -7,7 +7,8 @@ import os
 import tempfile
 from typing import Callable, Iterable, Mapping
 
-FIELDS = ['point_id', 'strategy', 'n_start', 'budget_usd', 'n_labels', 'n_pseudo', 'usd_labels',
+FIELDS = ['point_id', 'strategy', 'n_start', 'budget_usd', 'n_labels', 'n_pseudo', 'n_llm',
+          'usd_labels',
           'usd_teacher', 'usd_pseudo_label', 'usd_student', 'usd_compute', 'usd_llm',
           'total_usd', 'metric_name', 'metric', 'status']
 

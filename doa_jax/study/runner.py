@@ -5,7 +5,11 @@ Strategies (as the paper ran them):
   distill    the teacher fine-tunes on N labels, pseudo-labels as much of the unlabeled pool as
              the rest of B buys, and the student trains on those pseudo-labels;
   mixed:F    a fraction F of B buys gold labels; the teacher fine-tunes on N + those, the rest of
-             B pays for pseudo-labels, and the student trains on gold + pseudo-labels.
+             B pays for pseudo-labels, and the student trains on gold + pseudo-labels;
+  llm        an LLM (any OpenAI-compatible Chat Completions API, few-shot from the N gold
+             labels) labels as much of the pool as B buys at its $/token; the student trains on
+             the LLM's labels;
+  human+llm  the same, with the student trained on the N gold labels plus the LLM's labels.
 
 Where the money goes: labels x $/label; the teacher's fine-tuning and the pseudo-labeling at
 device-hours x $/device-hour from the cost ledgers the runs write. The student's own training is
@@ -33,14 +37,15 @@ import math
 import os
 from typing import Mapping, Sequence
 
-from doa_jax.cost.prices import PriceTable, load_prices
+from doa_jax.cost.prices import PriceTable, format_usd, load_prices
 from doa_jax.study import data as data_lib
 from doa_jax.study.data import StudyData
 from doa_jax.study.results import load_results, run_points
 
 log = logging.getLogger(__name__)
 
-STRATEGY_HELP = "'annotate', 'distill' or 'mixed:F' (F in (0, 1): the share of B spent on labels)"
+STRATEGY_HELP = ("'annotate', 'distill', 'mixed:F' (F in (0, 1): the share of B spent on "
+                 "labels), 'llm' or 'human+llm'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +102,9 @@ class Strategy:
 
     @property
     def id(self) -> str:
-        return f'mixed{self.label_fraction:g}' if self.kind == 'mixed' else self.kind
+        if self.kind == 'mixed':
+            return f'mixed{self.label_fraction:g}'
+        return self.kind.replace('+', '_')
 
 
 def parse_strategy(text: str) -> Strategy:
@@ -106,6 +113,8 @@ def parse_strategy(text: str) -> Strategy:
         return Strategy('annotate', 1.0)
     if t == 'distill':
         return Strategy('distill', 0.0)
+    if t in ('llm', 'human+llm'):
+        return Strategy(t, 0.0)
     if t.startswith('mixed:'):
         try:
             f = float(t.split(':', 1)[1])
@@ -114,6 +123,23 @@ def parse_strategy(text: str) -> Strategy:
         if 0.0 < f < 1.0:
             return Strategy('mixed', f)
     raise ValueError(f'Unknown study strategy {text!r}; use {STRATEGY_HELP}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMAnnotator:
+    """The LLM of the 'llm' strategies: an OpenAI-compatible endpoint and its $/token price
+    (`price_model` names an `llm:` entry of the price table; default: `model`)."""
+
+    base_url: str
+    model: str
+    price_model: str | None = None
+    api_key_env: str = 'OPENAI_API_KEY'
+    shots: int = 8
+    max_tokens: int = 64
+    temperature: float = 0.0
+    concurrency: int = 4
+    instruction: str | None = None
+    timeout_s: float = 60.0
 
 
 @dataclasses.dataclass
@@ -136,6 +162,7 @@ class StudySettings:
     kd_temperature: float = 2.0
     count_student_compute: bool = False
     show_progress: bool = True
+    llm: LLMAnnotator | None = None
 
     @property
     def usd_per_label(self) -> float:
@@ -267,7 +294,7 @@ class _Teacher:
                     model_config=s.teacher.model_config(inference=True),
                     mixture_or_task_name=self.pool_task,
                     max_input_length=s.task_feature_lengths['inputs'],
-                    max_decode_length=s.task_feature_lengths['targets'],
+                    max_decode_length=s.task_feature_lengths['targets'] - 1,  # + EOS fits
                     batch_size=s.infer_batch_size, chunk_size=s.chunk_size,
                     shard_id=0, num_shards=1, cost_ledger_dir=self.dir, prices=s.prices,
                     max_usd=max_usd)
@@ -307,6 +334,58 @@ def _eval_path(s: StudySettings) -> str:
     if not os.path.exists(path):
         data_lib.write_jsonl(path, s.data.eval)
     return path
+
+
+def _pool_rows(s: StudySettings, order) -> list[tuple[int, str]]:
+    """(train index, source) of the unlabeled pool that starts after the largest N."""
+    rest = order[s.pool_start:]
+    rest = rest[:s.pool_size] if s.pool_size else rest
+    return [(int(i), s.data.train[i]['source']) for i in rest]
+
+
+def _llm_labels(s: StudySettings, point: Mapping, order, budget: float) -> tuple[list, float]:
+    """Labels pool examples with the LLM until `budget` is spent; returns (rows, $).
+
+    Answers are cached study-wide, so a larger budget re-asks nothing it already paid for; each
+    point's own ledger still prices every label it uses, which is what the point costs."""
+    import glob
+
+    from doa_jax import llm
+    from doa_jax.cost import Ledger
+    if s.llm is None:
+        raise ValueError(f"strategy {point['strategy']!r} needs an LLM: set study.llm = "
+                         '@LLMAnnotator() with base_url and model (a local one: python -m '
+                         'doa_jax.serve).')
+    cfg = s.llm
+    pdir = _point_dir(s, point)
+    out = os.path.join(pdir, 'llm_labels')
+    n = int(point['n_start'])
+    shots = [llm.Example(f'gold:{i}', s.data.train[i]['source'], s.data.train[i]['target'])
+             for i in order[:min(cfg.shots, n)]]
+    pool = [llm.Example(f'pool:{i}', src) for i, src in _pool_rows(s, order)]
+    ledger = Ledger(pdir)
+    client = llm.ChatClient(cfg.base_url, cfg.model, os.environ.get(cfg.api_key_env),
+                            cfg.timeout_s)
+    try:
+        llm.annotate(pool, shots, client=client,
+                     cache=llm.ResponseCache(os.path.join(s.study_dir, 'llm_cache.sqlite')),
+                     ledger=ledger, prices=s.prices, run_id=point['point_id'], output_dir=out,
+                     labels=s.data.labels,
+                     instruction=cfg.instruction or llm.default_instruction(s.data.labels),
+                     params={'max_tokens': cfg.max_tokens, 'temperature': cfg.temperature},
+                     price_model=cfg.price_model, concurrency=cfg.concurrency,
+                     budget_usd=budget, progress=s.show_progress, budget_counts_cached=True)
+        usd = ledger.spent_usd(point['point_id'])
+    finally:
+        client.close()
+        ledger.close()
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out, 'llm_labels.jsonl-*'))):
+        if path.endswith('.COMPLETED'):
+            continue
+        with open(path, encoding='utf-8') as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return [{'source': r['input'], 'target': r['prediction']} for r in rows], usd
 
 
 def _affordable_prefix(chunks: Sequence[Mapping], usd: float) -> tuple[int, float]:
@@ -359,28 +438,38 @@ def run_point(s: StudySettings, point: Mapping, order) -> dict:
     n, budget = int(point['n_start']), float(point['budget_usd'])
     per_label = s.usd_per_label
     label_usd = budget * strategy.label_fraction
-    extra = min(int(label_usd // per_label + 1e-9), len(s.data.train) - n) if per_label > 0 else 0
+    # label_usd / per_label, not //: 0.008 // 0.0001 is 79.0 in floating point.
+    extra = min(int(label_usd / per_label + 1e-9), len(s.data.train) - n) if per_label > 0 else 0
     m = n + max(extra, 0)
     rec = {'n_labels': m, 'n_extra_labels': m - n, 'usd_labels': (m - n) * per_label,
            'n_pseudo': 0, 'usd_teacher': 0.0, 'usd_pseudo_label': 0.0, 'status': 'done'}
     if strategy.kind == 'annotate':
         rows = [s.data.train[i] for i in order[:m]]
         rec.update(_train_student(s, point, rows, None))
+    elif strategy.kind in ('llm', 'human+llm'):
+        rows, rec['usd_llm'] = _llm_labels(s, point, order, budget)
+        rec['n_llm'] = len(rows)
+        if not rows:
+            return _infeasible(rec, f'{format_usd(budget)} bought no LLM label')
+        gold = [s.data.train[i] for i in order[:n]] if strategy.kind == 'human+llm' else []
+        rec.update(_train_student(s, point, gold + rows, None))
     else:
         teacher = _Teacher(s, m)
         rec['usd_teacher'] = teacher.train(order)
         compute_usd = budget - rec['usd_labels'] - rec['usd_teacher']
         if compute_usd <= 0:
-            return _infeasible(rec, f'the teacher alone cost ${rec["usd_teacher"]:.4g}, more than '
-                                    f'the ${budget - rec["usd_labels"]:.4g} left for compute')
+            return _infeasible(rec, f'the teacher alone cost {format_usd(rec["usd_teacher"])}, '
+                                    f'more than the {format_usd(budget - rec["usd_labels"])} left '
+                                    'for compute')
         chunks = teacher.pseudo_label(order, compute_usd)
         n_pseudo, pl_usd = _affordable_prefix(chunks, compute_usd)
         if n_pseudo == 0:
-            return _infeasible(rec, f'${compute_usd:.4g} left after the teacher does not pay '
-                                    f'for one chunk of {s.chunk_size} pseudo-labels')
+            return _infeasible(rec, f'{format_usd(compute_usd)} left after the teacher does not '
+                                    f'pay for one chunk of {s.chunk_size} pseudo-labels')
         rec.update({'n_pseudo': n_pseudo, 'usd_pseudo_label': pl_usd})
         gold = [s.data.train[i] for i in order[:m]] if strategy.kind == 'mixed' else []
         rec.update(_train_student(s, point, gold + teacher.pseudo_labels(n_pseudo), teacher))
+    rec.setdefault('usd_llm', 0.0)
     rec['usd_compute'] = rec['usd_teacher'] + rec['usd_pseudo_label'] + (
             rec.get('usd_student', 0.0) if s.count_student_compute else 0.0)
     return rec
@@ -388,7 +477,8 @@ def run_point(s: StudySettings, point: Mapping, order) -> dict:
 
 def _infeasible(rec: dict, why: str) -> dict:
     log.warning('study: point infeasible: %s', why)
-    rec.update({'status': 'infeasible', 'why': why, 'metric': None, 'usd_compute': 0.0})
+    rec.update({'status': 'infeasible', 'why': why, 'metric': None, 'usd_compute': 0.0,
+                'usd_llm': 0.0})
     return rec
 
 
