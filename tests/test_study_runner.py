@@ -27,10 +27,20 @@ def _run_quickstart(study_dir) -> int:
         gin.clear_config()
 
 
-def test_quickstart_tiny_overlay_report_and_resume(tmp_path, monkeypatch, capsys):
-    study_dir = tmp_path / 'study'
-    assert _run_quickstart(study_dir) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope='module')
+def quickstart_run(tmp_path_factory):
+    """One run of the quickstart's tiny overlay (the tests that change it work on a copy)."""
+    import contextlib
+    import io
+    study_dir = tmp_path_factory.mktemp('quickstart') / 'study'
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert _run_quickstart(study_dir) == 0
+    return study_dir, out.getvalue()
+
+
+def test_quickstart_tiny_overlay_report_and_resume(quickstart_run, monkeypatch):
+    study_dir, out = quickstart_run
     records = load_results(str(study_dir))
     assert sorted(records) == ['annotate_N32_B0.004', 'annotate_N32_B0.008',
                                'distill_N32_B0.004', 'distill_N32_B0.008']
@@ -66,10 +76,11 @@ def test_quickstart_tiny_overlay_report_and_resume(tmp_path, monkeypatch, capsys
     assert load_results(str(study_dir)) == records
 
 
-def test_rerun_of_a_lost_record_reuses_the_teacher(tmp_path, monkeypatch):
+def test_rerun_of_a_lost_record_reuses_the_teacher(quickstart_run, tmp_path, monkeypatch):
     """A study killed after a point's stages but before its record resumes without retraining."""
+    import shutil
     study_dir = tmp_path / 'study'
-    assert _run_quickstart(study_dir) == 0
+    shutil.copytree(quickstart_run[0], study_dir)
     records = load_results(str(study_dir))
     done = [k for k, r in records.items() if r['strategy'] == 'distill' and r['status'] == 'done']
     if not done:
