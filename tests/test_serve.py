@@ -80,6 +80,13 @@ def test_bad_requests_and_faults_off_by_default(generate_fn):
         assert r.status_code == 400 and 'not JSON' in r.json()['error']['message']
         r = httpx.post(server.url.removesuffix('/v1') + '/test/faults', json={'429': 1})
         assert r.status_code == 404 and '--test_faults' in r.json()['error']['message']
+        msg = [{'role': 'user', 'content': 'x'}]
+        for extra, word in (({'temperature': 0.7}, 'greedily'), ({'n': 3}, 'n=3')):
+            r = httpx.post(server.url + '/chat/completions', json={'messages': msg, **extra})
+            assert r.status_code == 400 and word in r.json()['error']['message'], extra
+        r = httpx.post(server.url + '/chat/completions',
+                       json={'messages': msg, 'temperature': 0, 'n': 1})
+        assert r.status_code == 200
         assert _chat(server.url, 'x').status_code == 200
     finally:
         server.close()

@@ -119,8 +119,11 @@ class ChatServer:
                 try:
                     prompt = messages_to_prompt(body.get('messages'))
                     max_tokens = int(body.get('max_tokens') or server.default_max_tokens)
+                    unsupported = _unsupported_sampling(body)
                 except (ValueError, TypeError, AttributeError) as e:
                     return self._error(400, str(e))
+                if unsupported:
+                    return self._error(400, unsupported)
                 try:
                     text, n_in, n_out = server.batcher.submit(prompt, max_tokens)
                 except Exception as e:  # The model failed; tell the client, keep serving.
@@ -135,3 +138,20 @@ class ChatServer:
                               'total_tokens': n_in + n_out}})
 
         return Handler
+
+
+def _unsupported_sampling(body: dict) -> str | None:
+    """Why a request asks for what this greedy server cannot give, or None.
+
+    The server decodes greedily, one choice per request: a request for sampling (temperature > 0,
+    top_p < 1) or several choices (n > 1) is refused rather than answered with something else.
+    """
+    temperature = float(body.get('temperature') or 0.0)
+    top_p = float(body.get('top_p') if body.get('top_p') is not None else 1.0)
+    n = int(body.get('n') or 1)
+    if temperature > 0 or top_p < 1:
+        return (f'this server decodes greedily; temperature={temperature} / top_p={top_p} asks '
+                'for sampling. Send temperature 0 (annotate_llm: --temperature=0).')
+    if n != 1:
+        return f'this server returns one choice per request; n={n} is not supported. Send n=1.'
+    return None
