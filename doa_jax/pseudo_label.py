@@ -340,7 +340,7 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
     if shard_id == 0:
         ids = pool_ids(mixture_or_task_name, split, limit)
         if result.stopped_by_budget:   # one shard: the completed chunks are a prefix of the pool
-            ids = ids[:sum(1 for r in read_chunks(output_dir))]
+            ids = ids[:(result.chunks_written + result.chunks_skipped) * chunk_size]
         merge(output_dir, ids)
     return result
 

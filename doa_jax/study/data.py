@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Callable, Mapping, Sequence
 
 import seqio
@@ -108,13 +107,9 @@ def paper_dataset(dataset: str, data_dir: str | None = None, vocabulary: str | N
 
 def write_jsonl(path: str, rows: Sequence[Mapping[str, str]]) -> str:
     """Writes rows atomically (temp file + rename), so a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        for r in rows:
-            f.write(json.dumps({'source': r['source'], 'target': r['target']},
-                               ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
+    from doa_jax.study.results import atomic_write
+    atomic_write(path, ''.join(json.dumps({'source': r['source'], 'target': r['target']},
+                                          ensure_ascii=False) + '\n' for r in rows))
     return path
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from doa_jax.cost.prices import format_usd
 from doa_jax.study.frontier import Point, frontiers_by_strategy
 from doa_jax.study.recommend import recommend
-from doa_jax.study.results import finished_records, load_results
+from doa_jax.study.results import atomic_write, finished_records, load_results
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,5 @@ def write_report(study_dir: str, title: str | None = None) -> dict:
     if figures['cost_metric']:
         lines += ['', '![metric vs cost](cost_metric.png)', '', '![per budget](budget_bars.png)']
     path = os.path.join(study_dir, 'report.md')
-    with open(path + '.tmp', 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    os.replace(path + '.tmp', path)
+    atomic_write(path, '\n'.join(lines) + '\n')
     return {'report': path, **figures, 'recommendations': recs}

@@ -19,7 +19,8 @@ def finished_records(records) -> list[dict]:
     return [r for r in rows if r.get('status', 'done') == 'done' and r.get('metric') is not None]
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
+    """Writes text to a temp file in the same directory and renames it over `path`."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_')
@@ -42,13 +43,13 @@ def load_results(study_dir: str) -> dict[str, dict]:
 
 def save_results(study_dir: str, records: Mapping[str, dict]) -> None:
     rows = [records[k] for k in sorted(records)]
-    _atomic_write(os.path.join(study_dir, 'results.json'), json.dumps(rows, indent=1))
+    atomic_write(os.path.join(study_dir, 'results.json'), json.dumps(rows, indent=1))
     import io
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction='ignore')
     w.writeheader()
     w.writerows(rows)
-    _atomic_write(os.path.join(study_dir, 'results.csv'), buf.getvalue())
+    atomic_write(os.path.join(study_dir, 'results.csv'), buf.getvalue())
 
 
 def run_points(study_dir: str, points: Iterable[dict],

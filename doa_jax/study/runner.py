@@ -40,7 +40,7 @@ from typing import Mapping, Sequence
 from doa_jax.cost.prices import PriceTable, format_usd, load_prices
 from doa_jax.study import data as data_lib
 from doa_jax.study.data import StudyData
-from doa_jax.study.results import load_results, run_points
+from doa_jax.study.results import atomic_write, load_results, run_points
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +170,7 @@ class StudySettings:
 
 
 def _json_dump(path: str, obj) -> None:
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _json_load(path: str):
@@ -230,16 +227,21 @@ def _evaluate(s: StudySettings, stage: StageConfig, params, task: str, cache: st
     return scores
 
 
-def _ledger_usd(directory: str, run_id: str | None = None) -> float:
+def _read_ledger(directory: str, query, default):
+    """query(Ledger) on the directory's ledger opened read-only; `default` when it has none."""
     from doa_jax.cost import Ledger
     from doa_jax.cost.ledger import ledger_path
     if not os.path.exists(ledger_path(directory)):
-        return 0.0
+        return default
     ledger = Ledger(directory, readonly=True)
     try:
-        return ledger.spent_usd(run_id)
+        return query(ledger)
     finally:
         ledger.close()
+
+
+def _ledger_usd(directory: str, run_id: str | None = None) -> float:
+    return _read_ledger(directory, lambda ledger: ledger.spent_usd(run_id), 0.0)
 
 
 class _Teacher:
@@ -269,10 +271,10 @@ class _Teacher:
         self._params = result.state.params
         scores = _evaluate(s, s.teacher, self._params, self.task,
                            os.path.join(self.dir, 'eval.json'))
+        usd = _ledger_usd(self.dir, self.run_id)
         _json_dump(os.path.join(self.dir, 'teacher.json'),
-                   {'m': self.m, 'model': s.teacher.model, 'scores': scores,
-                    'usd': _ledger_usd(self.dir, self.run_id)})
-        return _ledger_usd(self.dir, self.run_id)
+                   {'m': self.m, 'model': s.teacher.model, 'scores': scores, 'usd': usd})
+        return usd
 
     def pseudo_label(self, order, max_usd: float) -> list[dict]:
         """Labels pool chunks until `max_usd` (the pseudo-labeling run's own $) is reached;
@@ -281,12 +283,9 @@ class _Teacher:
         s = self.s
         pool_path = os.path.join(self.dir, 'pool.jsonl')
         if not os.path.exists(pool_path):
-            start = max(s.pool_start, self.m)
-            rest = order[start:]
-            rest = rest[:s.pool_size] if s.pool_size else rest
             # Targets withheld: the teacher sees sources only.
-            data_lib.write_jsonl(pool_path, [{'source': s.data.train[i]['source'], 'target': ''}
-                                             for i in rest])
+            data_lib.write_jsonl(pool_path, [{'source': src, 'target': ''}
+                                             for _, src in _pool_rows(s, order, self.m)])
         data_lib.register_pool_task(self.pool_task, s.data, pool_path)
         if max_usd > 0:
             pl.run_pseudo_labeling(
@@ -301,15 +300,8 @@ class _Teacher:
         return self.chunk_costs()
 
     def chunk_costs(self) -> list[dict]:
-        from doa_jax.cost import Ledger
-        from doa_jax.cost.ledger import ledger_path
-        if not os.path.exists(ledger_path(self.dir)):
-            return []
-        ledger = Ledger(self.dir, readonly=True)
-        try:
-            return ledger.compute_entries('pseudo_labels', 'pseudo_label')
-        finally:
-            ledger.close()
+        return _read_ledger(self.dir, lambda ledger: ledger.compute_entries(
+                'pseudo_labels', 'pseudo_label'), [])
 
     def pseudo_labels(self, count: int) -> list[dict]:
         """The first `count` pseudo-labels as {'source', 'target'} (source without the prefix)."""
@@ -336,9 +328,10 @@ def _eval_path(s: StudySettings) -> str:
     return path
 
 
-def _pool_rows(s: StudySettings, order) -> list[tuple[int, str]]:
-    """(train index, source) of the unlabeled pool that starts after the largest N."""
-    rest = order[s.pool_start:]
+def _pool_rows(s: StudySettings, order, gold: int = 0) -> list[tuple[int, str]]:
+    """(train index, source) of the unlabeled pool: after the largest N and after the `gold`
+    labels the point itself uses, at most pool_size examples."""
+    rest = order[max(s.pool_start, gold):]
     rest = rest[:s.pool_size] if s.pool_size else rest
     return [(int(i), s.data.train[i]['source']) for i in rest]
 
