@@ -176,52 +176,129 @@ def merge(output_dir: str, expected_ids: Sequence[str]) -> dict[str, Any]:
 # --- the model side -------------------------------------------------------------------------
 
 
-def teacher_topk(params: Any, config: Any, encoder_input_tokens: Any, decoded_tokens: Any,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced forward on the decoded sequences; top-k log-probs and ids per target token."""
+def teacher_mesh(mesh_config: Any = None) -> Any:
+    """The mesh one host decodes on: its own (local) devices, split (data, model).
+
+    Hosts label disjoint strides of the pool independently, so the teacher is sharded over each
+    host's local devices (an XXL teacher over model=4 GPUs of one node), never across hosts.
+    """
     import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
 
-    from doa_jax.models.t5 import T5
+    from doa_jax import partitioning
 
-    targets = jnp.asarray(decoded_tokens, jnp.int32)
-    dec_in = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
-    logits = T5(config).apply({'params': nn.unbox(params)}, jnp.asarray(encoder_input_tokens),
-                              dec_in, targets)
-    vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), k)
-    return np.asarray(vals), np.asarray(ids)
+    return partitioning.make_mesh(mesh_config or partitioning.MeshConfig(),
+                                  devices=jax.local_devices())
 
 
-def model_label_batch(params: Any, config: Any, encode: Callable[[str], list[int]],
-                      decode: Callable[[list[int]], str], *, max_input_length: int,
-                      max_decode_length: int, method: str = 'greedy', num_beams: int = 4,
-                      top_k: int = 0, eos_id: int = 1) -> LabelBatchFn:
-    """A `label_batch` that tokenizes, decodes with `doa_jax.decoding.generate` and detokenizes."""
-    from doa_jax.decoding import decoded_lengths, generate
+class TeacherLabeler:
+    """A `label_batch` over a teacher placed on a (data, model) mesh of this host's devices.
 
-    def label(inputs: Sequence[str]) -> list[dict[str, Any]]:
-        toks = np.zeros((len(inputs), max_input_length), np.int32)
-        for r, text in enumerate(inputs):
-            ids = list(encode(text))[:max_input_length - 1] + [eos_id]
-            toks[r, :len(ids)] = ids
-        out, scores = generate(params, config, toks, max_decode_length=max_decode_length,
-                               method=method, num_beams=num_beams, eos_id=eos_id)
-        out = np.asarray(out)
-        lengths = decoded_lengths(out, eos_id)
-        topk = teacher_topk(params, config, toks, out, top_k) if top_k > 0 else None
+    Parameters are laid out by the model's logical axis names (`partitioning.STANDARD_RULES`), so
+    each device holds only its slice of every sharded weight. Batches are padded to `batch_size`
+    rows (split over the data axis) and inputs to length buckets, so a stream of batches compiles
+    the decoder once per bucket; the optional teacher-forced top-k pass is jitted the same way.
+    """
+
+    def __init__(self, params: Any, config: Any, encode: Callable[[str], list[int]],
+                 decode: Callable[[list[int]], str], *, max_input_length: int,
+                 max_decode_length: int, batch_size: int = 32, method: str = 'greedy',
+                 num_beams: int = 4, top_k: int = 0, eos_id: int = 1, mesh: Any = None):
+        import jax
+        import jax.numpy as jnp
+        from flax import linen as nn
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from doa_jax import decoding, partitioning
+        from doa_jax.models.scan import unscan_params
+        from doa_jax.models.t5 import T5
+        from doa_jax.train_state import abstract_params
+
+        self.mesh = mesh if mesh is not None else teacher_mesh()
+        data = self.mesh.shape[partitioning.DATA_AXIS]
+        if batch_size % data:
+            raise ValueError(f'batch_size={batch_size} (gin: BATCH_SIZE) is not divisible by the '
+                             f'mesh data axis {data}; use a multiple of {data} or a larger '
+                             'MESH_MODEL.')
+        if top_k > config.vocab_size:
+            raise ValueError(f'top_k={top_k} exceeds the teacher vocab_size {config.vocab_size}.')
+        params = nn.unbox(params)
+        if config.scan_layers:
+            params = unscan_params(params, config)
+        config = config.replace(scan_layers=False, remat_policy=None)
+        self.config, self.encode, self.decode_text = config, encode, decode
+        self.max_input_length, self.top_k, self.eos_id = max_input_length, top_k, eos_id
+        self.rules = partitioning.STANDARD_RULES
+        model = T5(config)
+        dummy = jnp.ones((1, 1), jnp.int32)
+        _, shardings = abstract_params(lambda r: model.init(r, dummy, dummy)['params'],
+                                       self.mesh, self.rules, jax.random.PRNGKey(0))
+        self.param_shardings = shardings
+        self.params = jax.device_put(params, shardings)
+        rows = NamedSharding(self.mesh, PartitionSpec(partitioning.DATA_AXIS))
+        matrix = partitioning.batch_sharding(self.mesh)
+        buckets = [b for b in decoding.DEFAULT_BUCKETS if b < max_input_length]
+        self.decoder = decoding.Decoder(
+                config, self.params, max_decode_length=max_decode_length, batch_size=batch_size,
+                length_buckets=buckets + [max_input_length], method=method, eos_id=eos_id,
+                num_beams=num_beams,
+                jit_kwargs={'in_shardings': (shardings, matrix, None),
+                            'out_shardings': (matrix, rows)})
+
+        def topk(p, enc, targets):
+            dec_in = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+            logits = model.apply({'params': p}, enc, dec_in, targets)
+            vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), top_k)
+            return vals, ids
+
+        cube = NamedSharding(self.mesh, PartitionSpec(partitioning.DATA_AXIS, None, None))
+        self._topk = jax.jit(topk, in_shardings=(shardings, matrix, matrix),
+                             out_shardings=(cube, cube))
+
+    def _run(self, fn, *args):
+        import jax
+        from flax import linen as nn
+
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return fn(*args)
+
+    def __call__(self, inputs: Sequence[str]) -> list[dict[str, Any]]:
+        from doa_jax.decoding import decoded_lengths
+
+        rows = [list(self.encode(t))[:self.max_input_length - 1] + [self.eos_id] for t in inputs]
+        out, scores = self._run(self.decoder, rows)
+        lengths = decoded_lengths(out, self.eos_id)
+        topk = None
+        if self.top_k > 0:
+            n, size = len(rows), self.decoder.batch_size
+            enc = np.zeros((size, self.decoder.bucket_for(max(map(len, rows)))), np.int32)
+            for r, ids in enumerate(rows):
+                enc[r, :len(ids)] = ids
+            dec = np.zeros((size, out.shape[1]), np.int32)
+            dec[:n] = out
+            vals, ids = self._run(self._topk, self.params, enc, dec)
+            topk = np.asarray(vals)[:n], np.asarray(ids)[:n]
         results = []
-        for r in range(len(inputs)):
+        for r in range(len(rows)):
             n = int(lengths[r])
-            body = [int(t) for t in out[r, :n] if t != eos_id]
-            rec = {'prediction': decode(body), 'score': float(np.asarray(scores)[r])}
+            body = [int(t) for t in out[r, :n] if t != self.eos_id]
+            rec = {'prediction': self.decode_text(body), 'score': float(scores[r])}
             if topk is not None:
                 rec['topk_logprobs'] = np.round(topk[0][r, :n], 6).tolist()
                 rec['topk_ids'] = topk[1][r, :n].tolist()
             results.append(rec)
         return results
 
-    return label
+
+def model_label_batch(params: Any, config: Any, encode: Callable[[str], list[int]],
+                      decode: Callable[[list[int]], str], *, max_input_length: int,
+                      max_decode_length: int, method: str = 'greedy', num_beams: int = 4,
+                      top_k: int = 0, eos_id: int = 1, batch_size: int = 32,
+                      mesh: Any = None) -> LabelBatchFn:
+    """A `label_batch` that tokenizes, decodes on the mesh (`TeacherLabeler`) and detokenizes."""
+    return TeacherLabeler(params, config, encode, decode, max_input_length=max_input_length,
+                          max_decode_length=max_decode_length, batch_size=batch_size,
+                          method=method, num_beams=num_beams, top_k=top_k, eos_id=eos_id,
+                          mesh=mesh)
 
 
 # --- the job: a seqio pool, a checkpoint, this host's shard -----------------------------------
@@ -277,7 +354,7 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
                         limit: int | None = None, shard_id: int | None = None,
                         num_shards: int | None = None,
                         cost_ledger_dir: str | None = None, prices: Any = None,
-                        max_usd: float | None = None) -> ShardResult:
+                        max_usd: float | None = None, mesh_config: Any = None) -> ShardResult:
     """Pseudo-labels this host's shard of a task split, then (on process 0, after all hosts
     finish) checks exactly-once coverage with `merge`. Bad vocabularies fail before any compute.
 
@@ -287,6 +364,10 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
     run's spending: before each chunk, the chunks already priced plus the last chunk's cost must
     fit, else the run stops and the completed chunks (a prefix of the pool) are what it bought.
     The cap needs one shard (one host), so that the prefix is well defined.
+
+    `mesh_config` (a `partitioning.MeshConfig`; gin: MESH_DATA, MESH_MODEL) splits this host's
+    devices into (data, model): the teacher's weights are sharded over `model`, each batch over
+    `data`. `batch_size` must be a multiple of the data axis.
     """
     import jax
     import seqio
@@ -311,11 +392,14 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
     if total == 0:
         raise PseudoLabelError(f'The unlabeled pool {mixture_or_task_name!r} split {split!r} is '
                                'empty: nothing to pseudo-label.')
+    mesh = teacher_mesh(mesh_config)   # a bad mesh fails before the teacher is read
     params = load_teacher(checkpoint_path, model_config)
     label = model_label_batch(params, model_config, vocab.encode, vocab.decode,
                               max_input_length=max_input_length,
                               max_decode_length=max_decode_length, method=method,
-                              num_beams=num_beams, top_k=top_k, eos_id=vocab.eos_id)
+                              num_beams=num_beams, top_k=top_k, eos_id=vocab.eos_id,
+                              batch_size=batch_size, mesh=mesh)
+    del params   # the labeler holds the placed (sharded) copy
     result = ShardResult(shard_id, 0, 0, 0)
     if pool:
         # Global indices of this shard: striding keeps them, so chunk ranges are global too.

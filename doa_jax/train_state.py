@@ -72,12 +72,12 @@ def _opt_state_shardings(opt_shapes: Any, params_by_path: dict[tuple[str, ...], 
     return jax.tree_util.tree_map_with_path(one, opt_shapes)
 
 
-def abstract_train_state(init_params_fn: Callable[[jax.Array], Any],
-                         optimizer: optax.GradientTransformation, mesh: Mesh,
-                         rules: partitioning.Rules, rng: jax.Array) -> tuple[TrainState, TrainState]:
-    """(shapes, shardings) of the train state, traced with eval_shape: no memory is allocated.
+def abstract_params(init_params_fn: Callable[[jax.Array], Any], mesh: Mesh,
+                    rules: partitioning.Rules, rng: jax.Array) -> tuple[Params, Params]:
+    """(shapes, NamedShardings) of the parameters, traced with eval_shape (no memory allocated).
 
-    `init_params_fn(rng)` returns the model's boxed params (with logical axis names).
+    `init_params_fn(rng)` returns the model's boxed params (with logical axis names); a dimension
+    the mesh axis does not divide stays replicated.
     """
     boxed_shapes = jax.eval_shape(init_params_fn, rng)
     logical = nn.get_partition_spec(boxed_shapes)
@@ -87,10 +87,20 @@ def abstract_train_state(init_params_fn: Callable[[jax.Array], Any],
                               is_leaf=is_spec)
     mesh_specs = jax.tree.map(lambda spec, s: _fit_spec(spec, s.shape, mesh), mesh_specs, shapes,
                               is_leaf=is_spec)
-    param_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
-                                   is_leaf=is_spec)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs, is_leaf=is_spec)
+    return shapes, shardings
+
+
+def abstract_train_state(init_params_fn: Callable[[jax.Array], Any],
+                         optimizer: optax.GradientTransformation, mesh: Mesh,
+                         rules: partitioning.Rules, rng: jax.Array) -> tuple[TrainState, TrainState]:
+    """(shapes, shardings) of the train state, traced with eval_shape: no memory is allocated.
+
+    `init_params_fn(rng)` returns the model's boxed params (with logical axis names).
+    """
+    shapes, param_shardings = abstract_params(init_params_fn, mesh, rules, rng)
     flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
-    flat_specs = jax.tree.leaves(mesh_specs, is_leaf=is_spec)
+    flat_specs = [s.spec for s in jax.tree.leaves(param_shardings)]
     params_by_path = {_path_keys(p): (leaf.shape, spec) for (p, leaf), spec in zip(flat, flat_specs)}
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
     opt_shardings = _opt_state_shardings(opt_shapes, params_by_path, mesh)
