@@ -11,6 +11,8 @@ from typing import Sequence
 SUBCOMMANDS = {
     'train': ('doa_jax.benchmark.train', 'train-step tokens/s and MFU (optionally vs HF PyTorch)'),
     'decode': ('doa_jax.benchmark.decode', 'greedy/beam decoding tokens/s (optionally vs HF generate)'),
+    'pseudo_label': ('doa_jax.benchmark.pseudo_label',
+                     'pseudo-labels/s and $ per 1K pseudo-labels for a teacher on a mesh'),
     'plan': ('doa_jax.benchmark.plan', 'per-device memory of the train step on a mesh (fake CPU devices)'),
 }
 
