@@ -160,45 +160,53 @@ class MultiHeadAttention(nn.Module):
         o_proj = dense(x.shape[-1], ('joined_kv', 'embed'), kernel_init=default_kernel_init_normal,
                        name='out')
 
-        q = q_proj(x)
-        if self.decode and self.is_cross:
-            # Project encoder outputs only when the cache does not hold them yet (first step).
-            ck = self.variable('cache', 'cached_key', lambda: k_proj(_require(kv)))
-            cv = self.variable('cache', 'cached_value', lambda: v_proj(_require(kv)))
+        b, lq = x.shape[:2]
+        q = constrain(q_proj(x).reshape(b, lq, self.num_heads, self.head_dim),
+                      ('batch', 'length', 'heads', 'kv'))
+        if self.decode:
+            # Decode caches are head-major (batch, heads, length, head_dim): the layout the
+            # per-step attention matmuls read, so no step transposes a cache.
+            heads_major = lambda t: constrain(
+                    t.reshape(b, -1, self.num_heads, self.head_dim).transpose(0, 2, 1, 3),
+                    ('batch', 'heads', 'length', 'kv'))
+            if self.is_cross:
+                # Project encoder outputs only when the cache does not hold them yet (first step).
+                ck = self.variable('cache', 'cached_key',
+                                   lambda: heads_major(k_proj(_require(kv)).astype(self.dtype)))
+                cv = self.variable('cache', 'cached_value',
+                                   lambda: heads_major(v_proj(_require(kv)).astype(self.dtype)))
+            else:
+                if max_decode_length is None or decode_position is None:
+                    raise ValueError('decode=True self-attention needs max_decode_length and '
+                                     'decode_position.')
+                if lq != 1:
+                    raise ValueError(f'Cached decoding feeds one token per step, got length {lq}.')
+                shape = (b, self.num_heads, max_decode_length, self.head_dim)
+                ck = self.variable('cache', 'cached_key', jnp.zeros, shape, self.dtype)
+                cv = self.variable('cache', 'cached_value', jnp.zeros, shape, self.dtype)
+                at = (0, 0, decode_position, 0)
+                ck.value = jax.lax.dynamic_update_slice(
+                        ck.value, heads_major(k_proj(x).astype(self.dtype)), at)
+                cv.value = jax.lax.dynamic_update_slice(
+                        cv.value, heads_major(v_proj(x).astype(self.dtype)), at)
             k, v = ck.value, cv.value
-        elif self.decode:
-            if max_decode_length is None or decode_position is None:
-                raise ValueError('decode=True self-attention needs max_decode_length and '
-                                 'decode_position.')
-            batch = x.shape[0]
-            if x.shape[1] != 1:
-                raise ValueError(f'Cached decoding feeds one token per step, got length {x.shape[1]}.')
-            ck = self.variable('cache', 'cached_key', jnp.zeros,
-                               (batch, max_decode_length, inner), self.dtype)
-            cv = self.variable('cache', 'cached_value', jnp.zeros,
-                               (batch, max_decode_length, inner), self.dtype)
-            k_new = k_proj(x).astype(self.dtype)
-            v_new = v_proj(x).astype(self.dtype)
-            ck.value = jax.lax.dynamic_update_slice(ck.value, k_new, (0, decode_position, 0))
-            cv.value = jax.lax.dynamic_update_slice(cv.value, v_new, (0, decode_position, 0))
-            k, v = ck.value, cv.value
+            k_spec = 'bhkd'
         else:
-            k, v = k_proj(kv), v_proj(kv)
-
-        b, lq = q.shape[:2]
-        lk = k.shape[1]
-        q = constrain(q.reshape(b, lq, self.num_heads, self.head_dim), ('batch', 'length', 'heads', 'kv'))
-        k = constrain(k.reshape(b, lk, self.num_heads, self.head_dim), ('batch', 'length', 'heads', 'kv'))
-        v = constrain(v.reshape(b, lk, self.num_heads, self.head_dim), ('batch', 'length', 'heads', 'kv'))
+            lk = kv.shape[1]
+            k = constrain(k_proj(kv).reshape(b, lk, self.num_heads, self.head_dim),
+                          ('batch', 'length', 'heads', 'kv'))
+            v = constrain(v_proj(kv).reshape(b, lk, self.num_heads, self.head_dim),
+                          ('batch', 'length', 'heads', 'kv'))
+            k_spec = 'bkhd'
         if self.float32_logits:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+        logits = jnp.einsum(f'bqhd,{k_spec}->bhqk', q, k)
         if bias is not None:
             logits = logits + bias.astype(logits.dtype)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if self.dropout_rate > 0 and not self.deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype))
+        out = jnp.einsum(f'bhqk,{k_spec}->bqhd', weights, v.astype(self.dtype))
         out = out.reshape(b, lq, inner)
         return o_proj(out)
 
