@@ -233,3 +233,24 @@ def test_decode_benchmark_cli_reports_both_implementations(tmp_path, capsys):
     assert [r['impl'] for r in results] == ['doa_jax float32', 'HF PyTorch float32']
     assert all(r['tokens_per_s'] > 0 for r in results)
     assert 'ours/this' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
+def test_bf16_decoding_casts_weights_once_without_changing_results(name):
+    """Kernels/embeddings cast to bf16 up front give bit-identical logits to the per-use casts;
+    norm scales and relative-position tables stay float32."""
+    cfg = get_config(name, dtype=jnp.bfloat16)
+    x = jnp.asarray(_inputs(batch=4)[:2])
+    params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(1), x, x[:, :5])['params'])
+    cast = decoding.cast_matmul_params(params, jnp.bfloat16)
+    flat = {'/'.join(str(k.key) for k in p): v.dtype
+            for p, v in jax.tree_util.tree_flatten_with_path(cast)[0]}
+    assert flat['token_embedder/embedding'] == jnp.bfloat16
+    assert flat['encoder/layers_0/mlp/wo/kernel'] == jnp.bfloat16
+    assert flat['encoder/layers_0/pre_mlp_layer_norm/scale'] == jnp.float32
+    assert flat['encoder/relpos_bias/rel_embedding'] == jnp.float32
+    apply = jax.jit(lambda p: T5(cfg).apply({'params': p}, x, x[:, :5], x[:, :5]))
+    np.testing.assert_array_equal(np.asarray(apply(params)), np.asarray(apply(cast)))
+    run = jax.jit(lambda p: decoding.generate(p, cfg, x, max_decode_length=6))
+    tokens, scores = run(params)
+    assert np.asarray(tokens).shape == (2, 6) and np.isfinite(np.asarray(scores)).all()
