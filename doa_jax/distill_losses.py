@@ -9,7 +9,9 @@ each loss only sums `weight * per_token_loss` and microbatches add up.
   KL(student || teacher). The teacher distribution comes either from stored top-k log-probs
   (offline: `teacher_topk_ids`, `teacher_topk_logprobs`, shape (batch, length, k); renormalized over
   the k ids at temperature T, exact when k covers the vocabulary) or from full `teacher_logits`
-  (online: a teacher forward, shape (batch, length, vocab)).
+  (online: a teacher forward, shape (batch, length, vocab)). An offline position whose ids are
+  negative (`NO_TEACHER_ID`) has no stored teacher distribution (the EOS of a pseudo-label whose
+  teacher reached its decode limit first) and takes cross entropy on the target instead.
 - `alpha` mixes in hard-label cross entropy: `alpha * CE + (1 - alpha) * KD` per token. Rows whose
   optional `is_gold` flag (batch,) is set are gold-labeled examples with no teacher distribution and
   take cross entropy only.
@@ -27,6 +29,7 @@ from doa_jax.losses import Array, Batch, LossFn, cross_entropy_loss, cross_entro
 TOPK_IDS = 'teacher_topk_ids'
 TOPK_LOGPROBS = 'teacher_topk_logprobs'
 TEACHER_LOGITS = 'teacher_logits'
+NO_TEACHER_ID = -1   # top-k id row of a target position without a stored teacher distribution
 
 
 def sequence_kd_loss(z_loss: float = 1e-4, label_smoothing: float = 0.0) -> LossFn:
@@ -34,8 +37,16 @@ def sequence_kd_loss(z_loss: float = 1e-4, label_smoothing: float = 0.0) -> Loss
     return cross_entropy_loss(z_loss=z_loss, label_smoothing=label_smoothing)
 
 
+def has_teacher(batch: Batch) -> Array | None:
+    """(batch, length) bool: positions with a teacher distribution; None when all have one."""
+    if TEACHER_LOGITS in batch or TOPK_IDS not in batch:
+        return None
+    return batch[TOPK_IDS][..., 0] >= 0
+
+
 def token_kl(student_logits: Array, batch: Batch, temperature: float) -> Array:
-    """Per-token `T^2 * KL(p_teacher,T || q_student,T)` (float32, shape (batch, length))."""
+    """Per-token `T^2 * KL(p_teacher,T || q_student,T)` (float32, shape (batch, length));
+    0 at offline positions without a teacher distribution."""
     t = float(temperature)
     s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
     if TEACHER_LOGITS in batch:
@@ -47,7 +58,7 @@ def token_kl(student_logits: Array, batch: Batch, temperature: float) -> Array:
         t_logp = jax.nn.log_softmax(teacher / t, axis=-1)
         s_sel = s_logp
     elif TOPK_IDS in batch and TOPK_LOGPROBS in batch:
-        ids = batch[TOPK_IDS].astype(jnp.int32)
+        ids = jnp.maximum(batch[TOPK_IDS].astype(jnp.int32), 0)   # NO_TEACHER_ID rows: masked
         t_logp = jax.nn.log_softmax(batch[TOPK_LOGPROBS].astype(jnp.float32) / t, axis=-1)
         s_sel = jnp.take_along_axis(s_logp, ids, axis=-1)
     else:
@@ -55,7 +66,9 @@ def token_kl(student_logits: Array, batch: Batch, temperature: float) -> Array:
                        f'{TOPK_IDS!r} and {TOPK_LOGPROBS!r} (pseudo-labels written with '
                        f'top_k > 0) in the batch; found keys {sorted(batch)}.')
     t_p = jnp.exp(t_logp)
-    return (t * t) * jnp.sum(t_p * (t_logp - s_sel), axis=-1)
+    kl = (t * t) * jnp.sum(t_p * (t_logp - s_sel), axis=-1)
+    mask = has_teacher(batch)
+    return kl if mask is None else jnp.where(mask, kl, 0.0)
 
 
 def _token_kd_loss(logits: Array, batch: Batch, *, temperature: float, alpha: float,
@@ -66,6 +79,9 @@ def _token_kd_loss(logits: Array, batch: Batch, *, temperature: float, alpha: fl
     kd = token_kl(logits, batch, temperature)
     ce, zl = cross_entropy_with_z_loss(logits, targets, z_loss, 0.0)
     per_token = alpha * ce + (1.0 - alpha) * kd
+    mask = has_teacher(batch)
+    if mask is not None:
+        per_token = jnp.where(mask, per_token, ce)
     if 'is_gold' in batch:
         gold = batch['is_gold'].astype(bool)[:, None]
         per_token = jnp.where(gold, ce, per_token)

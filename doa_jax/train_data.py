@@ -4,6 +4,11 @@ Every host reads `global_batch / process_count` examples per step from its own s
 `jax.make_array_from_process_local_data` assembles the global array; no host ever sees another
 host's examples. The order is fixed by `seed`, so skipping the batches a checkpoint records as
 consumed resumes the stream exactly where it stopped.
+
+A task whose examples carry the teacher's stored top-k (`TEACHER_FEATURES`, each (target tokens,
+k); see `tasks.jsonl_task.register_pseudo_labeled_task(with_topk=True)`) keeps them: they are cut
+and padded to the target length beside `decoder_target_tokens` and travel in the batch, sharded
+over the data axis like the other features, for offline token-level KD.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from doa_jax import partitioning
 
 FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
             'decoder_loss_weights')
+# Optional per-target-token features (offline KD); names as doa_jax.distill_losses reads them.
+TEACHER_FEATURES = {'teacher_topk_ids': tf.int32, 'teacher_topk_logprobs': tf.float32}
 OVERLONG_MODES = ('truncate', 'error')
 
 
@@ -89,18 +96,50 @@ def host_dataset(task_name: str, feature_lengths: Mapping[str, int], split: str,
     ds = task.get_dataset(sequence_length=dict(feature_lengths), split=split, use_cached=False,
                           shuffle=shuffle, seed=seed, shard_info=shard,
                           num_epochs=None if repeat else 1, trim_output_features=False)
-    ds = _limit_lengths(ds, feature_lengths, overlong, counter or OverlongCounter(), task_name)
-    converter = seqio.EncDecFeatureConverter(pack=False)
-    ds = converter(ds, dict(feature_lengths))
+    teacher = _teacher_features(ds, task_name)
+    lengths = {**feature_lengths, **{k: feature_lengths['targets'] for k in teacher}}
+    ds = _limit_lengths(ds, lengths, overlong, counter or OverlongCounter(), task_name)
+    converter = seqio.EncDecFeatureConverter(pack=False, passthrough_features=teacher or None)
+    ds = converter(ds, lengths)
     ds = ds.batch(global_batch // n_hosts, drop_remainder=repeat)
     if skip_batches:
         ds = ds.skip(skip_batches)
     return ds.prefetch(2)
 
 
+def _teacher_features(ds: tf.data.Dataset, task_name: str) -> dict:
+    """The TEACHER_FEATURES `ds` carries, as passthrough specs for the feature converter."""
+    spec = ds.element_spec
+    found = {k: dtype for k, dtype in TEACHER_FEATURES.items() if k in spec}
+    if found and len(found) != len(TEACHER_FEATURES):
+        raise ValueError(f'Task {task_name!r} has {sorted(found)} but not all of '
+                         f'{sorted(TEACHER_FEATURES)}; offline KD needs both.')
+    for key, dtype in found.items():
+        if spec[key].shape.rank != 2 or spec[key].dtype != dtype:
+            raise ValueError(f'Task {task_name!r} feature {key!r} is {spec[key]}; expected '
+                             f'{dtype.name} of shape (target tokens, k).')
+    return {k: seqio.FeatureConverter.FeatureSpec(dtype=dtype, rank=2)
+            for k, dtype in found.items()}
+
+
+def check_teacher_ids(batch: Mapping[str, np.ndarray], vocab_size: int) -> None:
+    """Stored teacher top-k ids must index the student's vocabulary (else: another vocabulary)."""
+    ids = batch.get('teacher_topk_ids')
+    if ids is None or not ids.size:
+        return
+    top = int(ids.max())
+    if top >= vocab_size:
+        raise ValueError(f'The pseudo-labels\' teacher top-k holds token id {top}, but the student '
+                         f'vocab_size is {vocab_size}: the teacher used another vocabulary. Token-'
+                         'level KD needs one shared vocabulary; pseudo-label with a teacher of the '
+                         "student's family (e.g. both t5_1_1_*) and --gin.VOCABULARY, or use "
+                         'sequence KD (gin_configs/runs/distill_seq.gin).')
+
+
 def to_global(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
               global_batch: int | None = None) -> dict[str, jax.Array]:
-    """Assembles each host's numpy batch into global arrays sharded over the data axis.
+    """Assembles each host's numpy batch (FEATURES, and TEACHER_FEATURES when present) into global
+    arrays sharded over the data axis (batch dimension only).
 
     This is the hot loop's one intended host-to-device transfer, so it is allowed explicitly
     inside the trainer's `jax.transfer_guard('disallow')`.
@@ -108,16 +147,23 @@ def to_global(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
     sharding = partitioning.batch_sharding(mesh)
     out = {}
     with jax.transfer_guard('allow'):
-        for key in FEATURES:
+        for key in (*FEATURES, *(k for k in TEACHER_FEATURES if k in local)):
             x = np.asarray(local[key])
             shape = None if global_batch is None else (global_batch,) + x.shape[1:]
             out[key] = jax.make_array_from_process_local_data(sharding, x, shape)
     return out
 
 
-def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+def numpy_batches(ds: tf.data.Dataset,
+                  vocab_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Host batches of FEATURES plus any TEACHER_FEATURES; with `vocab_size`, teacher ids are
+    checked against the student's vocabulary on the host (before each batch reaches a device)."""
+    keys = [*FEATURES, *(k for k in TEACHER_FEATURES if k in ds.element_spec)]
     for batch in ds.as_numpy_iterator():
-        yield {k: batch[k] for k in FEATURES}
+        out = {k: batch[k] for k in keys}
+        if vocab_size is not None:
+            check_teacher_ids(out, vocab_size)
+        yield out
 
 
 def log_overlong(counter: OverlongCounter, task_name: str) -> None:

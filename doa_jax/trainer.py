@@ -69,6 +69,7 @@ def _check_microbatches(batch_size: int, num_microbatches: int, mesh) -> None:
 def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
           task_feature_lengths: Mapping[str, int], train_steps: int, batch_size: int,
           optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
+          eval_loss_fn: LossFn | None = None,
           mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
           random_seed: int = 0, shuffle: bool = True, num_microbatches: int = 1,
           loss_normalizing_factor: float | str | None = None,
@@ -84,7 +85,9 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
 
     `shuffle=False` streams each host's shard in order (for debugging and the multi-process test).
     `callbacks` are the user's (gin: `train.callbacks`); `extra_callbacks` are added by the entry
-    point (e.g. the run record) so that binding one never drops the other.
+    point (e.g. the run record) so that binding one never drops the other. `eval_loss_fn` (default:
+    `loss_fn`) is the teacher-forced eval loss: offline token-level KD trains on stored teacher
+    top-k that the gold eval split does not have, so its run file evaluates cross entropy.
     """
     callbacks = CallbackList([*callbacks, *extra_callbacks])
     optimizer = optimizer or optax.adafactor(1e-3, decay_rate=0.8)
@@ -131,14 +134,15 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
                                  seed=random_seed, shuffle=shuffle, skip_batches=skip,
                                  overlong=overlong,
                                  counter=counter)
-    batches = train_data.numpy_batches(ds)
+    batches = train_data.numpy_batches(ds, vocab_size=model_config.vocab_size)
     metrics = jax.device_put(zero_metrics(), partitioning.replicated(mesh))
     writer = TrainMetricsWriter(model_dir, train_steps, start_step, show_progress)
     flops_per_step = batch_size * train_flops_per_sequence(model_config, src_len, tgt_len)
     peak = peak_flops_per_device(cpu_peak=cpu_peak_flops)
-    evaluator = _Evaluator(model_config, apply_fn, loss_fn, mesh, act_rules, mixture_or_task_name,
-                           task_feature_lengths, eval_split, batch_size, eval_steps, decode_metrics,
-                           max_decode_length or tgt_len, loss_normalizing_factor, random_seed)
+    evaluator = _Evaluator(model_config, apply_fn, eval_loss_fn or loss_fn, mesh, act_rules,
+                           mixture_or_task_name, task_feature_lengths, eval_split, batch_size,
+                           eval_steps, decode_metrics, max_decode_length or tgt_len,
+                           loss_normalizing_factor, random_seed)
     callbacks.on_train_start(model_dir=model_dir, start_step=start_step, mesh=mesh)
 
     step = start_step
@@ -262,7 +266,7 @@ class _Evaluator:
         ds = train_data.host_dataset(self.task_name, self.lengths, self.split, self.batch_size,
                                      seed=self.seed, shuffle=False, repeat=False)
         local = self.batch_size // jax.process_count()
-        for i, b in enumerate(train_data.numpy_batches(ds)):
+        for i, b in enumerate(train_data.numpy_batches(ds, vocab_size=self.config.vocab_size)):
             if self.eval_steps is not None and i >= self.eval_steps:
                 break
             n = b['encoder_input_tokens'].shape[0]

@@ -4,11 +4,14 @@ registration, so `import tasks` works without data."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
+import logging
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -145,9 +148,9 @@ def register_budget_tasks(base_name: str, files: Mapping[str, PathLike], prefix:
     return names + [f'{base_name}_unlabeled']
 
 
-def read_pseudo_labels(infer_output_dir: str, completed_only: bool = False,
-                       on_error: str = 'raise') -> tuple[list[str], list[str], list[str]]:
-    """(ids, inputs, predictions) from the JSONL shards of an inference output directory."""
+def _pseudo_label_records(infer_output_dir: str, completed_only: bool,
+                          on_error: str) -> Iterator[tuple[str, str, dict]]:
+    """(file:line, id, record) of every shard line; ids must be unique across shards."""
     shards = sorted(p for p in glob.glob(os.path.join(infer_output_dir, '*'))
                     if os.path.isfile(p) and not p.endswith('.COMPLETED'))
     if completed_only:
@@ -156,7 +159,7 @@ def read_pseudo_labels(infer_output_dir: str, completed_only: bool = False,
         raise FileNotFoundError(f'{infer_output_dir}: no inference shards found'
                                 f'{" with a .COMPLETED marker" if completed_only else ""}; run '
                                 'inference on the unlabeled pool first.')
-    ids, inputs, preds, seen = [], [], [], {}
+    seen: dict[str, str] = {}
     for shard in shards:
         # An empty prediction is a real pseudo-label (a WLP sentence without entities).
         for number, record in iter_jsonl(shard, ('input', 'prediction'), on_error=on_error,
@@ -169,10 +172,139 @@ def read_pseudo_labels(infer_output_dir: str, completed_only: bool = False,
                 raise DataError(f'{shard}:{number}: id {key!r} already seen at {seen[key]}; shards '
                                 'overlap (delete duplicate outputs or re-run inference).')
             seen[key] = f'{shard}:{number}'
-            ids.append(key)
-            inputs.append(record['input'])
-            preds.append(record['prediction'])
+            yield seen[key], key, record
+
+
+def read_pseudo_labels(infer_output_dir: str, completed_only: bool = False,
+                       on_error: str = 'raise') -> tuple[list[str], list[str], list[str]]:
+    """(ids, inputs, predictions) from the JSONL shards of an inference output directory."""
+    ids, inputs, preds = [], [], []
+    for _, key, record in _pseudo_label_records(infer_output_dir, completed_only, on_error):
+        ids.append(key)
+        inputs.append(record['input'])
+        preds.append(record['prediction'])
     return ids, inputs, preds
+
+
+TOPK_MISMATCH_MODES = ('error', 'drop')
+
+
+@dataclasses.dataclass
+class TeacherTopK:
+    """Pseudo-labels with the teacher's top-k per target token, aligned to the student's targets.
+
+    Row i of `topk_ids[j]` / `topk_logprobs[j]` (each (num_target_tokens, k)) belongs to target
+    token i of `predictions[j]` re-tokenized plus EOS; an all-`NO_TEACHER_ID` row has no teacher
+    distribution (see `align_topk`).
+    """
+    ids: list[str]
+    inputs: list[str]
+    predictions: list[str]
+    topk_ids: list[np.ndarray]
+    topk_logprobs: list[np.ndarray]
+    dropped: list[str]          # 'file:line id ...' of the records left out by topk_mismatch='drop'
+
+
+def align_topk(topk_ids: Sequence, topk_logprobs: Sequence, num_target_tokens: int,
+               where: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stored top-k as one row per target token (prediction tokens + EOS), or None.
+
+    Pseudo-labeling stores one row per token the teacher decoded, EOS included. When the
+    re-tokenized prediction has that many tokens plus EOS, they align one to one. When it has one
+    token more, the teacher reached its decode limit before emitting EOS: the rows cover the
+    prediction, and the student's EOS gets a `NO_TEACHER_ID` row (cross entropy there). Any other
+    count means the prediction does not re-tokenize to the teacher's tokens: None. Only counts can
+    be checked (records hold text, not the decoded ids): a re-tokenization into other tokens of an
+    accepted count goes unnoticed.
+    """
+    from doa_jax.distill_losses import NO_TEACHER_ID
+
+    ids = np.asarray(topk_ids, np.int32)
+    logprobs = np.asarray(topk_logprobs, np.float32)
+    if ids.ndim != 2 or ids.shape != logprobs.shape or not ids.size:
+        raise DataError(f'{where}: topk_ids {ids.shape} and topk_logprobs {logprobs.shape} must '
+                        'both be non-empty (decoded tokens, k) lists of equal shape.')
+    if ids.shape[0] == num_target_tokens:
+        return ids, logprobs
+    if ids.shape[0] == num_target_tokens - 1:
+        k = ids.shape[1]
+        return (np.concatenate([ids, np.full((1, k), NO_TEACHER_ID, np.int32)]),
+                np.concatenate([logprobs, np.zeros((1, k), np.float32)]))
+    return None
+
+
+def read_teacher_topk(infer_output_dir: str, vocabulary: seqio.Vocabulary, *,
+                      completed_only: bool = False, on_error: str = 'raise',
+                      topk_mismatch: str = 'error') -> TeacherTopK:
+    """Pseudo-labels and their stored teacher top-k, aligned to the targets `vocabulary` makes.
+
+    Records without top-k (pseudo-labeled with top_k = 0) are an error. A record whose prediction
+    re-tokenizes to a token count that `align_topk` cannot match is an error naming it
+    (topk_mismatch='error'), or is left out of the result with a warning (topk_mismatch='drop').
+    """
+    if topk_mismatch not in TOPK_MISMATCH_MODES:
+        raise ValueError(f'topk_mismatch={topk_mismatch!r}; choose one of {TOPK_MISMATCH_MODES} '
+                         '(gin: pseudo_labeled_task.topk_mismatch).')
+    out = TeacherTopK([], [], [], [], [], [])
+    mismatched, k = [], None
+    for where, key, record in _pseudo_label_records(infer_output_dir, completed_only, on_error):
+        if 'topk_ids' not in record or 'topk_logprobs' not in record:
+            raise DataError(
+                    f'{where}: id {key!r} has no teacher top-k (topk_ids, topk_logprobs): '
+                    f'{infer_output_dir} was pseudo-labeled with top_k = 0. Offline token-level KD '
+                    '(gin_configs/runs/distill_kd_offline.gin) needs them: rerun pseudo-labeling '
+                    'into a new INFER_OUTPUT_DIR with --gin.TOP_K=<k> (gin: infer.top_k, e.g. 10; '
+                    'completed chunks are never redone), or train with distill_seq.gin (sequence '
+                    'KD) or distill_kd.gin (online teacher).')
+        n_targets = len(vocabulary.encode(record['prediction'])) + 1   # + EOS
+        aligned = align_topk(record['topk_ids'], record['topk_logprobs'], n_targets, where)
+        if aligned is None:
+            mismatched.append(f'{where} id {key!r} ({len(record["topk_ids"])} top-k rows, '
+                              f'{n_targets} target tokens)')
+            continue
+        if k is None:
+            k = aligned[0].shape[1]
+        elif aligned[0].shape[1] != k:
+            raise DataError(f'{where}: id {key!r} has top-k of width {aligned[0].shape[1]}, '
+                            f'earlier records {k}; every chunk of {infer_output_dir} must come '
+                            'from one pseudo-labeling run (one TOP_K).')
+        out.ids.append(key)
+        out.inputs.append(record['input'])
+        out.predictions.append(record['prediction'])
+        out.topk_ids.append(aligned[0])
+        out.topk_logprobs.append(aligned[1])
+    if mismatched:
+        what = (f'{len(mismatched)} pseudo-labels in {infer_output_dir} re-tokenize to a different '
+                'number of target tokens than their stored teacher top-k (the teacher decoded ids '
+                'the tokenizer drops, e.g. ids past its vocabulary or bytes that are not UTF-8, or '
+                'a segmentation it does not reproduce), so their top-k cannot be aligned: '
+                f'{"; ".join(mismatched[:5])}')
+        if topk_mismatch == 'error':
+            raise DataError(f'{what}. To train without them set topk_mismatch=\'drop\' (gin: '
+                            'pseudo_labeled_task.topk_mismatch; with distill_kd_offline.gin: '
+                            '--gin.TOPK_MISMATCH="\'drop\'"), or use sequence KD '
+                            '(distill_seq.gin).')
+        logging.warning('%s. They are left out (topk_mismatch=drop).', what)
+        out.dropped = mismatched
+    if not out.ids:
+        raise DataError(f'{infer_output_dir}: no pseudo-label with an aligned teacher top-k is '
+                        'left to train on.')
+    return out
+
+
+def _topk_dataset(labels: TeacherTopK, prefix: str) -> tf.data.Dataset:
+    from doa_jax.distill_losses import TOPK_IDS, TOPK_LOGPROBS
+
+    lengths = [a.shape[0] for a in labels.topk_ids]
+    ragged = lambda xs: tf.RaggedTensor.from_row_lengths(np.concatenate(xs), lengths)
+    inputs = [x if x.startswith(prefix) else prefix + x for x in labels.inputs]
+    as_tensor = lambda xs: tf.constant(list(xs), dtype=tf.string)
+    ds = tf.data.Dataset.from_tensor_slices({
+            'id': as_tensor(labels.ids), 'inputs': as_tensor(inputs),
+            'targets': as_tensor(labels.predictions), TOPK_IDS: ragged(labels.topk_ids),
+            TOPK_LOGPROBS: ragged(labels.topk_logprobs)})
+    # Rows of a ragged tensor are dense (tokens, k) tensors; give them a plain TensorSpec.
+    return ds.map(lambda ex: {key: tf.identity(v) for key, v in ex.items()})
 
 
 def register_pseudo_labeled_task(name: str, infer_output_dir: str, *, prefix: str = '',
@@ -180,18 +312,34 @@ def register_pseudo_labeled_task(name: str, infer_output_dir: str, *, prefix: st
                                  metric_fns: Sequence[MetricFn] | None = None,
                                  completed_only: bool = False,
                                  vocabulary: seqio.Vocabulary | None = None,
-                                 on_error: str = 'raise', overwrite: bool = False) -> seqio.Task:
+                                 on_error: str = 'raise', with_topk: bool = False,
+                                 topk_mismatch: str = 'error',
+                                 overwrite: bool = False) -> seqio.Task:
     """Registers a task whose train split is the teacher's predictions (targets = prediction) and
-    whose other splits (and metrics) come from `eval_task`. Inputs missing `prefix` get it."""
+    whose other splits (and metrics) come from `eval_task`. Inputs missing `prefix` get it.
+
+    `with_topk=True` (offline token-level KD) adds the teacher's stored top-k to each train
+    example as `teacher_topk_ids` / `teacher_topk_logprobs` (target tokens, k), aligned to the
+    targets by `read_teacher_topk`; the other splits have none.
+    """
     base = seqio.get_mixture_or_task(eval_task) if eval_task else None
     eval_splits = [s for s in (base.splits if base else ()) if s != 'train']
+    vocab = vocabulary or default_vocabulary()
+    if topk_mismatch not in TOPK_MISMATCH_MODES:
+        raise ValueError(f'topk_mismatch={topk_mismatch!r}; choose one of {TOPK_MISMATCH_MODES} '
+                         '(gin: pseudo_labeled_task.topk_mismatch).')
 
     def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
         if split != 'train':
             return base.source.get_dataset(split=split, shuffle=False)
+        if with_topk:
+            return _topk_dataset(read_teacher_topk(infer_output_dir, vocab,
+                                                   completed_only=completed_only,
+                                                   on_error=on_error,
+                                                   topk_mismatch=topk_mismatch), prefix)
         ids, inputs, preds = read_pseudo_labels(infer_output_dir, completed_only, on_error)
         inputs = [x if x.startswith(prefix) else prefix + x for x in inputs]
         return _to_dataset(ids, inputs, preds)
 
     fns = metric_fns if metric_fns is not None else (base.metric_fns if base else ())
-    return _add_task(name, dataset_fn, ['train', *eval_splits], fns, vocabulary, overwrite)
+    return _add_task(name, dataset_fn, ['train', *eval_splits], fns, vocab, overwrite)

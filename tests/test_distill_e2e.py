@@ -1,42 +1,141 @@
-"""End to end on the tiny model and the offline toy task: teacher -> pseudo-labels -> students."""
+"""End to end on the real WLP files with tiny byte-vocabulary models: a teacher fine-tunes on a
+labeled slice, pseudo-labels a pool (with its full top-k), and students train with sequence KD,
+offline token KD (stored top-k, no teacher), online token KD and, for the annotation baseline, on
+more gold labels. Every student's eval writes the WLP task metrics.
+"""
 
 import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqio
 
-from doa_jax import infer, pseudo_label as pl, train
+from doa_jax import distill_gin, distill_losses as dl, gin_utils, infer, pseudo_label as pl
+from doa_jax import train_data
+from doa_jax.data import paper
+from doa_jax.losses import normalized_loss_weights
+from doa_jax.models.config import get_config
+from doa_jax.models.t5 import T5
 
-FAST = ['--gin.TRAIN_STEPS=6', '--gin.EVAL_PERIOD=6', '--gin.CHECKPOINT_PERIOD=6',
-        '--gin.LOG_PERIOD=3']
+BASE = 'e2e_wlp'
+LABELED, MORE_LABELED = 32, 64           # the teacher's slice; the annotation baseline's
+POOL = 16                                # pseudo-labeled examples
+LENGTHS = {'inputs': 256, 'targets': 32}  # no pool input is cut: the teacher sees it whole
+FAST = ['TRAIN_STEPS=4', 'LOG_PERIOD=2', 'CHECKPOINT_PERIOD=4', 'EVAL_PERIOD=4',
+        'train.eval_steps=1', f'TASK_FEATURE_LENGTHS={LENGTHS}']
+TOP_K = 512                              # the tiny model's whole vocabulary
+TEACHER_STEPS = 20   # enough that its greedy outputs are valid UTF-8 bytes (they re-tokenize)
+
+
+def _register_wlp(data_dir):
+    """The paper's WLP files through the same factory as doa_wlp_*, as a small byte-vocab slice."""
+    spec = paper.DATASETS['wlp']
+    from tasks.jsonl_task import register_budget_tasks
+    from tasks.paper_tasks import METRIC_FNS
+    files = {'train': str(data_dir / spec.files['train']),
+             'validation': str(data_dir / spec.files['validation'])}
+    register_budget_tasks(BASE, files, spec.prefix, (LABELED, MORE_LABELED), METRIC_FNS['wlp'],
+                          pool_size=POOL, vocabulary=seqio.ByteVocabulary(),
+                          allow_empty_target=spec.allow_empty_target, overwrite=True)
 
 
 def _train(files, *bindings):
+    """Trains through the gin run files as `python -m doa_jax.train` does; returns its history."""
     gin.clear_config()
-    return train.main([f'--gin_file=gin_configs/runs/{f}.gin' for f in files] + FAST + list(bindings))
+    gin_utils.parse_gin([f'gin_configs/runs/{f}.gin' for f in files], FAST + list(bindings))
+    return gin_utils.run_configured_training(['-m', 'doa_jax.train']).history
 
 
-def _metrics(model_dir):
-    """The eval summaries carry the task metric (toy accuracy) computed on decoded outputs."""
+def _assert_task_metrics(model_dir):
     events = list((model_dir / 'eval').glob('events.out.tfevents.*'))
     assert events, f'no eval summaries under {model_dir}'
-    assert b'task/accuracy' in b''.join(p.read_bytes() for p in events)
+    assert b'task/span_f1' in b''.join(p.read_bytes() for p in events)
 
 
-def test_teacher_pseudo_labels_students(tmp_path):
-    teacher, plabels = tmp_path / 'teacher', tmp_path / 'pl'
-    assert _train(['finetune_teacher', 'finetune_teacher_tiny'], f"--gin.MODEL_DIR='{teacher}'") == 0
+@pytest.fixture(scope='module')
+def wlp_tasks(data_dir):
+    _register_wlp(data_dir)
+
+
+@pytest.fixture(scope='module')
+def wlp_pseudo_labels(wlp_tasks, tmp_path_factory):
+    """(teacher MODEL_DIR, pseudo-label dir) for a tiny teacher fine-tuned on WLP."""
+    root = tmp_path_factory.mktemp('wlp')
+    teacher, plabels = root / 'teacher', root / 'pl'
+    _train(['finetune_teacher', 'finetune_teacher_tiny'], f"MODEL_DIR='{teacher}'",
+           f"MIXTURE_OR_TASK_NAME='{BASE}_labeled_{LABELED}'", 'EVAL_PERIOD=0',
+           f'TRAIN_STEPS={TEACHER_STEPS}', f'CHECKPOINT_PERIOD={TEACHER_STEPS}')
     gin.clear_config()
     assert infer.main(['--gin_file=gin_configs/runs/pseudo_label.gin',
                        '--gin_file=gin_configs/runs/pseudo_label_tiny.gin',
                        f"--gin.CHECKPOINT_PATH='{teacher}'", f"--gin.INFER_OUTPUT_DIR='{plabels}'",
-                       '--gin.LIMIT=16']) == 0
-    assert len(pl.read_chunks(str(plabels))) == 16
-    seq = tmp_path / 'seq'
-    assert _train(['distill_seq', 'distill_seq_tiny'], f"--gin.MODEL_DIR='{seq}'",
-                  f"--gin.INFER_OUTPUT_DIR='{plabels}'") == 0
-    _metrics(seq)
-    kd = tmp_path / 'kd'
-    assert _train(['distill_kd', 'distill_kd_tiny'], f"--gin.MODEL_DIR='{kd}'",
-                  f"--gin.INFER_OUTPUT_DIR='{plabels}'", f"--gin.TEACHER_CHECKPOINT='{teacher}'") == 0
-    _metrics(kd)
-    ann = tmp_path / 'annotate'
-    assert _train(['annotate', 'annotate_tiny'], f"--gin.MODEL_DIR='{ann}'") == 0
-    _metrics(ann)
+                       f"--gin.MIXTURE_OR_TASK_NAME='{BASE}_unlabeled'", f'--gin.TOP_K={TOP_K}',
+                       f'--gin.BATCH_SIZE={POOL}',
+                       f"--gin.infer.max_input_length={LENGTHS['inputs']}",
+                       f"--gin.infer.max_decode_length={LENGTHS['targets']}"]) == 0
+    records = pl.read_chunks(str(plabels))
+    assert len(records) == POOL and all(len(r['topk_ids'][0]) == TOP_K for r in records)
+    return teacher, plabels
+
+
+def test_wlp_sequence_kd_student(wlp_pseudo_labels, tmp_path):
+    _, plabels = wlp_pseudo_labels
+    _train(['distill_seq', 'distill_seq_tiny'], f"MODEL_DIR='{tmp_path}'",
+           f"INFER_OUTPUT_DIR='{plabels}'", f"EVAL_TASK='{BASE}_labeled_{LABELED}'")
+    _assert_task_metrics(tmp_path)
+
+
+def test_wlp_annotation_baseline(wlp_tasks, tmp_path):
+    _train(['annotate', 'annotate_tiny'], f"MODEL_DIR='{tmp_path}'",
+           f"MIXTURE_OR_TASK_NAME='{BASE}_labeled_{MORE_LABELED}'")
+    _assert_task_metrics(tmp_path)
+
+
+def test_wlp_offline_token_kd_trains_on_stored_topk(wlp_pseudo_labels, tmp_path):
+    _, plabels = wlp_pseudo_labels
+    history = _train(['distill_kd_offline', 'distill_kd_offline_tiny'],
+                     f"MODEL_DIR='{tmp_path / 'kd'}'", f"INFER_OUTPUT_DIR='{plabels}'",
+                     f"EVAL_TASK='{BASE}_labeled_{LABELED}'")
+    assert history[-1]['loss'] < history[0]['loss'], history
+    assert np.isfinite(history[-1]['eval/loss'])   # cross entropy on the gold eval split
+    _assert_task_metrics(tmp_path / 'kd')
+
+
+def test_wlp_stored_topk_batch_matches_online_teacher(wlp_pseudo_labels):
+    """The trainer's batch carries the stored top-k; with k = the whole vocabulary, the offline KD
+    loss on it equals the online-teacher KD loss on the same batch."""
+    teacher, plabels = wlp_pseudo_labels
+    task = distill_gin.pseudo_labeled_task(str(plabels), with_topk=True, name='e2e_wlp_topk')
+    ds = train_data.host_dataset(task, LENGTHS, 'train', 8, seed=0, shuffle=False, repeat=False)
+    batch = next(train_data.numpy_batches(ds, vocab_size=TOP_K))
+    assert batch['teacher_topk_ids'].shape == (8, LENGTHS['targets'], TOP_K)
+    assert batch['teacher_topk_logprobs'].dtype == np.float32
+    assert (batch['encoder_input_tokens'] == 1).any(axis=1).all()   # no input was cut
+    # Greedy pseudo-labels: each target token is its position's top-1 teacher id.
+    real = batch['decoder_loss_weights'] > 0
+    np.testing.assert_array_equal(batch['teacher_topk_ids'][..., 0][real],
+                                  batch['decoder_target_tokens'][real])
+    config = get_config('t5_1_1_tiny', dtype=jnp.float32)
+    model = T5(config)
+    online_kd = dl.online_teacher_kd_loss(pl.load_teacher(str(teacher), config), config)
+
+    @jax.jit
+    def both(batch):
+        batch = dict(batch, loss_weights=normalized_loss_weights(batch, None))
+        student = model.init(jax.random.PRNGKey(7), batch['encoder_input_tokens'],
+                             batch['decoder_input_tokens'])['params']
+        logits = model.apply({'params': student}, batch['encoder_input_tokens'],
+                             batch['decoder_input_tokens'], batch['decoder_target_tokens'])
+        return dl.token_kd_loss()(logits, batch)[0], online_kd(logits, batch)[0]
+
+    offline, online = both(batch)
+    assert abs(float(offline) - float(online)) < 1e-4, (float(offline), float(online))
+
+
+def test_wlp_online_token_kd(wlp_pseudo_labels, tmp_path):
+    teacher, plabels = wlp_pseudo_labels
+    _train(['distill_kd', 'distill_kd_tiny'], f"MODEL_DIR='{tmp_path / 'kd'}'",
+           f"INFER_OUTPUT_DIR='{plabels}'", f"TEACHER_CHECKPOINT='{teacher}'",
+           f"EVAL_TASK='{BASE}_labeled_{LABELED}'")
+    _assert_task_metrics(tmp_path / 'kd')

@@ -68,6 +68,28 @@ def test_alpha_mixing_and_gold_rows():
     assert float(aux['kd_loss']) == 0.0
 
 
+def test_positions_without_teacher_take_cross_entropy():
+    """An offline row of NO_TEACHER_ID (a pseudo-label's EOS the teacher never decoded) takes
+    cross entropy; every other position keeps the KD term, whatever alpha mixes in."""
+    from doa_jax.losses import cross_entropy_with_z_loss
+    batch, student, teacher = _batch(5)
+    vals, ids = jax.lax.top_k(jax.nn.log_softmax(teacher), teacher.shape[-1])
+    missing = np.zeros(ids.shape[:2], bool)
+    missing[1, 2] = missing[2, 4] = True
+    ids = jnp.where(missing[..., None], dl.NO_TEACHER_ID, ids)
+    vals = jnp.where(missing[..., None], 0.0, vals)
+    offline = dict(batch, teacher_topk_ids=ids, teacher_topk_logprobs=vals)
+    ce, _ = cross_entropy_with_z_loss(student, batch['decoder_target_tokens'], 0.0, 0.0)
+    kd = dl.token_kl(student, dict(batch, teacher_logits=teacher), 2.0)
+    w = batch['loss_weights']
+    for alpha in (0.0, 0.3):
+        want = jnp.sum(jnp.where(missing, ce, alpha * ce + (1 - alpha) * kd) * w)
+        got, aux = dl.token_kd_loss(alpha=alpha)(student, offline)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+        np.testing.assert_allclose(float(aux['kd_loss']),
+                                   float(jnp.sum(jnp.where(missing, 0.0, kd) * w)), rtol=1e-5)
+
+
 def test_sequence_kd_is_cross_entropy_on_targets():
     batch, student, _ = _batch(4)
     a, _ = dl.sequence_kd_loss(z_loss=0.0)(student, batch)
