@@ -136,6 +136,27 @@ def test_loading_a_trainer_run_directory(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
 
 
+def test_a_partial_save_is_skipped_or_named(tmp_path):
+    from doa_jax.checkpointing import RunCheckpointer
+    from doa_jax.train_state import TrainState
+
+    cfg, params = _tiny_params()
+    ckpt = RunCheckpointer(str(tmp_path / 'run'), keep=3)
+    ckpt.save(5, TrainState(step=jnp.int32(5), params=params, opt_state={}),
+              {'step': 5, 'batches_consumed': 5})
+    ckpt.close()
+    # A later save killed midway: a step dir without metadata, and an Orbax temp dir.
+    steps = next(p for p in (tmp_path / 'run').rglob('5') if p.is_dir()).parent
+    (steps / '9' / 'state').mkdir(parents=True)
+    (steps / '12.orbax-checkpoint-tmp-1234').mkdir()
+    loaded = checkpoints.load_checkpoint(tmp_path / 'run', cfg)      # falls back to step 5
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    import shutil
+    shutil.rmtree(steps / '5')
+    with pytest.raises(FileNotFoundError, match=r'only a partial save .*9.*killed'):
+        checkpoints.load_checkpoint(tmp_path / 'run', cfg)
+
+
 def test_mismatched_checkpoint_lists_paths_and_both_shapes(tmp_path):
     _, params = _tiny_params()
     checkpoints.write_t5x_legacy(params, tmp_path, step=1)

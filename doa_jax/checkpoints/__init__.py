@@ -18,7 +18,7 @@ from doa_jax.checkpoints.t5x import read_t5x_legacy, write_t5x_legacy
 from doa_jax.models.config import T5Config
 
 __all__ = ['CheckpointMismatchError', 'detect_format', 'load_checkpoint', 'load_hf', 'save_hf',
-           'read_t5x_legacy', 'write_t5x_legacy', 'save_params', 'check_params']
+           'read_t5x_legacy', 'write_t5x_legacy', 'save_params', 'check_params', 'partial_saves']
 
 
 def _flatten(tree: Mapping, prefix: str = '') -> dict[str, Any]:
@@ -45,23 +45,58 @@ def check_params(params: Mapping, config: T5Config, source: str) -> None:
         raise CheckpointMismatchError.build(source, missing, unexpected, bad)
 
 
-def _orbax_item_dir(path: pathlib.Path) -> pathlib.Path | None:
-    """Finds the Orbax PyTree directory in a run dir, a checkpoints dir, or a step dir."""
+def _complete_item(path: pathlib.Path) -> pathlib.Path | None:
+    """The Orbax PyTree directory of a finished save at `path` (a step dir or the item itself)."""
     if (path / '_METADATA').is_file() or (path / '_CHECKPOINT_METADATA').is_file() and not (
             path / 'state').is_dir():
         return path
     if (path / 'state' / '_METADATA').is_file():
         return path / 'state'                       # doa_jax step dir
-    for parent in (path / 'checkpoints', path):       # doa_jax run dir / checkpoints dir
-        if parent.is_dir():
-            steps = sorted((int(p.name), p) for p in parent.iterdir()
-                           if p.is_dir() and p.name.isdigit())
-            steps += sorted((int(p.name.split('_')[1]), p) for p in parent.iterdir()
-                            if p.is_dir() and p.name.startswith('checkpoint_')
-                            and p.name.split('_')[1].isdigit())
-            if steps:
-                return _orbax_item_dir(max(steps, key=lambda s: s[0])[1])
     return None
+
+
+def _step_dirs(parent: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+    """`<step>` (doa_jax) and `checkpoint_<step>` (t5x) directories, newest first."""
+    steps = []
+    for p in parent.iterdir():
+        name = p.name.removeprefix('checkpoint_')
+        if p.is_dir() and name.isdigit() and (p.name == name or p.name.startswith('checkpoint_')):
+            steps.append((int(name), p))
+    return sorted(steps, key=lambda s: s[0], reverse=True)
+
+
+def _orbax_item_dir(path: pathlib.Path) -> pathlib.Path | None:
+    """Finds the Orbax PyTree directory in a run dir, a checkpoints dir, or a step dir.
+
+    In a run or checkpoints dir the newest *complete* step wins: a step a killed run left
+    half-written (no metadata) is skipped, as Orbax's own resume skips it.
+    """
+    item = _complete_item(path)
+    if item is not None:
+        return item
+    for parent in (path / 'checkpoints', path):
+        if parent.is_dir():
+            for _, step_dir in _step_dirs(parent):
+                item = _complete_item(step_dir)
+                if item is not None:
+                    return item
+    return None
+
+
+def partial_saves(path: str | os.PathLike) -> list[str]:
+    """Saves a killed run left unfinished under `path` (Orbax temp dirs, steps without metadata)."""
+    path = pathlib.Path(path)
+    found = []
+    for parent in (path, path / 'checkpoints'):
+        if not parent.is_dir():
+            continue
+        for p in sorted(parent.iterdir()):
+            if '.orbax-checkpoint-tmp' in p.name:
+                found.append(str(p))
+        found += [str(p) for _, p in _step_dirs(parent) if _complete_item(p) is None]
+    if not found and path.is_dir() and path.name.isdigit() and _complete_item(path) is None:
+        found.append(str(path))
+    return found
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -79,6 +114,12 @@ def detect_format(path: str | os.PathLike) -> str:
         return 't5x'
     if _orbax_item_dir(path) is not None:
         return 'orbax'
+    partial = partial_saves(path)
+    if partial:
+        raise FileNotFoundError(
+                f'{path} holds only a partial save ({", ".join(partial[:3])}): a run killed while '
+                'writing a checkpoint. Point the path at a completed step, or rerun the job that '
+                'writes it (it resumes from its last complete checkpoint).')
     raise FileNotFoundError(
             f'{path} is not a checkpoint doa_jax recognises: expected an HF directory '
             '(config.json + model.safetensors / pytorch_model.bin), a t5x checkpoint_<step> '
