@@ -1,7 +1,8 @@
 """Sharded, resumable pseudo-labeling: a teacher decodes an unlabeled pool into JSONL chunks.
 
 Layout of an output directory (read back by `tasks.jsonl_task.register_pseudo_labeled_task`):
-  chunk-SSSSS-CCCCC.jsonl            one line per example: id, input, prediction, score[, topk]
+  chunk-SSSSS-CCCCC.jsonl            one line per example: id, input, prediction, score[, topk_ids,
+                                     topk_logprobs, target_ids (the decoded ids, EOS included)]
   chunk-SSSSS-CCCCC.jsonl.COMPLETED  written (atomically) only after the chunk file is fsynced
 Each host (shard S of N) takes pool indices S, S+N, S+2N, ... (index striding), so it reads only
 its own examples; its list is cut into chunks of `chunk_size`. A restarted job skips every chunk that
@@ -285,6 +286,9 @@ class TeacherLabeler:
             if topk is not None:
                 rec['topk_logprobs'] = np.round(topk[0][r, :n], 6).tolist()
                 rec['topk_ids'] = topk[1][r, :n].tolist()
+                # The decoded ids (EOS included): the student's reader checks that the
+                # re-tokenized prediction gives exactly these before it trusts the top-k rows.
+                rec['target_ids'] = [int(t) for t in out[r, :n]]
             results.append(rec)
         return results
 

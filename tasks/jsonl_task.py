@@ -205,17 +205,20 @@ class TeacherTopK:
     dropped: list[str]          # 'file:line id ...' of the records left out by topk_mismatch='drop'
 
 
-def align_topk(topk_ids: Sequence, topk_logprobs: Sequence, num_target_tokens: int,
-               where: str) -> tuple[np.ndarray, np.ndarray] | None:
+def align_topk(topk_ids: Sequence, topk_logprobs: Sequence, targets: int | Sequence[int],
+               where: str, teacher_ids: Sequence[int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray] | None:
     """The stored top-k as one row per target token (prediction tokens + EOS), or None.
 
-    Pseudo-labeling stores one row per token the teacher decoded, EOS included. When the
-    re-tokenized prediction has that many tokens plus EOS, they align one to one. When it has one
-    token more, the teacher reached its decode limit before emitting EOS: the rows cover the
-    prediction, and the student's EOS gets a `NO_TEACHER_ID` row (cross entropy there). Any other
-    count means the prediction does not re-tokenize to the teacher's tokens: None. Only counts can
-    be checked (records hold text, not the decoded ids): a re-tokenization into other tokens of an
-    accepted count goes unnoticed.
+    Pseudo-labeling stores one row per token the teacher decoded, EOS included, and (since
+    records carry `target_ids`) the decoded ids themselves. `targets` are the student's target ids
+    (the re-tokenized prediction + EOS), or only their count for records without `target_ids`.
+    - Same tokens (or, without ids, the same count): aligned one to one.
+    - The teacher's tokens are the targets minus the final EOS: it reached its decode limit
+      before emitting EOS; the student's EOS gets a `NO_TEACHER_ID` row (cross entropy there).
+    - Otherwise the prediction does not re-tokenize to the teacher's tokens: None. Without
+      `target_ids` only counts can be compared, so a re-tokenization into other tokens of an
+      accepted count goes unnoticed.
     """
     from doa_jax.distill_losses import NO_TEACHER_ID
 
@@ -224,9 +227,19 @@ def align_topk(topk_ids: Sequence, topk_logprobs: Sequence, num_target_tokens: i
     if ids.ndim != 2 or ids.shape != logprobs.shape or not ids.size:
         raise DataError(f'{where}: topk_ids {ids.shape} and topk_logprobs {logprobs.shape} must '
                         'both be non-empty (decoded tokens, k) lists of equal shape.')
-    if ids.shape[0] == num_target_tokens:
+    if teacher_ids is not None and len(teacher_ids) != ids.shape[0]:
+        raise DataError(f'{where}: {len(teacher_ids)} target_ids but {ids.shape[0]} top-k rows; '
+                        'the record is corrupt.')
+    if isinstance(targets, int):
+        n_targets, same, cut = targets, True, True
+    else:
+        n_targets = len(targets)
+        decoded = None if teacher_ids is None else [int(t) for t in teacher_ids]
+        same = decoded is None or decoded == [int(t) for t in targets]
+        cut = decoded is None or decoded == [int(t) for t in targets[:-1]]
+    if ids.shape[0] == n_targets and same:
         return ids, logprobs
-    if ids.shape[0] == num_target_tokens - 1:
+    if ids.shape[0] == n_targets - 1 and cut:
         k = ids.shape[1]
         return (np.concatenate([ids, np.full((1, k), NO_TEACHER_ID, np.int32)]),
                 np.concatenate([logprobs, np.zeros((1, k), np.float32)]))
@@ -256,8 +269,10 @@ def read_teacher_topk(infer_output_dir: str, vocabulary: seqio.Vocabulary, *,
                     'into a new INFER_OUTPUT_DIR with --gin.TOP_K=<k> (gin: infer.top_k, e.g. 10; '
                     'completed chunks are never redone), or train with distill_seq.gin (sequence '
                     'KD) or distill_kd.gin (online teacher).')
-        n_targets = len(vocabulary.encode(record['prediction'])) + 1   # + EOS
-        aligned = align_topk(record['topk_ids'], record['topk_logprobs'], n_targets, where)
+        targets = list(vocabulary.encode(record['prediction'])) + [vocabulary.eos_id]
+        aligned = align_topk(record['topk_ids'], record['topk_logprobs'], targets, where,
+                             teacher_ids=record.get('target_ids'))
+        n_targets = len(targets)
         if aligned is None:
             mismatched.append(f'{where} id {key!r} ({len(record["topk_ids"])} top-k rows, '
                               f'{n_targets} target tokens)')

@@ -41,6 +41,18 @@ def test_align_topk_rules():
         align_topk([[1, 2]], [[-1.0]], 1, 'f:3')
 
 
+def test_align_topk_checks_tokens_when_the_record_has_target_ids():
+    ids, lp = [[7, 8]] * 3, [[-0.1, -2.0]] * 3
+    assert align_topk(ids, lp, [5, 6, 1], 'f:1', teacher_ids=[5, 6, 1])[0].shape == (3, 2)
+    cut = align_topk(ids, lp, [5, 6, 9, 1], 'f:1', teacher_ids=[5, 6, 9])   # no EOS decoded
+    assert cut[0].shape == (4, 2) and (cut[0][-1] == dl.NO_TEACHER_ID).all()
+    # Same count, other tokens (a different segmentation): refused, where a count check passes.
+    assert align_topk(ids, lp, [5, 4, 1], 'f:1', teacher_ids=[5, 6, 1]) is None
+    assert align_topk(ids, lp, [5, 6, 4, 1], 'f:1', teacher_ids=[5, 6, 9]) is None
+    with pytest.raises(DataError, match='corrupt'):
+        align_topk(ids, lp, [5, 6, 1], 'f:2', teacher_ids=[5, 1])
+
+
 def test_read_teacher_topk_aligns_and_names_mismatches(tmp_path):
     records = [_record(0, 'red', 4),     # 3 bytes + EOS
                _record(1, 'dog', 3),     # the teacher stopped at its decode limit
