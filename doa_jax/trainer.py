@@ -263,8 +263,19 @@ class _Evaluator:
         self._warned = False
 
     def _batches(self):
+        counter = train_data.OverlongCounter()
         ds = train_data.host_dataset(self.task_name, self.lengths, self.split, self.batch_size,
-                                     seed=self.seed, shuffle=False, repeat=False)
+                                     seed=self.seed, shuffle=False, repeat=False, counter=counter)
+        yield from self._padded(ds)
+        cut = counter.new_since_last()
+        if cut:
+            logging.warning(
+                    '%d %s examples of %s are longer than TASK_FEATURE_LENGTHS=%s and were '
+                    'truncated; where a gold target was cut, the task metrics score against the '
+                    'cut target. Raise the lengths to evaluate them in full.', cut,
+                    self.split, self.task_name, dict(self.lengths))
+
+    def _padded(self, ds):
         local = self.batch_size // jax.process_count()
         for i, b in enumerate(train_data.numpy_batches(ds, vocab_size=self.config.vocab_size)):
             if self.eval_steps is not None and i >= self.eval_steps:

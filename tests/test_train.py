@@ -251,6 +251,22 @@ def test_decode_based_task_metrics_use_generate_and_task_metric(monkeypatch):
         assert ev.task_metrics(None, batches) == {'task/accuracy': expected}
 
 
+def test_eval_warns_when_gold_is_truncated(caplog):
+    mesh = partitioning.make_mesh()
+    short = {'inputs': 64, 'targets': 2}
+    ev = trainer._Evaluator(TINY, model_apply_fn(T5(TINY)), losses.cross_entropy_loss(), mesh,
+                            partitioning.STANDARD_RULES, 'doa_toy', short, 'validation', 8, None,
+                            True, 2, None, 0)
+    with caplog.at_level('WARNING'):
+        assert len(list(ev._batches())) == 2
+    assert '16 validation examples of doa_toy are longer than' in caplog.text
+    caplog.clear()
+    ev.lengths = LENGTHS
+    with caplog.at_level('WARNING'):
+        list(ev._batches())
+    assert 'longer than' not in caplog.text
+
+
 def test_initial_checkpoint_is_loaded_and_checked(tmp_path, monkeypatch):
     import doa_jax.checkpoints as ckpts
     model = T5(TINY)
