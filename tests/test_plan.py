@@ -1,4 +1,5 @@
-"""`benchmark plan`: per-device bytes on a fake 2x2 CPU mesh are consistent with the sharding."""
+"""`benchmark plan`: per-device bytes of the train and decode steps on fake CPU meshes are
+consistent with the sharding (model parallelism, FSDP) and with the KV cache's shape."""
 
 from __future__ import annotations
 
@@ -8,19 +9,59 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from doa_jax.models.config import get_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_plan_small_model_parallel_bytes_and_does_not_fit_tiny_memory(tmp_path):
+def _plan(tmp_path, *flags: str) -> tuple[dict, str]:
     out = tmp_path / 'plan.json'
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    r = subprocess.run([sys.executable, '-m', 'doa_jax.benchmark', 'plan', '--model=t5_1_1_small',
-                        '--mesh=data:2,model:2', '--batch=4', '--input_len=16', '--target_len=8',
-                        '--device_memory_gb=0.1', f'--json={out}'],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    r = subprocess.run([sys.executable, '-m', 'doa_jax.benchmark', 'plan', *flags,
+                        f'--json={out}'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'approximates GPU/TPU' in r.stdout
-    plan = json.loads(out.read_text())
+    return json.loads(out.read_text()), r.stdout
+
+
+def _kv_bytes(model: str, batch: int, data: int, model_axis: int, input_len: int,
+              target_len: int, itemsize: int = 2) -> int:
+    """Self-attention K/V buffers (max decode length) + cross-attention K/V (input length), per
+    decoder layer, with batch over data and heads over model."""
+    cfg = get_config(model)
+    inner = cfg.num_heads * cfg.head_dim // model_axis
+    per_layer = (batch // data) * (input_len + target_len) * inner * itemsize
+    return 2 * cfg.num_decoder_layers * per_layer
+
+
+def _check_decode(plan: dict, kv_expected: int) -> None:
+    dec = plan['decode']
+    model_axis = plan['mesh']['model']
+    # The teacher is split over the model axis only (as pseudo-labeling places it), so without
+    # FSDP the decode step holds exactly the train step's parameter bytes.
+    if not plan['fsdp']:
+        assert dec['param_bytes_per_device'] == plan['param_bytes_per_device']
+    per_model_shard = plan['param_bytes_total'] / model_axis
+    assert per_model_shard <= dec['param_bytes_per_device'] <= 1.01 * per_model_shard
+    # The cache as declared, plus one int32 decode-position counter.
+    assert kv_expected <= dec['kv_cache_bytes_per_device'] <= kv_expected + 16
+    assert dec['temp_bytes_per_device'] > dec['kv_cache_bytes_per_device'] > 0
+    assert dec['total_bytes_per_device'] == (dec['param_bytes_per_device'] +
+                                             dec['temp_bytes_per_device'] +
+                                             dec['io_bytes_per_device'])
+    # No optimizer state and no gradients: decoding needs less than a train step.
+    assert dec['total_bytes_per_device'] < plan['total_bytes_per_device']
+    assert plan['fits'] == (plan['train_fits'] and dec['fits'])
+
+
+def test_plan_small_model_parallel_bytes_and_does_not_fit_tiny_memory(tmp_path):
+    plan, stdout = _plan(tmp_path, '--model=t5_1_1_small', '--mesh=data:2,model:2', '--batch=4',
+                         '--decode_batch=8', '--input_len=16', '--target_len=8',
+                         '--device_memory_gb=0.1')
+    assert 'approximates GPU/TPU' in stdout
+    assert 'decode' in stdout and 'of which KV' in stdout
     per_model_shard = plan['param_bytes_total'] / 2
     # Model-parallel weights are split over model:2; only small norms/biases are replicated.
     assert per_model_shard <= plan['param_bytes_per_device'] <= 1.01 * per_model_shard
@@ -29,3 +70,23 @@ def test_plan_small_model_parallel_bytes_and_does_not_fit_tiny_memory(tmp_path):
                                               plan['optimizer_bytes_per_device'] +
                                               plan['temp_bytes_per_device'])
     assert plan['total_bytes_per_device'] > 0.1e9 and plan['fits'] is False
+    assert plan['decode']['batch'] == 8 and plan['decode']['max_decode_length'] == 8
+    _check_decode(plan, _kv_bytes('t5_1_1_small', 8, 2, 2, 16, 8))
+
+
+def test_plan_base_fsdp_shards_params_and_optimizer_over_all_devices(tmp_path):
+    # Base is the expensive compile (~50 s on a loaded 2-core CPU): tiny batch and lengths.
+    plan, _ = _plan(tmp_path, '--model=t5_1_1_base', '--mesh=data:2,model:2', '--fsdp',
+                    '--optimizer=adamw', '--batch=2', '--input_len=16', '--target_len=8')
+    assert plan['fsdp'] is True and plan['decode']['batch'] == 2
+    # FSDP also splits `embed` over data: every big weight is split 4 ways, not 2.
+    per_device = plan['param_bytes_total'] / 4
+    assert per_device <= plan['param_bytes_per_device'] <= 1.01 * per_device
+    # AdamW's two moments follow their parameter's sharding (+ a replicated step count).
+    assert plan['optimizer_bytes_per_device'] == pytest.approx(
+            2 * plan['param_bytes_per_device'], rel=1e-3)
+    assert plan['fits'] is True
+    # FSDP is train-only: the decode step's teacher is split over model:2, not over all 4.
+    assert plan['decode']['param_bytes_per_device'] == pytest.approx(
+            2 * plan['param_bytes_per_device'], rel=0.01)
+    _check_decode(plan, _kv_bytes('t5_1_1_base', 2, 2, 2, 16, 8))
