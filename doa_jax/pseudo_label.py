@@ -94,7 +94,9 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
     """Labels this shard's part of `pool`, skipping chunks that already carry a marker.
 
     `meter_factory(first, last)` returns a context manager (e.g. `cost.ComputeMeter` with
-    write=True) that prices each chunk by its global index range, so a restart never double-counts.
+    write=True) that prices each chunk by its range in the shard-major order of the pool (shard 0's
+    examples, then shard 1's, ...): ranges tile [0, pool size) without overlap across hosts, and a
+    restart never double-counts. With one shard they are the pool indices.
     `keep_going(chunk_id)` is asked before each chunk that needs work; False stops the shard there
     (a budget cap), leaving the completed chunks a prefix of the shard.
     """
@@ -105,6 +107,7 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
         raise PseudoLabelError(f'chunk_size={chunk_size} and batch_size={batch_size} must be >= 1.')
     os.makedirs(output_dir, exist_ok=True)
     indices = shard_indices(len(pool), num_shards, shard_id)
+    offset = sum(len(range(s, len(pool), num_shards)) for s in range(shard_id))
     written = skipped = examples = 0
     for chunk_id, idx in _chunks(indices, chunk_size):
         path = chunk_path(output_dir, shard_id, chunk_id)
@@ -113,7 +116,8 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
             continue
         if keep_going is not None and not keep_going(chunk_id):
             return ShardResult(shard_id, written, skipped, examples, stopped_by_budget=True)
-        ctx = meter_factory(idx[0], idx[-1]) if meter_factory else None
+        first = offset + chunk_id * chunk_size
+        ctx = meter_factory(first, first + len(idx) - 1) if meter_factory else None
         if ctx is not None:
             ctx.__enter__()
         records = []
@@ -413,8 +417,9 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
         ledger = cost.Ledger(ledger_dir)
         table = prices if isinstance(prices, cost.PriceTable) else cost.load_prices(prices)
         run_id = os.path.basename(os.path.abspath(output_dir))
+        # Each host prices its own chunks on its own devices (the teacher mesh), not the cluster.
         meter = lambda first, last: cost.ComputeMeter(ledger, table, run_id, 'pseudo_label',
-                                                      first, last, write=True)
+                                                      first, last, mesh=mesh, write=True)
         keep_going = None
         if max_usd is not None:
             keep_going = lambda _: _fits_budget(ledger, run_id, chunk_size, max_usd)

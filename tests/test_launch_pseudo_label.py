@@ -8,38 +8,16 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import pytest
-from flax import linen as nn
 
+from doa_jax import cost
 from doa_jax import pseudo_label as pl
-from doa_jax.checkpoints.hf import save_hf
-from doa_jax.models.config import get_config
-from doa_jax.models.t5 import T5
-from tests.test_infer import GIN
+from tests.test_infer import GIN, teacher  # noqa: F401  (an Orbax teacher saved by process 0)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LIMIT = 12
-# One example per chunk: each chunk is priced into the shared cost ledger under its global index
-# range [first, last], and strided shards' longer chunks have interleaved ranges, which the
-# ledger refuses as double counting.
-JOB = [f'--gin.LIMIT={LIMIT}', '--gin.CHUNK_SIZE=1']
-
-
-@pytest.fixture(scope='module')
-def hf_teacher(tmp_path_factory):
-    """A tiny random teacher in HF format, which every process reads into host memory.
-
-    (An Orbax teacher is restored onto the device it was saved from, cpu:0, which process 1 of
-    a 2-process cluster does not have.)
-    """
-    config = get_config('t5_1_1_tiny')
-    x = jnp.ones((1, 8), jnp.int32)
-    params = nn.unbox(T5(config).init(jax.random.PRNGKey(0), x, x)['params'])
-    path = tmp_path_factory.mktemp('teacher') / 'hf'
-    save_hf(params, config, path)
-    return str(path)
+# 6 examples per shard in chunks of 4: two chunks per shard, of different sizes.
+JOB = [f'--gin.LIMIT={LIMIT}', '--gin.CHUNK_SIZE=4']
 
 
 def _by_id(out_dir: pathlib.Path) -> dict[str, dict]:
@@ -49,9 +27,9 @@ def _by_id(out_dir: pathlib.Path) -> dict[str, dict]:
     return {r['id']: r for r in records}
 
 
-def test_two_process_pseudo_labels_match_one_process(hf_teacher, tmp_path):
+def test_two_process_pseudo_labels_match_one_process(teacher, tmp_path):
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'JAX_PLATFORMS': 'cpu'}
-    entry = [sys.executable, '-m', 'doa_jax.infer', *GIN, f"--gin.CHECKPOINT_PATH='{hf_teacher}'",
+    entry = [sys.executable, '-m', 'doa_jax.infer', *GIN, f"--gin.CHECKPOINT_PATH='{teacher}'",
              *JOB]
     # Joins the cluster from the DOA_* variables the launcher sets (no --pass_flags).
     two = subprocess.Popen([sys.executable, 'launch/local.py', '-n', '2', '--timeout', '240', '--',
@@ -76,3 +54,8 @@ def test_two_process_pseudo_labels_match_one_process(hf_teacher, tmp_path):
         assert two_recs[key]['input'] == rec['input']
         assert two_recs[key]['prediction'] == rec['prediction'], key
         assert two_recs[key]['score'] == pytest.approx(rec['score'], abs=1e-4), key
+    # Both hosts priced their own chunks into the one ledger: the ranges tile the pool once.
+    for run, ranges in (('one', [(0, 3), (4, 7), (8, 11)]),
+                        ('two', [(0, 3), (4, 5), (6, 9), (10, 11)])):
+        rows = cost.Ledger(str(tmp_path / run)).compute_entries('pl', 'pseudo_label')
+        assert [(r['first'], r['last']) for r in rows] == ranges, run

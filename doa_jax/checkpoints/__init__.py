@@ -127,20 +127,30 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def _read_orbax(path: pathlib.Path) -> dict:
+    """The T5 parameters of an Orbax checkpoint, as host numpy arrays.
+
+    Only the parameter subtree (`params` in doa_jax, `target` in t5x) is read, never the optimizer
+    state, and onto the host rather than the devices it was saved from: any process of a
+    multi-host job (which does not own the saving process's devices) can read it.
+    """
+    import jax
     import orbax.checkpoint as ocp
 
     item = _orbax_item_dir(path)
-    tree = ocp.PyTreeCheckpointer().restore(str(item))
-    for key in ('params', 'target'):                 # doa_jax TrainState / t5x state dict
-        if isinstance(tree, Mapping) and key in tree:
-            tree = tree[key]
-            break
-    if not isinstance(tree, Mapping) or 'encoder' not in tree:
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(str(item)).item_metadata
+    tree = dict(getattr(meta, 'tree', meta) or {})
+    key = next((k for k in ('params', 'target') if isinstance(tree.get(k), Mapping)), None)
+    if key is None and 'encoder' not in tree:
         raise CheckpointMismatchError(
                 f'Orbax checkpoint {item} has no T5 parameter tree (looked for `params`, '
-                f'`target`, or `encoder` at the top); found keys '
-                f'{sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__}.')
-    return {k: (_to_numpy(v)) for k, v in tree.items()}
+                f'`target`, or `encoder` at the top); found keys {sorted(tree)}.')
+    wanted = {key: tree[key]} if key else tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    restored = checkpointer.restore(str(item), args=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=restore_args, partial_restore=True))
+    params = restored[key] if key else restored
+    return {k: (_to_numpy(v)) for k, v in params.items()}
 
 
 def _to_numpy(node):
