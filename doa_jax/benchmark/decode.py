@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Sequence
 
+from doa_jax.benchmark import add_price_arguments, price, torch_device_kind
+
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -29,10 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--method', default='greedy', choices=('greedy', 'beam'))
     parser.add_argument('--num_beams', type=int, default=4)
     parser.add_argument('--repeats', type=int, default=3, help='timed runs (after one warm-up)')
-    parser.add_argument('--hf', action='store_true', help='also time HF PyTorch generate')
+    parser.add_argument('--hf', '--compare_hf', dest='hf', action='store_true',
+                        help='also time HF PyTorch generate')
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads for PyTorch (default: os.cpu_count())')
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
+    add_price_arguments(parser)
 
 
 def _inputs(args, vocab_size: int):
@@ -91,9 +95,11 @@ def bench_ours(args, params=None) -> dict:
         times.append(time.perf_counter() - t0)
     assert np.asarray(out).shape == (args.batch, args.new_tokens)
     median = statistics.median(times)
-    return {'impl': f'doa_jax {args.dtype}', 'median_s': median, 'compile_s': compile_s,
-            'tokens_per_s': args.batch * args.new_tokens / median,
-            'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}'}
+    out = {'impl': f'doa_jax {args.dtype}', 'median_s': median, 'compile_s': compile_s,
+           'tokens_per_s': args.batch * args.new_tokens / median,
+           'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}'}
+    return price(out, device_kind=jax.devices()[0].device_kind, device_count=1, batch=args.batch,
+                 args=args)
 
 
 def bench_hf(args, model) -> dict:
@@ -116,11 +122,15 @@ def bench_hf(args, model) -> dict:
             times.append(time.perf_counter() - t0)
     assert out.shape[1] == args.new_tokens + 1
     median = statistics.median(times)
-    return {'impl': f'HF PyTorch {args.dtype}', 'median_s': median,
-            'tokens_per_s': args.batch * args.new_tokens / median, 'threads': threads}
+    out = {'impl': f'HF PyTorch {args.dtype}', 'median_s': median,
+           'tokens_per_s': args.batch * args.new_tokens / median, 'threads': threads}
+    kind, count = torch_device_kind()
+    return price(out, device_kind=kind, device_count=count, batch=args.batch, args=args)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    from doa_jax.cost.prices import format_usd
+
     params = hf = None
     if args.hf:
         import jax.numpy as jnp
@@ -137,10 +147,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     ours = results[0]['tokens_per_s']
     print(f'\n{args.model}: {args.method}, batch {args.batch}, {args.input_len} input tokens, '
           f'{args.new_tokens} new tokens, {results[0]["device"]}')
-    print(f'{"implementation":<22} {"s/batch (median)":>17} {"tokens/s":>10} {"ours/this":>10}')
+    print(f'{"implementation":<22} {"s/batch (median)":>17} {"seqs/s":>8} {"tokens/s":>10} '
+          f'{"$/1M tokens":>12} {"ours/this":>10}')
     for r in results:
-        print(f'{r["impl"]:<22} {r["median_s"]:>17.3f} {r["tokens_per_s"]:>10.0f} '
+        print(f'{r["impl"]:<22} {r["median_s"]:>17.3f} {r["seqs_per_s"]:>8.2f} '
+              f'{r["tokens_per_s"]:>10.0f} {format_usd(r["usd_per_1m_tokens"]):>12} '
               f'{ours / r["tokens_per_s"]:>10.2f}')
+    print('$/1M tokens: new tokens at the price table\'s $/device-hour for each device kind.')
     print(f'compilation (excluded): {results[0]["compile_s"]:.1f} s')
     if args.json:
         with open(args.json, 'w') as f:

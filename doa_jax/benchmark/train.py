@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Sequence
 
+from doa_jax.benchmark import add_price_arguments, price, torch_device_kind
+
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -37,11 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--remat', default=None, choices=(None, 'full', 'minimal'))
     parser.add_argument('--peak_flops', type=float, default=None,
                         help='peak FLOP/s per device for MFU (default: by device kind; CPU 0.35e12)')
-    parser.add_argument('--hf', action='store_true',
+    parser.add_argument('--hf', '--compare_hf', dest='hf', action='store_true',
                         help='also time HF PyTorch T5 (fp32 and bf16 autocast) and print ratios')
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads for PyTorch (default: os.cpu_count())')
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
+    add_price_arguments(parser)
 
 
 def _summary(times: list[float]) -> dict[str, float]:
@@ -109,7 +112,8 @@ def bench_jax(args: argparse.Namespace) -> dict:
                 'mfu': flops.mfu(flops_step, med, mesh.size, peak),
                 'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}',
                 'final_loss': float(metrics['loss']) / max(float(metrics['num_steps']), 1)})
-    return out
+    return price(out, device_kind=jax.devices()[0].device_kind, device_count=mesh.size, batch=b,
+                 args=args)
 
 
 def bench_hf(args: argparse.Namespace, precision: str) -> dict:
@@ -155,10 +159,13 @@ def bench_hf(args: argparse.Namespace, precision: str) -> dict:
     out = _summary(times)
     out.update({'impl': f'HF PyTorch {precision}', 'target_tokens_per_s': b * t / out['median_s'],
                 'tokens_per_s': b * (s + t) / out['median_s'], 'threads': torch.get_num_threads()})
-    return out
+    kind, count = torch_device_kind()
+    return price(out, device_kind=kind, device_count=count, batch=b, args=args)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    from doa_jax.cost.prices import format_usd
+
     results = [bench_jax(args)]
     if args.hf:
         for precision in DTYPES:
@@ -167,11 +174,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f'\n{args.config}: batch {args.batch_size}, {args.source_len}+{args.target_len} tokens, '
           f'{args.optimizer}, {results[0]["device"]}')
     print(f'{"implementation":<22} {"s/step (median)":>16} {"first":>8} {"last":>8} '
-          f'{"tokens/s":>10} {"MFU":>7} {"time/ours":>9}')
+          f'{"seqs/s":>8} {"tokens/s":>10} {"MFU":>7} {"$/1M tokens":>12} {"time/ours":>9}')
     for r in results:
         mfu = f'{100 * r["mfu"]:.1f}%' if 'mfu' in r else '-'
         print(f'{r["impl"]:<22} {r["median_s"]:>16.4f} {r["first_s"]:>8.3f} {r["last_s"]:>8.3f} '
-              f'{r["tokens_per_s"]:>10.0f} {mfu:>7} {r["median_s"] / ours:>9.2f}')
+              f'{r["seqs_per_s"]:>8.2f} {r["tokens_per_s"]:>10.0f} {mfu:>7} '
+              f'{format_usd(r["usd_per_1m_tokens"]):>12} {r["median_s"] / ours:>9.2f}')
+    print(f'$/1M tokens: (source + target) tokens at the price table\'s $/device-hour for each '
+          f'device kind ({", ".join(sorted({r["device_kind"] for r in results}))}).')
     if 'compile_s' in results[0]:
         print(f'compilation: {results[0]["compile_s"]:.1f} s')
     if args.json:
