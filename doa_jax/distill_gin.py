@@ -36,11 +36,14 @@ def teacher_kd_loss(checkpoint_path: str, teacher_model: str, temperature: float
     """Token-level KD against an online teacher loaded from `checkpoint_path` (named if missing).
 
     With `student_config` (distill_kd.gin binds the run's model config), a teacher of another
-    vocabulary fails here, before its checkpoint is read or anything is computed.
+    vocabulary fails here, before its checkpoint is read or anything is computed, and the teacher
+    runs in the student's activation dtype (the run's ACTIVATION_DTYPE).
     """
     from doa_jax.models.config import get_config
     from doa_jax.pseudo_label import load_teacher
     config = get_config(teacher_model, dropout_rate=0.0)
+    if student_config is not None:
+        config = config.replace(dtype=student_config.dtype)
     if student_config is not None:
         distill_losses.check_same_vocab(config.vocab_size, student_config.vocab_size)
     params = load_teacher(checkpoint_path, config)
