@@ -75,7 +75,11 @@ def _limit_lengths(ds: tf.data.Dataset, lengths: Mapping[str, int], mode: str,
             counter.variable.assign_add(tf.cast(too_long, tf.int64))
         for key, n in lengths.items():
             if key in ex:
-                ex[key] = ex[key][:n]
+                # Keep the final token (EOS) when cutting, as seqio's append_eos_after_trim does and
+                # as pseudo-labeling tokenizes its inputs: the model always sees where input ends.
+                x = ex[key]
+                ex[key] = tf.cond(tf.shape(x)[0] > n,
+                                  lambda: tf.concat([x[:n - 1], x[-1:]], 0), lambda: x)
         return ex
 
     return ds.map(fn)

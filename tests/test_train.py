@@ -207,6 +207,7 @@ def test_overlong_examples_truncated_with_count_or_fail():
                                  repeat=False, counter=counter)
     batch = next(train_data.numpy_batches(ds))
     assert batch['encoder_input_tokens'].shape == (16, 16)
+    assert (batch['encoder_input_tokens'][:, -1] == 1).all()   # cut inputs still end in EOS
     assert counter.new_since_last() == 16     # every toy input is longer than 16 bytes
     ds = train_data.host_dataset('doa_toy', short, 'validation', 16, seed=0, shuffle=False,
                                  repeat=False, overlong='error')
