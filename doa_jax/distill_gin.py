@@ -13,16 +13,19 @@ from doa_jax import distill_losses
 
 def pseudo_labeled_task(infer_output_dir: str, eval_task: str | None = None,
                         name: str = 'doa_pseudo_labeled', prefix: str = '',
-                        with_topk: bool = False, topk_mismatch: str = 'error') -> str:
+                        with_topk: bool = False, topk_mismatch: str = 'error',
+                        gold_task: str | None = None) -> str:
     """Registers the teacher's completed chunks as a task (train = predictions); returns its name.
 
     `with_topk=True` (distill_kd_offline.gin) also feeds the stored teacher top-k to the batch;
     `topk_mismatch` says what to do with a record it cannot align ('error' or 'drop').
+    `gold_task` (gin: GOLD_TASK) adds that task's gold-labeled train split to the student's data.
     """
     from tasks.jsonl_task import register_pseudo_labeled_task
     register_pseudo_labeled_task(name, infer_output_dir, prefix=prefix, eval_task=eval_task,
                                  completed_only=True, with_topk=with_topk,
-                                 topk_mismatch=topk_mismatch, overwrite=True)
+                                 topk_mismatch=topk_mismatch, gold_task=gold_task,
+                                 overwrite=True)
     return name
 
 

@@ -307,6 +307,21 @@ def read_teacher_topk(infer_output_dir: str, vocabulary: seqio.Vocabulary, *,
     return out
 
 
+def _add_gold_rows(labels: TeacherTopK, gold: tuple[list[str], list[str], list[str]],
+                   vocab: seqio.Vocabulary) -> None:
+    """Appends gold examples to `labels` with all-`NO_TEACHER_ID` rows (cross entropy there)."""
+    from doa_jax.distill_losses import NO_TEACHER_ID
+
+    k = labels.topk_ids[0].shape[1]
+    for key, text, target in zip(*gold):
+        n = len(vocab.encode(target)) + 1                 # + EOS
+        labels.ids.append(key)
+        labels.inputs.append(text)
+        labels.predictions.append(target)
+        labels.topk_ids.append(np.full((n, k), NO_TEACHER_ID, np.int32))
+        labels.topk_logprobs.append(np.zeros((n, k), np.float32))
+
+
 def _topk_dataset(labels: TeacherTopK, prefix: str) -> tf.data.Dataset:
     from doa_jax.distill_losses import TOPK_IDS, TOPK_LOGPROBS
 
@@ -322,13 +337,27 @@ def _topk_dataset(labels: TeacherTopK, prefix: str) -> tf.data.Dataset:
     return ds.map(lambda ex: {key: tf.identity(v) for key, v in ex.items()})
 
 
+def read_gold(task_name: str, split: str = 'train') -> tuple[list[str], list[str], list[str]]:
+    """(ids, inputs, targets) of a gold-labeled task split, as raw text."""
+    task = seqio.get_mixture_or_task(task_name)
+    ids, inputs, targets = [], [], []
+    for i, ex in enumerate(task.source.get_dataset(split=split, shuffle=False).as_numpy_iterator()):
+        ids.append(ex['id'].decode() if 'id' in ex else f'gold:{split}:{i}')
+        inputs.append(ex['inputs'].decode('utf-8'))
+        targets.append(ex['targets'].decode('utf-8'))
+    if not ids:
+        raise DataError(f'Gold task {task_name!r} split {split!r} is empty (gin: '
+                        'pseudo_labeled_task.gold_task / GOLD_TASK).')
+    return ids, inputs, targets
+
+
 def register_pseudo_labeled_task(name: str, infer_output_dir: str, *, prefix: str = '',
                                  eval_task: str | None = None,
                                  metric_fns: Sequence[MetricFn] | None = None,
                                  completed_only: bool = False,
                                  vocabulary: seqio.Vocabulary | None = None,
                                  on_error: str = 'raise', with_topk: bool = False,
-                                 topk_mismatch: str = 'error',
+                                 topk_mismatch: str = 'error', gold_task: str | None = None,
                                  overwrite: bool = False) -> seqio.Task:
     """Registers a task whose train split is the teacher's predictions (targets = prediction) and
     whose other splits (and metrics) come from `eval_task`. Inputs missing `prefix` get it.
@@ -336,6 +365,11 @@ def register_pseudo_labeled_task(name: str, infer_output_dir: str, *, prefix: st
     `with_topk=True` (offline token-level KD) adds the teacher's stored top-k to each train
     example as `teacher_topk_ids` / `teacher_topk_logprobs` (target tokens, k), aligned to the
     targets by `read_teacher_topk`; the other splits have none.
+
+    `gold_task` mixes the train split of a gold-labeled task (e.g. the N labels the teacher was
+    fine-tuned on) into the train split, each example once. With top-k its rows are all
+    `NO_TEACHER_ID`, so `token_kd_loss` trains on them with cross entropy, and on the teacher's
+    examples with `alpha` * cross entropy + (1 - alpha) * KD.
     """
     base = seqio.get_mixture_or_task(eval_task) if eval_task else None
     eval_splits = [s for s in (base.splits if base else ()) if s != 'train']
@@ -343,18 +377,21 @@ def register_pseudo_labeled_task(name: str, infer_output_dir: str, *, prefix: st
     if topk_mismatch not in TOPK_MISMATCH_MODES:
         raise ValueError(f'topk_mismatch={topk_mismatch!r}; choose one of {TOPK_MISMATCH_MODES} '
                          '(gin: pseudo_labeled_task.topk_mismatch).')
+    if gold_task is not None:
+        seqio.get_mixture_or_task(gold_task)      # an unknown name fails at registration
 
     def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
         if split != 'train':
             return base.source.get_dataset(split=split, shuffle=False)
+        gold = read_gold(gold_task) if gold_task else ([], [], [])
         if with_topk:
-            return _topk_dataset(read_teacher_topk(infer_output_dir, vocab,
-                                                   completed_only=completed_only,
-                                                   on_error=on_error,
-                                                   topk_mismatch=topk_mismatch), prefix)
+            labels = read_teacher_topk(infer_output_dir, vocab, completed_only=completed_only,
+                                       on_error=on_error, topk_mismatch=topk_mismatch)
+            _add_gold_rows(labels, gold, vocab)
+            return _topk_dataset(labels, prefix)
         ids, inputs, preds = read_pseudo_labels(infer_output_dir, completed_only, on_error)
-        inputs = [x if x.startswith(prefix) else prefix + x for x in inputs]
-        return _to_dataset(ids, inputs, preds)
+        inputs = [x if x.startswith(prefix) else prefix + x for x in [*inputs, *gold[1]]]
+        return _to_dataset([*ids, *gold[0]], inputs, [*preds, *gold[2]])
 
     fns = metric_fns if metric_fns is not None else (base.metric_fns if base else ())
     return _add_task(name, dataset_fn, ['train', *eval_splits], fns, vocab, overwrite)

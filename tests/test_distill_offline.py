@@ -71,6 +71,31 @@ def test_read_teacher_topk_aligns_and_names_mismatches(tmp_path):
         read_teacher_topk(str(tmp_path / 'widths'), BYTES)
 
 
+@pytest.mark.parametrize('with_topk', [True, False])
+def test_gold_task_joins_the_students_train_split(tmp_path, with_topk):
+    import tasks.toy  # noqa: F401  registers doa_toy
+    from tasks.jsonl_task import read_gold, register_pseudo_labeled_task
+
+    records = [_record(0, 'red', 4), _record(1, 'dog', 4)] if with_topk else [
+            _plain_record(0), _plain_record(1, 'dog')]
+    out = _write(tmp_path / 'pl', records)
+    task = register_pseudo_labeled_task('doa_test_gold_mix', str(out), eval_task='doa_toy',
+                                        with_topk=with_topk, gold_task='doa_toy',
+                                        vocabulary=BYTES, overwrite=True)
+    gold_ids, _, gold_targets = read_gold('doa_toy')
+    rows = list(task.source.get_dataset('train', shuffle=False).as_numpy_iterator())
+    assert [r['id'].decode() for r in rows] == ['train:0', 'train:1', *gold_ids]
+    assert [r['targets'].decode() for r in rows[2:]] == gold_targets
+    if with_topk:
+        assert (rows[0][dl.TOPK_IDS] >= 5).all()
+        for r in rows[2:]:       # gold rows: no teacher distribution, cross entropy in the loss
+            assert (r[dl.TOPK_IDS] == dl.NO_TEACHER_ID).all()
+            assert r[dl.TOPK_IDS].shape == (len(BYTES.encode(r['targets'].decode())) + 1, 3)
+    with pytest.raises(ValueError, match='no_such_gold'):
+        register_pseudo_labeled_task('doa_test_gold_mix', str(out), gold_task='no_such_gold',
+                                     overwrite=True)
+
+
 def _plain_record(i, prediction='red'):
     return {'id': f'train:{i}', 'input': 'doa_toy: red cat', 'index': i,
             'prediction': prediction, 'score': -1.0}
