@@ -74,12 +74,18 @@ def _limit_lengths(ds: tf.data.Dataset, lengths: Mapping[str, int], mode: str,
         else:
             counter.variable.assign_add(tf.cast(too_long, tf.int64))
         for key, n in lengths.items():
-            if key in ex:
-                # Keep the final token (EOS) when cutting, as seqio's append_eos_after_trim does and
-                # as pseudo-labeling tokenizes its inputs: the model always sees where input ends.
-                x = ex[key]
+            if key not in ex:
+                continue
+            x = ex[key]
+            if key == 'inputs':
+                # A cut input keeps its final EOS (as seqio's append_eos_after_trim does, and as
+                # pseudo-labeling tokenizes the teacher's inputs): the encoder sees where it ends.
                 ex[key] = tf.cond(tf.shape(x)[0] > n,
                                   lambda: tf.concat([x[:n - 1], x[-1:]], 0), lambda: x)
+            else:
+                # Targets (and the teacher's top-k rows aligned to them) are cut plainly, so every
+                # kept target token keeps its own teacher row.
+                ex[key] = x[:n]
         return ex
 
     return ds.map(fn)
