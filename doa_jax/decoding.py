@@ -49,7 +49,9 @@ def cast_matmul_params(params: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def _prepare(params: Any, config: T5Config) -> tuple[Any, T5Config]:
+def prepare_params(params: Any, config: T5Config) -> tuple[Any, T5Config]:
+    """Params and config as decoding runs them: unboxed, unscanned, matmul weights in the compute
+    dtype, no remat. Idempotent, so callers may prepare once and place the result themselves."""
     params = nn.unbox(params)
     if config.scan_layers:
         params = unscan_params(params, config)
@@ -253,7 +255,7 @@ def generate(params: Any, config: T5Config, encoder_input_tokens: Array, *, max_
         raise ValueError(f'Unknown decoding method {method!r}; choose one of {METHODS}.')
     if max_decode_length < 1:
         raise ValueError(f'max_decode_length must be >= 1, got {max_decode_length}.')
-    params, config = _prepare(params, config)
+    params, config = prepare_params(params, config)
     encoder_input_tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
     if method == 'beam':
         tokens, scores, steps = _beam_decode(params, config, encoder_input_tokens,
@@ -299,7 +301,7 @@ class Decoder:
                  **generate_kwargs):
         self.config, self.batch_size = config, batch_size
         self.buckets = tuple(sorted(length_buckets))
-        self.params, self._config = _prepare(params, config)
+        self.params, self._config = prepare_params(params, config)
         self.compile_count = 0
         self._method = method
 

@@ -210,11 +210,9 @@ class TeacherLabeler:
                  num_beams: int = 4, top_k: int = 0, eos_id: int = 1, mesh: Any = None):
         import jax
         import jax.numpy as jnp
-        from flax import linen as nn
         from jax.sharding import NamedSharding, PartitionSpec
 
         from doa_jax import decoding, partitioning
-        from doa_jax.models.scan import unscan_params
         from doa_jax.models.t5 import T5
         from doa_jax.train_state import abstract_params
 
@@ -226,10 +224,9 @@ class TeacherLabeler:
                              'MESH_MODEL.')
         if top_k > config.vocab_size:
             raise ValueError(f'top_k={top_k} exceeds the teacher vocab_size {config.vocab_size}.')
-        params = nn.unbox(params)
-        if config.scan_layers:
-            params = unscan_params(params, config)
-        config = config.replace(scan_layers=False, remat_policy=None)
+        # Prepared once (unscanned, weights in the compute dtype), then placed: the decoder and the
+        # top-k pass share this one sharded copy.
+        params, config = decoding.prepare_params(params, config)
         self.config, self.encode, self.decode_text = config, encode, decode
         self.max_input_length, self.top_k, self.eos_id = max_input_length, top_k, eos_id
         self.rules = partitioning.STANDARD_RULES

@@ -29,7 +29,7 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """Replicates any dimension the mesh axis does not divide (e.g. a 3-head tiny model on model=2)."""
     out = []
     for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -60,11 +60,11 @@ def _opt_state_shardings(opt_shapes: Any, params_by_path: dict[tuple[str, ...], 
             pshape, pspec = hit
             axes = tuple(pspec) + (None,) * (len(pshape) - len(pspec))
             if leaf.shape == pshape:
-                return NamedSharding(mesh, _fit_spec(pspec, leaf.shape, mesh))
+                return NamedSharding(mesh, fit_spec(pspec, leaf.shape, mesh))
             if len(pshape) >= 2 and leaf.shape == pshape[:-1]:          # factored row statistic
-                return NamedSharding(mesh, _fit_spec(PartitionSpec(*axes[:-1]), leaf.shape, mesh))
+                return NamedSharding(mesh, fit_spec(PartitionSpec(*axes[:-1]), leaf.shape, mesh))
             if len(pshape) >= 2 and leaf.shape == pshape[:-2] + pshape[-1:]:   # column statistic
-                return NamedSharding(mesh, _fit_spec(PartitionSpec(*(axes[:-2] + axes[-1:])),
+                return NamedSharding(mesh, fit_spec(PartitionSpec(*(axes[:-2] + axes[-1:])),
                                                      leaf.shape, mesh))
             break
         return NamedSharding(mesh, PartitionSpec())
@@ -85,7 +85,7 @@ def abstract_params(init_params_fn: Callable[[jax.Array], Any], mesh: Mesh,
     is_spec = lambda x: isinstance(x, PartitionSpec)
     mesh_specs = jax.tree.map(lambda spec: nn.logical_to_mesh_axes(spec, rules), logical,
                               is_leaf=is_spec)
-    mesh_specs = jax.tree.map(lambda spec, s: _fit_spec(spec, s.shape, mesh), mesh_specs, shapes,
+    mesh_specs = jax.tree.map(lambda spec, s: fit_spec(spec, s.shape, mesh), mesh_specs, shapes,
                               is_leaf=is_spec)
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs, is_leaf=is_spec)
     return shapes, shardings

@@ -1,13 +1,43 @@
 """Throughput benchmarks: `python -m doa_jax.benchmark {train,decode,pseudo_label,plan} ...`.
 
 Shared here: the price flags and the money columns every throughput benchmark reports
-(sequences/s and dollars per million tokens at the price table's rate for the device kind).
+(sequences/s and dollars per million tokens at the price table's rate for the device kind), the
+`--mesh` parser, the JSON writer and the `python -m doa_jax.benchmark.<name>` entry.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+from typing import Any, Callable, Sequence
+
+
+def parse_mesh(text: str, default_data: int = -1) -> tuple[int, int]:
+    """`data:D,model:M` -> (D, M); a missing axis is `default_data` / 1."""
+    try:
+        axes = {k: int(v) for k, v in (kv.split(':') for kv in text.split(','))}
+    except ValueError:
+        raise SystemExit(f'--mesh={text!r} is malformed; write it as data:2,model:4.') from None
+    unknown = set(axes) - {'data', 'model'}
+    if unknown:
+        raise SystemExit(f'--mesh={text!r} names unknown axes {sorted(unknown)}; use data and model.')
+    return axes.get('data', default_data), axes.get('model', 1)
+
+
+def write_json(path: str | None, payload: Any, indent: int = 1) -> None:
+    """Writes `payload` to `path` (the --json flag) when one is given."""
+    if path:
+        with open(path, 'w') as f:
+            json.dump(payload, f, indent=indent)
+
+
+def standalone_main(prog: str, doc: str | None, add_arguments: Callable, run: Callable,
+                    argv: Sequence[str] | None = None) -> int:
+    """`python -m doa_jax.benchmark.<name> ...`: the subcommand's own parser and run."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or '').split('\n')[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
 
 
 def add_price_arguments(parser: argparse.ArgumentParser) -> None:

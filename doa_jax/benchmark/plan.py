@@ -12,12 +12,13 @@ CPU memory analysis approximates GPU/TPU (different fusion and layouts); treat i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
 from typing import Any
+
+from doa_jax.benchmark import parse_mesh, write_json
 
 NOTE = 'memory_analysis on the CPU backend approximates GPU/TPU; keep a margin.'
 
@@ -38,14 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dtype', default='bfloat16')
     parser.add_argument('--remat', default=None, choices=['full', 'minimal', 'save_dots'])
     parser.add_argument('--json', default=None, help='also write the result as JSON here')
-
-
-def _mesh(text: str) -> tuple[int, int]:
-    try:
-        axes = dict(kv.split(':') for kv in text.split(','))
-        return int(axes.get('data', 1)), int(axes.get('model', 1))
-    except ValueError:
-        raise SystemExit(f'--mesh={text!r} is malformed; write it as data:2,model:4.') from None
 
 
 def _sharded_bytes(shapes, shardings) -> int:
@@ -100,7 +93,7 @@ def _train_plan(model, opt, mesh, shapes, shardings, args) -> dict[str, Any]:
 
 # Logical axes of the decode cache leaves, by rank: the head-major (batch, heads, length, kv)
 # layout and the flat (batch, length, joined_kv) one.
-CACHE_AXES = {4: ('batch', 'heads', 'length', 'kv'), 3: ('batch', 'length', 'joined_kv')}
+CACHE_AXES = ('batch', 'heads', 'length', 'kv')   # the decode caches' logical axes
 
 
 def _kv_cache_bytes(config, param_shapes, mesh, batch: int, input_len: int,
@@ -111,10 +104,11 @@ def _kv_cache_bytes(config, param_shapes, mesh, batch: int, input_len: int,
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding
 
     from doa_jax import partitioning
     from doa_jax.models.t5 import T5
+    from doa_jax.train_state import fit_spec
 
     def first_step(params, encoded, tokens):
         start = jnp.zeros((batch, 1), jnp.int32)
@@ -128,11 +122,9 @@ def _kv_cache_bytes(config, param_shapes, mesh, batch: int, input_len: int,
     total = 0
     for leaf in jax.tree.leaves(jax.eval_shape(first_step, param_shapes, encoded, tokens)):
         local = leaf.shape
-        if leaf.ndim in CACHE_AXES:      # not the decode-position counter
-            spec = nn.logical_to_mesh_axes(CACHE_AXES[leaf.ndim], partitioning.STANDARD_RULES)
-            fitted = [a if a is None or d % mesh.shape[a] == 0 else None
-                      for d, a in zip(leaf.shape, spec)]
-            local = NamedSharding(mesh, PartitionSpec(*fitted)).shard_shape(leaf.shape)
+        if leaf.ndim == len(CACHE_AXES):      # not the decode-position counter
+            spec = nn.logical_to_mesh_axes(CACHE_AXES, partitioning.STANDARD_RULES)
+            local = NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)).shard_shape(leaf.shape)
         total += math.prod(local) * leaf.dtype.itemsize
     return total
 
@@ -195,7 +187,7 @@ def plan(args: argparse.Namespace) -> dict:
     from doa_jax.models.t5 import T5
     from doa_jax.train_state import abstract_train_state
 
-    data, model_axis = _mesh(args.mesh)
+    data, model_axis = parse_mesh(args.mesh, default_data=1)
     cfg = get_config(args.model, dtype=getattr(jnp, args.dtype), remat_policy=args.remat)
     model = T5(cfg)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, model=model_axis, fsdp=args.fsdp),
@@ -254,7 +246,7 @@ def _print(result: dict, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    data, model_axis = _mesh(args.mesh)
+    data, model_axis = parse_mesh(args.mesh, default_data=1)
     n = data * model_axis
     flag = f'--xla_force_host_platform_device_count={n}'
     if 'jax' not in sys.modules and flag not in os.environ.get('XLA_FLAGS', ''):
@@ -267,7 +259,5 @@ def run(args: argparse.Namespace) -> dict:
         os.execve(sys.executable, [sys.executable, '-m', 'doa_jax.benchmark', 'plan', *sys.argv[2:]], env)
     result = plan(args)
     _print(result, args)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result, indent=2)
     return result

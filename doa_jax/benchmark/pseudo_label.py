@@ -15,11 +15,12 @@ times the devices in the mesh. Also runnable as `python -m doa_jax.benchmark.pse
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from typing import Sequence
+
+from doa_jax.benchmark import add_price_arguments, parse_mesh, standalone_main, write_json
 
 EOS_ID = 1
 
@@ -40,22 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--method', default='greedy', choices=('greedy', 'beam'))
     parser.add_argument('--num_beams', type=int, default=4)
     parser.add_argument('--top_k', type=int, default=0, help='also store top-k log-probs')
-    parser.add_argument('--prices', default=None, help='price YAML overriding the defaults')
-    parser.add_argument('--device_price_fallback', default=None,
-                        help='price entry to use if this device kind has none (e.g. A100)')
     parser.add_argument('--output_dir', default=None, help='keep the chunks here (default: temp)')
     parser.add_argument('--json', default=None, help='also write the result to this JSON file')
-
-
-def parse_mesh(text: str) -> tuple[int, int]:
-    try:
-        axes = {k: int(v) for k, v in (kv.split(':') for kv in text.split(','))}
-    except ValueError:
-        raise SystemExit(f'--mesh={text!r} is malformed; write it as data:2,model:4.') from None
-    unknown = set(axes) - {'data', 'model'}
-    if unknown:
-        raise SystemExit(f'--mesh={text!r} names unknown axes {sorted(unknown)}; use data and model.')
-    return axes.get('data', -1), axes.get('model', 1)
+    add_price_arguments(parser)
 
 
 def _pool(args, vocab_size: int) -> list[tuple[str, str]]:
@@ -89,7 +77,6 @@ def _teacher(args, config):
 
 
 def bench(args: argparse.Namespace) -> dict:
-    import jax
     import jax.numpy as jnp
 
     from doa_jax import cost, partitioning
@@ -154,18 +141,13 @@ def run(args: argparse.Namespace) -> dict:
           f'{r["new_tokens_per_s"]:>10.0f} {r["usd_per_device_hour"]:>11.3f} '
           f'{format_usd(r["usd_per_1k_pseudo_labels"]):>12}')
     print(f'compilation (excluded): {r["compile_s"]:.1f} s; prices: {r["prices"]}')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'args': vars(args), 'result': r}, f, indent=1)
+    write_json(args.json, {'args': vars(args), 'result': r})
     return r
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m doa_jax.benchmark pseudo_label',
-                                     description=__doc__.split('\n')[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
+    return standalone_main('python -m doa_jax.benchmark pseudo_label', __doc__, add_arguments,
+                           run, argv)
 
 
 if __name__ == '__main__':

@@ -12,14 +12,14 @@ Also runnable as `python -m doa_jax.benchmark.train ...`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from typing import Sequence
 
-from doa_jax.benchmark import add_price_arguments, price, torch_device_kind
+from doa_jax.benchmark import (add_price_arguments, price, standalone_main, torch_device_kind,
+                               write_json)
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -184,18 +184,12 @@ def run(args: argparse.Namespace) -> list[dict]:
           f'device kind ({", ".join(sorted({r["device_kind"] for r in results}))}).')
     if 'compile_s' in results[0]:
         print(f'compilation: {results[0]["compile_s"]:.1f} s')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'args': vars(args), 'results': results}, f, indent=1)
+    write_json(args.json, {'args': vars(args), 'results': results})
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m doa_jax.benchmark train',
-                                     description=__doc__.split('\n')[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv))
-    return 0
+    return standalone_main('python -m doa_jax.benchmark train', __doc__, add_arguments, run, argv)
 
 
 if __name__ == '__main__':

@@ -60,7 +60,7 @@ def _step_dirs(parent: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
     steps = []
     for p in parent.iterdir():
         name = p.name.removeprefix('checkpoint_')
-        if p.is_dir() and name.isdigit() and (p.name == name or p.name.startswith('checkpoint_')):
+        if p.is_dir() and name.isdigit():
             steps.append((int(name), p))
     return sorted(steps, key=lambda s: s[0], reverse=True)
 
