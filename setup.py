@@ -9,7 +9,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['doa_jax', 'doa_jax.*', 'tasks', 'tasks.*']),
     include_package_data=True,
-    package_data={'doa_jax.cost': ['prices.yaml']},
+    package_data={'doa_jax.cost': ['prices.yaml'], 'doa_jax.kernels': ['amx_matmul.cc']},
     install_requires=[
         'jax>=0.4.30',
         'flax>=0.10',

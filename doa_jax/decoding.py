@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from doa_jax.kernels import amx
 from doa_jax.models.config import T5Config
+from doa_jax.models.layers import pack_for_decode
 from doa_jax.models.scan import unscan_params
 from doa_jax.models.t5 import T5
 
@@ -256,6 +258,9 @@ def generate(params: Any, config: T5Config, encoder_input_tokens: Array, *, max_
     if max_decode_length < 1:
         raise ValueError(f'max_decode_length must be >= 1, got {max_decode_length}.')
     params, config = prepare_params(params, config)
+    if amx.use_amx(config.cpu_matmul, config.dtype):
+        # Lay every weight out for the AMX kernel once per call, not once per decode step.
+        params = pack_for_decode(params, config.logits_via_embedding)
     encoder_input_tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
     if method == 'beam':
         tokens, scores, steps = _beam_decode(params, config, encoder_input_tokens,

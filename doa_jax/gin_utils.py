@@ -30,13 +30,17 @@ _RECORDED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'seq
 
 
 def get_model_config(name: str, dropout_rate: float = 0.0, activation_dtype: str = 'bfloat16',
-                     scan_layers: bool = False, remat_policy: str | None = None) -> T5Config:
-    """A named T5 config with the run's overrides (gin: MODEL_CONFIG via get_model_config.*)."""
+                     scan_layers: bool = False, remat_policy: str | None = None,
+                     cpu_matmul: str = 'auto') -> T5Config:
+    """A named T5 config with the run's overrides (gin: MODEL_CONFIG via get_model_config.*).
+
+    cpu_matmul: 'auto' (AMX bf16 kernels on a single CPU device that has them), 'amx', or 'xla'.
+    """
     if activation_dtype not in _DTYPES:
         raise ValueError(f'get_model_config.activation_dtype={activation_dtype!r}; choose one of '
                          f'{sorted(_DTYPES)}.')
     return get_config(name, dropout_rate=dropout_rate, dtype=_DTYPES[activation_dtype],
-                      scan_layers=scan_layers, remat_policy=remat_policy)
+                      scan_layers=scan_layers, remat_policy=remat_policy, cpu_matmul=cpu_matmul)
 
 
 def import_task_modules(module: str | Sequence[str] | None = 'tasks',

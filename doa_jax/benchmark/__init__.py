@@ -24,6 +24,12 @@ def parse_mesh(text: str, default_data: int = -1) -> tuple[int, int]:
     return axes.get('data', default_data), axes.get('model', 1)
 
 
+def kernel_label(cfg) -> str:
+    """' (amx)' when the config's matmuls run on the AMX kernels here, else ''."""
+    from doa_jax.kernels import amx
+    return ' (amx)' if amx.use_amx(cfg.cpu_matmul, cfg.dtype) else ''
+
+
 def write_json(path: str | None, payload: Any, indent: int = 1) -> None:
     """Writes `payload` to `path` (the --json flag) when one is given."""
     if path:

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Sequence
 
-from doa_jax.benchmark import (add_price_arguments, price, standalone_main, torch_device_kind,
-                               write_json)
+from doa_jax.benchmark import (add_price_arguments, kernel_label, price, standalone_main,
+                               torch_device_kind, write_json)
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--new_tokens', type=int, default=32)
     parser.add_argument('--dtype', default='float32', choices=DTYPES,
                         help='activation dtype (HF: the whole model in this dtype)')
+    parser.add_argument('--cpu_matmul', default='auto', choices=('auto', 'amx', 'xla'),
+                        help="CPU matmuls: 'auto' takes the AMX bf16 kernels where they run")
     parser.add_argument('--method', default='greedy', choices=('greedy', 'beam'))
     parser.add_argument('--num_beams', type=int, default=4)
     parser.add_argument('--repeats', type=int, default=3, help='timed runs (after one warm-up)')
@@ -74,7 +76,8 @@ def bench_ours(args, params=None) -> dict:
     from doa_jax.models.config import get_config
     from doa_jax.models.t5 import T5
 
-    cfg = get_config(args.model, dtype=jnp.float32 if args.dtype == 'float32' else jnp.bfloat16)
+    cfg = get_config(args.model, dtype=jnp.float32 if args.dtype == 'float32' else jnp.bfloat16,
+                     cpu_matmul=args.cpu_matmul)
     enc = _inputs(args, cfg.vocab_size)
     if params is None:
         tokens = jnp.ones((1, 4), jnp.int32)
@@ -95,7 +98,7 @@ def bench_ours(args, params=None) -> dict:
         times.append(time.perf_counter() - t0)
     assert np.asarray(out).shape == (args.batch, args.new_tokens)
     median = statistics.median(times)
-    out = {'impl': f'doa_jax {args.dtype}', 'median_s': median, 'compile_s': compile_s,
+    out = {'impl': f'doa_jax {args.dtype}{kernel_label(cfg)}', 'median_s': median, 'compile_s': compile_s,
            'tokens_per_s': args.batch * args.new_tokens / median,
            'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}'}
     return price(out, device_kind=jax.devices()[0].device_kind, device_count=1, batch=args.batch,

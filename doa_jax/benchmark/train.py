@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Sequence
 
-from doa_jax.benchmark import (add_price_arguments, price, standalone_main, torch_device_kind,
-                               write_json)
+from doa_jax.benchmark import (add_price_arguments, kernel_label, price, standalone_main,
+                               torch_device_kind, write_json)
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--optimizer', default='adamw', choices=('adamw', 'adafactor'))
     parser.add_argument('--learning_rate', type=float, default=3e-5)
     parser.add_argument('--dtype', default='bfloat16', choices=DTYPES, help='activation dtype')
+    parser.add_argument('--cpu_matmul', default='auto', choices=('auto', 'amx', 'xla'),
+                        help="CPU matmuls: 'auto' takes the AMX bf16 kernels where they run")
     parser.add_argument('--mesh_model', type=int, default=1, help='model-parallel axis size')
     parser.add_argument('--fsdp', action='store_true')
     parser.add_argument('--remat', default=None, choices=(None, 'full', 'minimal'))
@@ -64,7 +66,8 @@ def bench_jax(args: argparse.Namespace) -> dict:
     from doa_jax.train_state import abstract_train_state, init_train_state
     from doa_jax.train_step import make_train_step, model_apply_fn, zero_metrics
 
-    cfg = get_config(args.config, dtype=getattr(jnp, args.dtype), remat_policy=args.remat)
+    cfg = get_config(args.config, dtype=getattr(jnp, args.dtype), remat_policy=args.remat,
+                     cpu_matmul=args.cpu_matmul)
     model = T5(cfg)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(model=args.mesh_model, fsdp=args.fsdp))
     partitioning.check_batch_size(args.batch_size, mesh, '--batch_size')
@@ -106,7 +109,7 @@ def bench_jax(args: argparse.Namespace) -> dict:
     peak = args.peak_flops or flops.peak_flops_per_device()
     out = _summary(times)
     med = out['median_s']
-    out.update({'impl': f'doa_jax {args.dtype}', 'compile_s': compile_s,
+    out.update({'impl': f'doa_jax {args.dtype}{kernel_label(cfg)}', 'compile_s': compile_s,
                 'target_tokens_per_s': b * t / med, 'tokens_per_s': b * (s + t) / med,
                 'tflops_per_s': flops_step / med / 1e12,
                 'mfu': flops.mfu(flops_step, med, mesh.size, peak),

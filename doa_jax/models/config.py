@@ -33,6 +33,9 @@ class T5Config:
     scan_layers: bool = False
     # None, 'full' (recompute everything) or 'minimal' (save matmul outputs without batch dims).
     remat_policy: str | None = None
+    # CPU matmul implementation: 'auto' takes the AMX bf16 kernels (doa_jax.kernels.amx) for
+    # bf16 compute on a single CPU device that has AMX; 'amx' insists; 'xla' keeps XLA's dot.
+    cpu_matmul: str = 'auto'
 
     def replace(self, **kwargs) -> 'T5Config':
         return dataclasses.replace(self, **kwargs)

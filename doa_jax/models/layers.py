@@ -15,8 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from doa_jax.kernels import amx
+
 Array = jax.Array
 Initializer = Callable[..., Array]
+
+# Where `pack_for_decode` puts a kernel laid out for the AMX matmul (a sibling of `kernel`), and
+# the tied LM head's packed transpose (a sibling of `embedding`).
+PACKED_KERNEL = 'kernel_amx'
+PACKED_ATTEND = 'attend_amx'
 
 # Large negative additive bias for masked attention positions (as t5x does).
 MASK_BIAS = -1e10
@@ -51,17 +58,27 @@ class RMSNorm(nn.Module):
 
 
 class Dense(nn.Module):
-    """A bias-free 2-D kernel, stored (in_features, features) as t5x stores it."""
+    """A bias-free 2-D kernel, stored (in_features, features) as t5x stores it.
+
+    `matmul` picks the CPU implementation (see `doa_jax.kernels.amx.use_amx`): with the AMX
+    kernels, a kernel that `pack_for_decode` laid out beforehand is used as it is.
+    """
 
     features: int
     kernel_axes: tuple[str, str]
     dtype: Any = jnp.bfloat16
     kernel_init: Initializer = default_kernel_init
+    matmul: str = 'auto'
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                         self.kernel_axes)
+        if amx.use_amx(self.matmul, self.dtype):
+            if self.has_variable('params', PACKED_KERNEL):
+                return amx.matmul_packed(x, self.get_variable('params', PACKED_KERNEL),
+                                         self.features)
+            return amx.matmul(x, kernel)
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -71,6 +88,7 @@ class Embed(nn.Module):
     num_embeddings: int
     features: int
     dtype: Any = jnp.bfloat16
+    matmul: str = 'auto'
 
     def setup(self):
         self.embedding = _param(self, 'embedding', nn.initializers.normal(stddev=1.0),
@@ -80,6 +98,11 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
+        if amx.use_amx(self.matmul, self.dtype):
+            if self.has_variable('params', PACKED_ATTEND):
+                return amx.matmul_packed(x, self.get_variable('params', PACKED_ATTEND),
+                                         self.num_embeddings)
+            return amx.matmul(x, self.embedding.T)
         return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
 
 
@@ -143,6 +166,7 @@ class MultiHeadAttention(nn.Module):
     deterministic: bool = True
     decode: bool = False
     is_cross: bool = False
+    matmul: str = 'auto'
 
     @nn.compact
     def __call__(self, x: Array, kv: Array | None, bias: Array | None,
@@ -151,7 +175,7 @@ class MultiHeadAttention(nn.Module):
         inner = self.num_heads * self.head_dim
         depth_scaling = np.sqrt(self.head_dim)
         query_init = lambda *a: default_kernel_init_normal(*a) / depth_scaling
-        dense = functools.partial(Dense, dtype=self.dtype)
+        dense = functools.partial(Dense, dtype=self.dtype, matmul=self.matmul)
         q_proj = dense(inner, ('embed', 'joined_kv'), kernel_init=query_init, name='query')
         k_proj = dense(inner, ('embed', 'joined_kv'), kernel_init=default_kernel_init_normal,
                        name='key')
@@ -166,15 +190,20 @@ class MultiHeadAttention(nn.Module):
         if self.decode:
             # Decode caches are head-major (batch, heads, length, head_dim): the layout the
             # per-step attention matmuls read, so no step transposes a cache.
+            # On the CPU kernels' path the caches hold the bf16 values widened to float32 once:
+            # XLA:CPU does not fuse a convert into a dot, so a bf16 cache would be converted
+            # again at every step, which costs more than the attention itself.
+            cache_dtype = (jnp.float32 if self.float32_logits and amx.use_amx(self.matmul, self.dtype)
+                           else self.dtype)
             heads_major = lambda t: constrain(
-                    t.reshape(b, -1, self.num_heads, self.head_dim).transpose(0, 2, 1, 3),
+                    t.astype(self.dtype).astype(cache_dtype)
+                    .reshape(b, -1, self.num_heads, self.head_dim).transpose(0, 2, 1, 3),
                     ('batch', 'heads', 'length', 'kv'))
             if self.is_cross:
                 # Project encoder outputs only when the cache does not hold them yet (first step).
-                ck = self.variable('cache', 'cached_key',
-                                   lambda: heads_major(k_proj(_require(kv)).astype(self.dtype)))
+                ck = self.variable('cache', 'cached_key', lambda: heads_major(k_proj(_require(kv))))
                 cv = self.variable('cache', 'cached_value',
-                                   lambda: heads_major(v_proj(_require(kv)).astype(self.dtype)))
+                                   lambda: heads_major(v_proj(_require(kv))))
             else:
                 if max_decode_length is None or decode_position is None:
                     raise ValueError('decode=True self-attention needs max_decode_length and '
@@ -182,13 +211,11 @@ class MultiHeadAttention(nn.Module):
                 if lq != 1:
                     raise ValueError(f'Cached decoding feeds one token per step, got length {lq}.')
                 shape = (b, self.num_heads, max_decode_length, self.head_dim)
-                ck = self.variable('cache', 'cached_key', jnp.zeros, shape, self.dtype)
-                cv = self.variable('cache', 'cached_value', jnp.zeros, shape, self.dtype)
+                ck = self.variable('cache', 'cached_key', jnp.zeros, shape, cache_dtype)
+                cv = self.variable('cache', 'cached_value', jnp.zeros, shape, cache_dtype)
                 at = (0, 0, decode_position, 0)
-                ck.value = jax.lax.dynamic_update_slice(
-                        ck.value, heads_major(k_proj(x).astype(self.dtype)), at)
-                cv.value = jax.lax.dynamic_update_slice(
-                        cv.value, heads_major(v_proj(x).astype(self.dtype)), at)
+                ck.value = jax.lax.dynamic_update_slice(ck.value, heads_major(k_proj(x)), at)
+                cv.value = jax.lax.dynamic_update_slice(cv.value, heads_major(v_proj(x)), at)
             k, v = ck.value, cv.value
             k_spec = 'bhkd'
         else:
@@ -206,8 +233,11 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if self.dropout_rate > 0 and not self.deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        out = jnp.einsum(f'bhqk,{k_spec}->bqhd', weights, v.astype(self.dtype))
-        out = out.reshape(b, lq, inner)
+        if v.dtype == jnp.float32 and self.dtype != jnp.float32:   # a widened decode cache
+            out = jnp.einsum(f'bhqk,{k_spec}->bqhd', weights.astype(v.dtype), v)
+        else:
+            out = jnp.einsum(f'bhqk,{k_spec}->bqhd', weights, v.astype(self.dtype))
+        out = out.astype(self.dtype).reshape(b, lq, inner)
         return o_proj(out)
 
 
@@ -237,6 +267,7 @@ class MlpBlock(nn.Module):
     dtype: Any = jnp.bfloat16
     dropout_rate: float = 0.0
     deterministic: bool = True
+    matmul: str = 'auto'
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -246,10 +277,30 @@ class MlpBlock(nn.Module):
         hidden = None
         for i, act in enumerate(self.activations):
             name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
-            h = Dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype, name=name)(x)
+            h = Dense(self.mlp_dim, ('embed', 'mlp'), dtype=self.dtype, matmul=self.matmul,
+                      name=name)(x)
             h = _ACTIVATIONS[act](h)
             hidden = h if hidden is None else hidden * h
         hidden = constrain(hidden, ('batch', 'length', 'mlp'))
         if self.dropout_rate > 0 and not self.deterministic:
             hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=False)
-        return Dense(x.shape[-1], ('mlp', 'embed'), dtype=self.dtype, name='wo')(hidden)
+        return Dense(x.shape[-1], ('mlp', 'embed'), dtype=self.dtype, matmul=self.matmul,
+                     name='wo')(hidden)
+
+
+def pack_for_decode(params: Any, tied_head: bool) -> Any:
+    """Adds, beside every 2-D `kernel` (and, for a `tied_head`, the embedding's transpose), its
+    AMX tile layout, so a decode loop reads each weight as the kernel wants it instead of
+    repacking it every step. Use it only where `amx.use_amx` holds; idempotent."""
+    def visit(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {k: visit(v) for k, v in tree.items()}
+        kernel = out.get('kernel')
+        if kernel is not None and getattr(kernel, 'ndim', 0) == 2 and PACKED_KERNEL not in out:
+            out[PACKED_KERNEL] = amx.pack(kernel)
+        embedding = out.get('embedding') if tied_head else None
+        if embedding is not None and getattr(embedding, 'ndim', 0) == 2 and PACKED_ATTEND not in out:
+            out[PACKED_ATTEND] = amx.pack(embedding, transpose=True)
+        return out
+    return visit(params)

@@ -55,11 +55,11 @@ class EncoderLayer(nn.Module):
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_attention_layer_norm')(x)
         h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate,
                                cfg.float32_attention_logits, self.deterministic,
-                               name='attention')(h, h, bias)
+                               matmul=cfg.cpu_matmul, name='attention')(h, h, bias)
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
         h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dtype, cfg.dropout_rate,
-                     self.deterministic, name='mlp')(h)
+                     self.deterministic, matmul=cfg.cpu_matmul, name='mlp')(h)
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
         return constrain(x, ('batch', 'length', 'embed')), None
 
@@ -76,7 +76,8 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         attn = lambda name, is_cross: MultiHeadAttention(
                 cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate,
-                cfg.float32_attention_logits, self.deterministic, self.decode, is_cross, name=name)
+                cfg.float32_attention_logits, self.deterministic, self.decode, is_cross,
+                matmul=cfg.cpu_matmul, name=name)
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_self_attention_layer_norm')(x)
         h = attn('self_attention', False)(h, h, self_bias, decode_position, max_decode_length)
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
@@ -85,7 +86,7 @@ class DecoderLayer(nn.Module):
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
         h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dtype, cfg.dropout_rate,
-                     self.deterministic, name='mlp')(h)
+                     self.deterministic, matmul=cfg.cpu_matmul, name='mlp')(h)
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
         return constrain(x, ('batch', 'length', 'embed')), None
 
@@ -189,7 +190,7 @@ class Decoder(nn.Module):
             logits = self.shared_embedding.attend(x * (x.shape[-1] ** -0.5))
         else:
             logits = Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.dtype,
-                           name='logits_dense')(x)
+                           matmul=cfg.cpu_matmul, name='logits_dense')(x)
         return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
@@ -200,7 +201,7 @@ class T5(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype)
+        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype, cfg.cpu_matmul)
         self.encoder = Encoder(cfg, self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
 

@@ -1,0 +1,417 @@
+// bf16 matrix multiply on Intel AMX tiles, as an XLA FFI custom call for the CPU backend.
+//
+// out[M, N] = op(a)[M, K] . op(b)[K, N], bf16 operands, float32 accumulation, output bf16 or f32.
+// op(a) is a (row-major [M, K]) or, with trans_a, the transpose of a stored [K, M]; op(b) is b
+// ([K, N]), the transpose of b stored [N, K] (trans_b), or b already packed by `doa_amx_pack`.
+//
+// The product is cut into 32x32 blocks of the output, each held in four 16x16 float32 tiles
+// while the K dimension streams through two A tiles (16 rows x 32 values) and two B tiles
+// (16 pairs of rows x 16 columns, the pair-interleaved layout TDPBF16PS reads). Both operands are
+// first copied into "tile order": every 16x32 tile of A and every 16-pair x 16-column tile of B
+// is 1 KiB of contiguous memory, in the order a block reads them, zero padded to multiples of 32.
+// Loads then stream sequentially instead of striding by a power-of-two row pitch (which aliases
+// in the L1 sets). Long K is summed in chunks through a float32 buffer.
+//
+// Work is cut into chunks (a row panel sized for L2 times a group of 32-column strips) that the
+// calling thread and helpers on XLA's own intra-op thread pool take from a shared counter: no
+// second thread pool competes with XLA's, and a helper that starts late finds nothing left and
+// returns at once, so the call never waits on a busy pool.
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+constexpr int64_t kTile = 512;  // bf16 values in one 16 x 32 tile
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Linux hands out the AMX tile state only after the process asks for it.
+bool RequestAmx() {
+  static const bool granted =
+      syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
+}
+
+void ConfigureTiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Chunks {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t count = 0;
+  bool tiles = false;
+  std::function<void(int64_t)> run;
+};
+
+void TakeChunks(Chunks& c) {
+  if (c.tiles) ConfigureTiles();
+  int64_t mine = 0;
+  for (int64_t i = c.next.fetch_add(1); i < c.count; i = c.next.fetch_add(1)) {
+    c.run(i);
+    ++mine;
+  }
+  if (c.tiles) _tile_release();
+  c.done.fetch_add(mine);
+}
+
+// Runs run(0) ... run(count - 1), on this thread and up to `helpers` tasks of the pool.
+void ParallelFor(ffi::ThreadPool* pool, int helpers, int64_t count, bool tiles,
+                 std::function<void(int64_t)> run) {
+  auto chunks = std::make_shared<Chunks>();
+  chunks->count = count;
+  chunks->tiles = tiles;
+  chunks->run = std::move(run);
+  helpers = static_cast<int>(std::min<int64_t>(helpers, count - 1));
+  for (int h = 0; h < helpers && pool != nullptr; ++h) {
+    pool->Schedule([chunks] { TakeChunks(*chunks); });
+  }
+  TakeChunks(*chunks);
+  while (chunks->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+// Grow-only scratch memory per calling thread, reused across calls: a fresh multi-MiB allocation
+// per product would cost page faults (and zeroing) comparable to the packing itself.
+template <typename T, int kSlot>
+T* Scratch(int64_t count) {
+  thread_local std::unique_ptr<T[]> buf;
+  thread_local int64_t capacity = 0;
+  if (count > capacity) {
+    buf.reset(new T[count]);
+    capacity = count;
+  }
+  return buf.get();
+}
+
+struct Par {
+  ffi::ThreadPool* pool;
+  int helpers;
+};
+
+// op(a) [M, K] in tile order: for each 32-row block i and 32-wide K step t, two tiles (rows
+// i..i+15, then i+16..i+31), each 16 rows of 32 values: offset ((i/32 * kb + t) * 2 + h) * 512.
+void PackA(const Par& par, const uint16_t* a, int64_t m, int64_t k, bool trans, int64_t mp,
+           int64_t kp, uint16_t* dst) {
+  const int64_t kb = kp / 32;
+  ParallelFor(par.pool, par.helpers, mp / 32, false, [=](int64_t mi) {
+    uint16_t* blocks = dst + mi * kb * 2 * kTile;
+    if (!trans) {
+      for (int64_t t = 0; t < kb; ++t) {
+        const int64_t k0 = t * 32, valid = std::min<int64_t>(32, k - k0);
+        for (int64_t r = 0; r < 32; ++r) {
+          const int64_t i = mi * 32 + r;
+          uint16_t* row = blocks + (t * 2 + r / 16) * kTile + (r % 16) * 32;
+          if (i < m && valid == 32) {
+            std::memcpy(row, a + i * k + k0, 64);
+          } else {
+            for (int64_t c = 0; c < 32; ++c) row[c] = (i < m && c < valid) ? a[i * k + k0 + c] : 0;
+          }
+        }
+      }
+      return;
+    }
+    // a is stored [K, M]: the pair (k, k + 1) of op(a)'s row i is a[k][i], a[k + 1][i]; read two
+    // rows of a across 32 columns, write 32-bit pairs down 32 tile rows.
+    for (int64_t t = 0; t < kb; ++t) {
+      uint32_t* tiles = reinterpret_cast<uint32_t*>(blocks + t * 2 * kTile);
+      for (int64_t p = 0; p < 16; ++p) {
+        const int64_t k0 = t * 32 + 2 * p;
+        const uint16_t* r0 = k0 < k ? a + k0 * m : nullptr;
+        const uint16_t* r1 = k0 + 1 < k ? a + (k0 + 1) * m : nullptr;
+        for (int64_t r = 0; r < 32; ++r) {
+          const int64_t i = mi * 32 + r;
+          const uint32_t lo = (r0 && i < m) ? r0[i] : 0, hi = (r1 && i < m) ? r1[i] : 0;
+          tiles[(r / 16) * (kTile / 2) + (r % 16) * 16 + p] = lo | (hi << 16);
+        }
+      }
+    }
+  });
+}
+
+// op(b) [K, N] in tile order: for each 32-column strip s and 32-deep K step t, two tiles
+// (columns s*32..+15, then +16..+31), each 16 pairs of K rows x 16 columns x 2:
+// offset ((s * kb + t) * 2 + h) * 512 + p * 32 + c * 2 + (k % 2).
+void PackB(const Par& par, const uint16_t* b, int64_t k, int64_t n, bool trans, int64_t kp,
+           int64_t np, uint16_t* dst) {
+  const int64_t kb = kp / 32;
+  ParallelFor(par.pool, par.helpers, np / 32, false, [=](int64_t s) {
+    uint16_t* strip = dst + s * kb * 2 * kTile;
+    const int64_t j0 = s * 32, cols = std::min<int64_t>(32, n - j0);
+    if (!trans) {
+      // Rows k and k + 1 of b interleaved value by value, 32 columns per AVX-512 step.
+      const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41,
+                                          9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2,
+                                          33, 1, 32, 0);
+      const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57,
+                                          25, 56, 24, 55, 23, 54, 22, 53, 21, 52, 20, 51, 19,
+                                          50, 18, 49, 17, 48, 16);
+      const __mmask32 mask = cols >= 32 ? ~__mmask32{0} : ((__mmask32{1} << cols) - 1);
+      for (int64_t t = 0; t < kb; ++t) {
+        uint16_t* tiles = strip + t * 2 * kTile;
+        for (int64_t p = 0; p < 16; ++p) {
+          const int64_t r0 = t * 32 + 2 * p, r1 = r0 + 1;
+          const __m512i x0 = r0 < k ? _mm512_maskz_loadu_epi16(mask, b + r0 * n + j0)
+                                    : _mm512_setzero_si512();
+          const __m512i x1 = r1 < k ? _mm512_maskz_loadu_epi16(mask, b + r1 * n + j0)
+                                    : _mm512_setzero_si512();
+          _mm512_storeu_si512(tiles + p * 32, _mm512_permutex2var_epi16(x0, lo, x1));
+          _mm512_storeu_si512(tiles + kTile + p * 32, _mm512_permutex2var_epi16(x0, hi, x1));
+        }
+      }
+      return;
+    }
+    // b is stored [N, K]: the pair (k, k + 1) of column j is b[j][k], b[j][k + 1], adjacent.
+    for (int64_t t = 0; t < kb; ++t) {
+      uint32_t* tiles = reinterpret_cast<uint32_t*>(strip + t * 2 * kTile);
+      for (int64_t c = 0; c < 32; ++c) {
+        const int64_t j = j0 + c;
+        uint32_t* col = tiles + (c / 16) * (kTile / 2) + (c % 16);
+        for (int64_t p = 0; p < 16; ++p) {
+          const int64_t k0 = t * 32 + 2 * p;
+          uint32_t v = 0;
+          if (j < n && k0 < k) {
+            const uint32_t x0 = b[j * k + k0], x1 = k0 + 1 < k ? b[j * k + k0 + 1] : 0;
+            v = x0 | (x1 << 16);
+          }
+          col[p * 16] = v;
+        }
+      }
+    }
+  });
+}
+
+// Rounds 16 floats to bf16 (nearest even) and stores them.
+inline void StoreBf16(uint16_t* dst, const float* src, int count) {
+  __m512 v = _mm512_loadu_ps(src);
+  __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  if (count == 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+  } else {
+    _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << count) - 1), h);
+  }
+}
+
+// One 32x32 output block over `steps` K steps of 32: A's two tiles per step from `a`, B's from
+// `b` (both in tile order, 1 KiB per tile). The float32 sums go to `acc` (row stride ldc
+// floats); with `accumulate` they are added to what `acc` holds (K summed in chunks).
+inline void Block(const uint16_t* a, const uint16_t* b, int64_t steps, float* acc, int64_t ldc,
+                  bool accumulate) {
+  const int64_t c_stride = ldc * 4;
+  if (accumulate) {
+    _tile_loadd(0, acc, c_stride);
+    _tile_loadd(1, acc + 16, c_stride);
+    _tile_loadd(2, acc + 16 * ldc, c_stride);
+    _tile_loadd(3, acc + 16 * ldc + 16, c_stride);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t t = 0; t < steps; ++t) {
+    const uint16_t* ap = a + t * 2 * kTile;
+    const uint16_t* bp = b + t * 2 * kTile;
+    _tile_loadd(4, ap, 64);
+    _tile_loadd(6, bp, 64);
+    _tile_loadd(5, ap + kTile, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, bp + kTile, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, acc, c_stride);
+  _tile_stored(1, acc + 16, c_stride);
+  _tile_stored(2, acc + 16 * ldc, c_stride);
+  _tile_stored(3, acc + 16 * ldc + 16, c_stride);
+}
+
+// Writes rows x cols of float32 sums (row stride ldc) into out (row stride n).
+template <typename OutT>
+inline void WriteBlock(const float* acc, int64_t ldc, int rows, int cols, OutT* out, int64_t n) {
+  for (int r = 0; r < rows; ++r) {
+    OutT* dst = out + r * n;
+    const float* src = acc + r * ldc;
+    if constexpr (sizeof(OutT) == 2) {
+      StoreBf16(reinterpret_cast<uint16_t*>(dst), src, std::min(cols, 16));
+      if (cols > 16) StoreBf16(reinterpret_cast<uint16_t*>(dst) + 16, src + 16, cols - 16);
+    } else {
+      std::memcpy(dst, src, cols * sizeof(float));
+    }
+  }
+}
+
+// K longer than this is summed in chunks of kKChunk, so that the A panel and B strip of a chunk
+// stay in L2 instead of streaming the whole of B once per panel.
+constexpr int64_t kKSinglePass = 1024;
+constexpr int64_t kKChunk = 512;
+
+template <typename OutT>
+void Multiply(const Par& par, const uint16_t* a, const uint16_t* b, int64_t m, int64_t n,
+              int64_t mp, int64_t np, int64_t kp, OutT* out) {
+  const int64_t kb = kp / 32;
+  const bool chunked = kp > kKSinglePass;
+  const int64_t kc = chunked ? kKChunk : kp;
+  // Row panels of A sized to stay in L2 while a group of B's column strips passes over them.
+  const int64_t panel = std::min(mp, std::max<int64_t>(32, RoundUp((256 << 10) / (kc * 2), 32)));
+  const int64_t panels = (mp + panel - 1) / panel;
+  const int64_t strips = np / 32;
+  // Small products run on this thread alone: a helper costs more than it saves.
+  const bool small = m * n * kp < (int64_t{1} << 22);
+  const int workers = small ? 1 : par.helpers + 1;
+  const int64_t groups = std::min<int64_t>(strips, std::max<int64_t>(1, 4 * workers / panels));
+  const int64_t per_group = (strips + groups - 1) / groups;
+  // Chunked sums live in a float32 [mp, np] buffer between chunks.
+  float* sums_ptr = chunked ? Scratch<float, 0>(mp * np) : nullptr;
+  for (int64_t k0 = 0; k0 < kp; k0 += kc) {
+    const int64_t t0 = k0 / 32, steps = std::min(kc, kp - k0) / 32;
+    const bool first = k0 == 0, last = k0 + kc >= kp;
+    ParallelFor(par.pool, small ? 0 : par.helpers, panels * groups, true, [=](int64_t chunk) {
+      alignas(64) float local[32 * 32];
+      const int64_t i0 = (chunk / groups) * panel, i1 = std::min(mp, i0 + panel);
+      const int64_t g = chunk % groups;
+      const int64_t s1 = std::min(strips, (g + 1) * per_group);
+      for (int64_t s = g * per_group; s < s1; ++s) {
+        const int64_t j = s * 32;
+        const uint16_t* b_strip = b + (s * kb + t0) * 2 * kTile;
+        for (int64_t i = i0; i < i1; i += 32) {
+          float* acc = chunked ? sums_ptr + i * np + j : local;
+          const int64_t ldc = chunked ? np : 32;
+          Block(a + ((i / 32) * kb + t0) * 2 * kTile, b_strip, steps, acc, ldc, !first);
+          if (!last) continue;
+          const int rows = static_cast<int>(std::min<int64_t>(32, m - i));
+          const int cols = static_cast<int>(std::min<int64_t>(32, n - j));
+          if (rows > 0 && cols > 0) WriteBlock(acc, ldc, rows, cols, out + i * n + j, n);
+        }
+      }
+    });
+  }
+}
+
+int Helpers(ffi::ThreadPool& pool) {
+  return std::max(0, static_cast<int>(pool.num_threads()) - 1);
+}
+
+ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                     ffi::Result<ffi::AnyBuffer> out, int64_t trans_a, int64_t trans_b,
+                     int64_t b_packed) {
+  if (!RequestAmx()) {
+    return ffi::Error(ffi::ErrorCode::kUnavailable,
+                      "the kernel refused this process the AMX tile state (arch_prctl)");
+  }
+  if (a.element_type() != ffi::DataType::BF16 || b.element_type() != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument("amx_matmul takes bf16 operands");
+  }
+  auto a_dims = a.dimensions();
+  auto o_dims = out->dimensions();
+  if (a_dims.size() != 2 || o_dims.size() != 2) {
+    return ffi::Error::InvalidArgument("amx_matmul takes a 2-D a and writes a 2-D output");
+  }
+  const int64_t m = o_dims[0], n = o_dims[1];
+  const int64_t k = trans_a ? a_dims[0] : a_dims[1];
+  if ((trans_a ? a_dims[1] : a_dims[0]) != m) {
+    return ffi::Error::InvalidArgument("amx_matmul: rows of op(a) differ from the output's");
+  }
+  const int64_t mp = RoundUp(m, 32), kp = RoundUp(k, 32), np = RoundUp(n, 32);
+  const Par par{&pool, Helpers(pool)};
+  const uint16_t* b_ptr = reinterpret_cast<const uint16_t*>(b.untyped_data());
+  uint16_t* a_tiles = Scratch<uint16_t, 0>(mp * kp);
+  PackA(par, reinterpret_cast<const uint16_t*>(a.untyped_data()), m, k, trans_a, mp, kp, a_tiles);
+  const uint16_t* b_tiles = b_ptr;
+  if (b_packed) {
+    if (static_cast<int64_t>(b.element_count()) != kp * np) {
+      return ffi::Error::InvalidArgument("amx_matmul: packed b does not match the shapes");
+    }
+  } else {
+    auto b_dims = b.dimensions();
+    if (b_dims.size() != 2 || (trans_b ? b_dims[1] : b_dims[0]) != k ||
+        (trans_b ? b_dims[0] : b_dims[1]) != n) {
+      return ffi::Error::InvalidArgument("amx_matmul: op(b) does not match op(a) and the output");
+    }
+    uint16_t* b_buf = Scratch<uint16_t, 1>(kp * np);
+    PackB(par, b_ptr, k, n, trans_b, kp, np, b_buf);
+    b_tiles = b_buf;
+  }
+  if (out->element_type() == ffi::DataType::BF16) {
+    Multiply(par, a_tiles, b_tiles, m, n, mp, np, kp,
+             reinterpret_cast<uint16_t*>(out->untyped_data()));
+  } else if (out->element_type() == ffi::DataType::F32) {
+    Multiply(par, a_tiles, b_tiles, m, n, mp, np, kp,
+             reinterpret_cast<float*>(out->untyped_data()));
+  } else {
+    return ffi::Error::InvalidArgument("amx_matmul writes bf16 or f32");
+  }
+  return ffi::Error::Success();
+}
+
+// b [K, N] (or b stored [N, K] with trans) into tile order, once, for repeated products.
+ffi::Error AmxPack(ffi::ThreadPool pool, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+                   int64_t trans) {
+  if (b.element_type() != ffi::DataType::BF16 || out->element_type() != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument("amx_pack takes and writes bf16");
+  }
+  auto b_dims = b.dimensions();
+  if (b_dims.size() != 2) return ffi::Error::InvalidArgument("amx_pack takes a 2-D operand");
+  const int64_t k = trans ? b_dims[1] : b_dims[0], n = trans ? b_dims[0] : b_dims[1];
+  const int64_t kp = RoundUp(k, 32), np = RoundUp(n, 32);
+  if (static_cast<int64_t>(out->element_count()) != kp * np) {
+    return ffi::Error::InvalidArgument("amx_pack: output size does not match the operand");
+  }
+  const Par par{&pool, Helpers(pool)};
+  PackB(par, reinterpret_cast<const uint16_t*>(b.untyped_data()), k, n, trans, kp, np,
+        reinterpret_cast<uint16_t*>(out->untyped_data()));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAmxPack, AmxPack,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("trans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAmxMatmul, AmxMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("trans_a")
+                                  .Attr<int64_t>("trans_b")
+                                  .Attr<int64_t>("b_packed"));
+
+extern "C" int DoaAmxAvailable() { return RequestAmx() ? 1 : 0; }
