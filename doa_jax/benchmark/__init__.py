@@ -25,9 +25,10 @@ def parse_mesh(text: str, default_data: int = -1) -> tuple[int, int]:
 
 
 def kernel_label(cfg) -> str:
-    """' (amx)' when the config's matmuls run on the AMX kernels here, else ''."""
+    """'amx' when the config's matmuls run on the AMX kernels here, else 'xla' (the JSON's
+    `cpu_matmul` field)."""
     from doa_jax.kernels import amx
-    return ' (amx)' if amx.use_amx(cfg.cpu_matmul, cfg.dtype) else ''
+    return 'amx' if amx.use_amx(cfg.cpu_matmul, cfg.dtype) else 'xla'
 
 
 def write_json(path: str | None, payload: Any, indent: int = 1) -> None:

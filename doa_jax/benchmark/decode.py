@@ -98,7 +98,8 @@ def bench_ours(args, params=None) -> dict:
         times.append(time.perf_counter() - t0)
     assert np.asarray(out).shape == (args.batch, args.new_tokens)
     median = statistics.median(times)
-    out = {'impl': f'doa_jax {args.dtype}{kernel_label(cfg)}', 'median_s': median, 'compile_s': compile_s,
+    out = {'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg), 'median_s': median,
+           'compile_s': compile_s,
            'tokens_per_s': args.batch * args.new_tokens / median,
            'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}'}
     return price(out, device_kind=jax.devices()[0].device_kind, device_count=1, batch=args.batch,

@@ -109,7 +109,8 @@ def bench_jax(args: argparse.Namespace) -> dict:
     peak = args.peak_flops or flops.peak_flops_per_device()
     out = _summary(times)
     med = out['median_s']
-    out.update({'impl': f'doa_jax {args.dtype}{kernel_label(cfg)}', 'compile_s': compile_s,
+    out.update({'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg),
+                'compile_s': compile_s,
                 'target_tokens_per_s': b * t / med, 'tokens_per_s': b * (s + t) / med,
                 'tflops_per_s': flops_step / med / 1e12,
                 'mfu': flops.mfu(flops_step, med, mesh.size, peak),
