@@ -24,6 +24,11 @@ def parse_mesh(text: str, default_data: int = -1) -> tuple[int, int]:
     return axes.get('data', default_data), axes.get('model', 1)
 
 
+def add_cpu_matmul_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--cpu_matmul', default='auto', choices=('auto', 'amx', 'xla'),
+                        help="CPU matmuls: 'auto' takes the AMX bf16 kernels where they run")
+
+
 def kernel_label(cfg) -> str:
     """'amx' when the config's matmuls run on the AMX kernels here, else 'xla' (the JSON's
     `cpu_matmul` field)."""

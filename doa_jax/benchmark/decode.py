@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Sequence
 
-from doa_jax.benchmark import (add_price_arguments, kernel_label, price, standalone_main,
-                               torch_device_kind, write_json)
+from doa_jax.benchmark import (add_cpu_matmul_argument, add_price_arguments, kernel_label,
+                               price, standalone_main, torch_device_kind, write_json)
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -28,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--new_tokens', type=int, default=32)
     parser.add_argument('--dtype', default='float32', choices=DTYPES,
                         help='activation dtype (HF: the whole model in this dtype)')
-    parser.add_argument('--cpu_matmul', default='auto', choices=('auto', 'amx', 'xla'),
-                        help="CPU matmuls: 'auto' takes the AMX bf16 kernels where they run")
+    add_cpu_matmul_argument(parser)
     parser.add_argument('--method', default='greedy', choices=('greedy', 'beam'))
     parser.add_argument('--num_beams', type=int, default=4)
     parser.add_argument('--repeats', type=int, default=3, help='timed runs (after one warm-up)')

@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Sequence
 
-from doa_jax.benchmark import (add_price_arguments, kernel_label, price, standalone_main,
-                               torch_device_kind, write_json)
+from doa_jax.benchmark import (add_cpu_matmul_argument, add_price_arguments, kernel_label,
+                               price, standalone_main, torch_device_kind, write_json)
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -34,8 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--optimizer', default='adamw', choices=('adamw', 'adafactor'))
     parser.add_argument('--learning_rate', type=float, default=3e-5)
     parser.add_argument('--dtype', default='bfloat16', choices=DTYPES, help='activation dtype')
-    parser.add_argument('--cpu_matmul', default='auto', choices=('auto', 'amx', 'xla'),
-                        help="CPU matmuls: 'auto' takes the AMX bf16 kernels where they run")
+    add_cpu_matmul_argument(parser)
     parser.add_argument('--mesh_model', type=int, default=1, help='model-parallel axis size')
     parser.add_argument('--fsdp', action='store_true')
     parser.add_argument('--remat', default=None, choices=(None, 'full', 'minimal'))

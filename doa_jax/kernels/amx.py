@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -33,8 +32,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 Array = jax.Array
 

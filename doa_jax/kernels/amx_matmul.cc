@@ -28,7 +28,6 @@
 #include <functional>
 #include <memory>
 #include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 

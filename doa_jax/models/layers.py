@@ -57,6 +57,13 @@ class RMSNorm(nn.Module):
         return (y * scale).astype(self.dtype)
 
 
+def _amx_product(module: nn.Module, x: Array, w: Array, packed_name: str) -> Array:
+    """x . w on the AMX kernels, reading w's packed layout where `pack_for_decode` stored it."""
+    if module.has_variable('params', packed_name):
+        return amx.matmul_packed(x, module.get_variable('params', packed_name), w.shape[1])
+    return amx.matmul(x, w)
+
+
 class Dense(nn.Module):
     """A bias-free 2-D kernel, stored (in_features, features) as t5x stores it.
 
@@ -75,10 +82,7 @@ class Dense(nn.Module):
         kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                         self.kernel_axes)
         if amx.use_amx(self.matmul, self.dtype):
-            if self.has_variable('params', PACKED_KERNEL):
-                return amx.matmul_packed(x, self.get_variable('params', PACKED_KERNEL),
-                                         self.features)
-            return amx.matmul(x, kernel)
+            return _amx_product(self, x, kernel, PACKED_KERNEL)
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -99,10 +103,7 @@ class Embed(nn.Module):
 
     def attend(self, x: Array) -> Array:
         if amx.use_amx(self.matmul, self.dtype):
-            if self.has_variable('params', PACKED_ATTEND):
-                return amx.matmul_packed(x, self.get_variable('params', PACKED_ATTEND),
-                                         self.num_embeddings)
-            return amx.matmul(x, self.embedding.T)
+            return _amx_product(self, x, self.embedding.T, PACKED_ATTEND)
         return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
 
 
