@@ -153,3 +153,19 @@ def test_decoding_on_packed_weights_agrees_with_teacher_forcing(name):
     alive = np.cumsum(tokens == 1, axis=1) - (tokens == 1) == 0
     np.testing.assert_allclose(np.asarray(scores), (logp * alive).sum(1),
                                rtol=2e-2, atol=2e-2)
+
+
+@needs_amx
+def test_every_dense_kernel_runs_on_amx_and_none_under_xla():
+    cfg = get_config('t5_1_1_tiny', dtype=jnp.bfloat16, cpu_matmul='amx')
+    enc, dec = _model_inputs(cfg)
+    params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(0), enc, dec)['params'])
+    kernels = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+               if p[-1].key == 'kernel']
+
+    def custom_calls(c):
+        text = str(jax.make_jaxpr(lambda p: T5(c).apply({'params': p}, enc, dec, dec))(params))
+        return text.count('target_name=doa_amx_matmul')
+
+    assert custom_calls(cfg) == len(kernels)
+    assert custom_calls(cfg.replace(cpu_matmul='xla')) == 0
