@@ -239,11 +239,15 @@ class TeacherLabeler:
         rows = NamedSharding(self.mesh, PartitionSpec(partitioning.DATA_AXIS))
         matrix = partitioning.batch_sharding(self.mesh)
         buckets = [b for b in decoding.DEFAULT_BUCKETS if b < max_input_length]
+        # On the CPU bf16 kernels the decoder also gets every weight's kernel layout, made once
+        # here (placed where its weight is); elsewhere these are the same arrays.
+        decoder_params = decoding.pack_once(self.params, config)
         self.decoder = decoding.Decoder(
-                config, self.params, max_decode_length=max_decode_length, batch_size=batch_size,
-                length_buckets=buckets + [max_input_length], method=method, eos_id=eos_id,
-                num_beams=num_beams,
-                jit_kwargs={'in_shardings': (shardings, matrix, None),
+                config, decoder_params, max_decode_length=max_decode_length,
+                batch_size=batch_size, length_buckets=buckets + [max_input_length],
+                method=method, eos_id=eos_id, num_beams=num_beams,
+                jit_kwargs={'in_shardings': (jax.tree.map(lambda x: x.sharding, decoder_params),
+                                             matrix, None),
                             'out_shardings': (matrix, rows)})
 
         def topk(p, enc, targets):

@@ -1,5 +1,6 @@
-"""AMX bf16 kernels (doa_jax.kernels.amx): products, gradients, packed weights, the model on them,
-and the trace-time choice between them and XLA's dot."""
+"""CPU bf16 kernels (doa_jax.kernels.amx), on each instruction path this CPU has (AMX tiles,
+AVX512-BF16): products, gradients, packed weights, decode attention, the model on them, and the
+trace-time choice between them and XLA's dot."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ from doa_jax.models.layers import PACKED_ATTEND, PACKED_KERNEL, pack_for_decode
 from doa_jax.models.t5 import T5
 
 AVAILABLE, WHY = amx.available()
-needs_amx = pytest.mark.skipif(not AVAILABLE, reason=f'AMX kernels unavailable here: {WHY}')
+needs_kernels = pytest.mark.skipif(not AVAILABLE, reason=f'CPU kernels unavailable here: {WHY}')
+# Every instruction path, each skipped with its reason where this CPU cannot run it.
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(
+            not amx.available(isa)[0], reason=f'{isa} kernels unavailable here: '
+                                              f'{amx.available(isa)[1]}'))
+        for isa in amx.ISAS]
 
 # Odd sizes on purpose: every dimension needs padding to the kernel's multiples of 32.
 SHAPES = [(33, 70, 45), (5, 31, 17), (64, 96, 32), (40, 1100, 50)]   # the last one sums K in chunks
@@ -30,35 +36,35 @@ def _f32(x):
     return np.asarray(x, np.float32)
 
 
-@needs_amx
+@pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('m,k,n', SHAPES)
 @pytest.mark.parametrize('trans_a,trans_b', [(False, False), (True, False), (False, True),
                                              (True, True)])
-def test_products_equal_float32_reference(m, k, n, trans_a, trans_b):
+def test_products_equal_float32_reference(m, k, n, trans_a, trans_b, isa):
     rng = np.random.default_rng(m * 1000 + k)
     a = _bf16(rng, (k, m) if trans_a else (m, k))
     b = _bf16(rng, (n, k) if trans_b else (k, n))
     got = jax.jit(lambda a, b: amx._call(a, b, (m, n), trans_a=trans_a, trans_b=trans_b,
-                                         out_dtype=jnp.float32))(a, b)
+                                         out_dtype=jnp.float32, isa=isa))(a, b)
     ref = (_f32(a).T if trans_a else _f32(a)) @ (_f32(b).T if trans_b else _f32(b))
     # bf16 x bf16 products are exact in float32; only the summation order differs.
     np.testing.assert_allclose(_f32(got), ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
-@needs_amx
-def test_bf16_output_is_the_rounded_float32_sum():
+@pytest.mark.parametrize('isa', ISAS)
+def test_bf16_output_is_the_rounded_float32_sum(isa):
     rng = np.random.default_rng(0)
     a, b = _bf16(rng, (33, 64)), _bf16(rng, (64, 40))
-    got = jax.jit(lambda a, b: amx._call(a, b, (33, 40)))(a, b)
+    got = jax.jit(lambda a, b: amx._call(a, b, (33, 40), isa=isa))(a, b)
     assert got.dtype == jnp.bfloat16
     ref = np.asarray(jnp.asarray(_f32(a) @ _f32(b)).astype(jnp.bfloat16), np.float32)
     # At most one bf16 rounding step apart (the float32 sums differ in their last bits).
     np.testing.assert_allclose(_f32(got), ref, rtol=2 ** -7)
 
 
-@needs_amx
+@pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('m,k,n', SHAPES[:3])
-def test_gradients_match_xla_dot(m, k, n):
+def test_gradients_match_xla_dot(m, k, n, isa):
     rng = np.random.default_rng(1)
     x = _bf16(rng, (2, m, k))   # a leading batch dimension, flattened by matmul
     w = _bf16(rng, (k, n))
@@ -67,7 +73,7 @@ def test_gradients_match_xla_dot(m, k, n):
     def loss(mm):
         return lambda x, w: jnp.sum(mm(x, w).astype(jnp.float32) * probe.astype(jnp.float32))
 
-    dx, dw = jax.jit(jax.grad(loss(amx.matmul), (0, 1)))(x, w)
+    dx, dw = jax.jit(jax.grad(loss(lambda x, w: amx.matmul(x, w, isa)), (0, 1)))(x, w)
     rx, rw = jax.jit(jax.grad(loss(lambda x, w: jnp.dot(x, w)), (0, 1)))(x, w)
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
     for got, ref in ((dx, rx), (dw, rw)):
@@ -75,34 +81,89 @@ def test_gradients_match_xla_dot(m, k, n):
                                    atol=2e-2 * np.abs(_f32(ref)).max())
 
 
-@needs_amx
+@pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('transpose', [False, True])
-def test_packed_weights_give_the_same_bits(transpose):
+def test_packed_weights_give_the_same_bits(transpose, isa):
     rng = np.random.default_rng(2)
     x, w = _bf16(rng, (3, 7, 70)), _bf16(rng, (70, 45))
     packed = jax.jit(lambda w: amx.pack(w.T if transpose else w, transpose=transpose))(w)
     assert packed.shape == (96 * 64,) and packed.dtype == jnp.bfloat16
-    got = jax.jit(lambda x, p: amx.matmul_packed(x, p, 45))(x, packed)
-    np.testing.assert_array_equal(_f32(got), _f32(jax.jit(amx.matmul)(x, w)))
+    got = jax.jit(lambda x, p: amx.matmul_packed(x, p, 45, isa))(x, packed)
+    np.testing.assert_array_equal(_f32(got), _f32(jax.jit(lambda x, w: amx.matmul(x, w, isa))(x, w)))
 
 
-@needs_amx
+@needs_kernels
 def test_a_packed_weight_of_the_wrong_size_is_refused():
     rng = np.random.default_rng(3)
     x, w = _bf16(rng, (4, 64)), _bf16(rng, (64, 64))
     packed = amx.pack(w)
     with pytest.raises(Exception, match='packed b does not match'):
-        jax.block_until_ready(amx.matmul_packed(x, packed, 96))
+        jax.block_until_ready(amx.matmul_packed(x, packed, 96, amx.best_isa()))
 
 
-def test_choice_between_amx_and_xla():
-    assert not amx.use_amx('xla', jnp.bfloat16)
-    assert not amx.use_amx('auto', jnp.float32)
-    assert amx.use_amx('auto', jnp.bfloat16) == (AVAILABLE and jax.device_count() == 1)
-    with pytest.raises(ValueError, match='compute dtype is float32'):
-        amx.use_amx('amx', jnp.float32)
+@needs_kernels
+def test_both_paths_agree_where_both_run():
+    if not all(amx.available(isa)[0] for isa in amx.ISAS):
+        pytest.skip('this CPU runs only one instruction path')
+    rng = np.random.default_rng(4)
+    a, b = _bf16(rng, (70, 300)), _bf16(rng, (300, 90))
+    out = [jax.jit(lambda a, b: amx._call(a, b, (70, 90), out_dtype=jnp.float32, isa=isa))(a, b)
+           for isa in amx.ISAS]
+    np.testing.assert_allclose(_f32(out[0]), _f32(out[1]), rtol=1e-5, atol=1e-3)
+
+
+def _attention_reference(q, k, v, bias):
+    s = jnp.einsum('bhd,blhd->bhl', q, k.astype(jnp.float32)) + bias
+    w = jax.nn.softmax(s, -1).astype(jnp.bfloat16).astype(jnp.float32)
+    return jnp.einsum('bhl,blhd->bhd', w, v.astype(jnp.float32))
+
+
+@needs_kernels
+@pytest.mark.parametrize('b,h,length,d', [(4, 6, 128, 64), (3, 4, 7, 8), (2, 3, 33, 20),
+                                          (1, 2, 5, 130)])
+def test_decode_attention_equals_its_reference(b, h, length, d):
+    rng = np.random.default_rng(b * 100 + length)
+    q = jnp.asarray(rng.standard_normal((b, h, d)), jnp.float32)
+    k, v = _bf16(rng, (b, length, h, d)), _bf16(rng, (b, length, h, d))
+    bias = jnp.asarray(rng.standard_normal((b, h, length)), jnp.float32)
+    bias = bias.at[:, :, length // 2 + 1:].set(-1e10)   # masked positions get no weight
+    got = jax.jit(amx.decode_attention)(q, k, v, bias)
+    assert got.shape == (b, h, d) and got.dtype == jnp.float32
+    np.testing.assert_allclose(_f32(got), _f32(_attention_reference(q, k, v, bias)),
+                               rtol=1e-4, atol=1e-4)
+    # Changing a masked position's values changes nothing.
+    v2 = v.at[:, -1].set(100.0)
+    np.testing.assert_array_equal(_f32(jax.jit(amx.decode_attention)(q, k, v2, bias)), _f32(got))
+
+
+@needs_kernels
+def test_decode_attention_refuses_mismatched_shapes():
+    q = jnp.zeros((2, 3, 8), jnp.float32)
+    k = jnp.zeros((2, 5, 3, 8), jnp.bfloat16)
+    with pytest.raises(Exception, match='shapes of q, k/v and bias disagree'):
+        jax.block_until_ready(amx.decode_attention(q, k, k, jnp.zeros((2, 3, 4), jnp.float32)))
+
+
+def test_choice_between_the_kernels_and_xla():
+    assert amx.kernel_isa('xla', jnp.bfloat16) is None
+    assert amx.kernel_isa('auto', jnp.float32) is None
+    single = jax.device_count() == 1
+    assert amx.kernel_isa('auto', jnp.bfloat16) == (amx.best_isa() if single else None)
+    assert amx.use_kernels('auto', jnp.bfloat16) == (AVAILABLE and single)
+    # AMX first: 'auto' takes the vector path only where the tiles cannot run.
+    if amx.available('amx')[0]:
+        assert amx.best_isa() == 'amx'
+    elif amx.available('avx512_bf16')[0]:
+        assert amx.best_isa() == 'avx512_bf16'
+    for isa in amx.ISAS:
+        with pytest.raises(ValueError, match=f'cpu_matmul="{isa}" cannot run here: the compute '
+                                             'dtype is float32'):
+            amx.kernel_isa(isa, jnp.float32)
+        if single and not amx.available(isa)[0]:
+            with pytest.raises(ValueError, match='lacks|compiler|refused'):
+                amx.kernel_isa(isa, jnp.bfloat16)
     with pytest.raises(ValueError, match="Unknown cpu_matmul 'mkl'"):
-        amx.use_amx('mkl', jnp.bfloat16)
+        amx.kernel_isa('mkl', jnp.bfloat16)
 
 
 def _model_inputs(cfg, seed=0):
@@ -113,10 +174,10 @@ def _model_inputs(cfg, seed=0):
     return enc, dec
 
 
-@needs_amx
+@pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
-def test_model_on_amx_matches_xla_forward_and_gradients(name):
-    amx_cfg = get_config(name, dtype=jnp.bfloat16, cpu_matmul='amx')
+def test_model_on_the_kernels_matches_xla_forward_and_gradients(name, isa):
+    amx_cfg = get_config(name, dtype=jnp.bfloat16, cpu_matmul=isa)
     xla_cfg = amx_cfg.replace(cpu_matmul='xla')
     enc, dec = _model_inputs(amx_cfg)
     params = nn.unbox(T5(xla_cfg).init(jax.random.PRNGKey(0), enc, dec)['params'])
@@ -133,13 +194,13 @@ def test_model_on_amx_matches_xla_forward_and_gradients(name):
         np.testing.assert_allclose(_f32(a), _f32(x), atol=0.05 * np.abs(_f32(x)).max() + 1e-6)
 
 
-@needs_amx
+@pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
-def test_decoding_on_packed_weights_agrees_with_teacher_forcing(name):
-    cfg = get_config(name, dtype=jnp.bfloat16, cpu_matmul='amx')
+def test_decoding_on_packed_weights_agrees_with_teacher_forcing(name, isa):
+    cfg = get_config(name, dtype=jnp.bfloat16, cpu_matmul=isa)
     enc, dec = _model_inputs(cfg, seed=1)
     params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(1), enc, dec)['params'])
-    prepared, _ = decoding.prepare_params(params, cfg)
+    prepared, prepared_cfg = decoding.prepare_params(params, cfg)
     packed = pack_for_decode(prepared, cfg.logits_via_embedding)
     layer = packed['decoder']['layers_0']['mlp']['wo']
     assert set(layer) == {'kernel', PACKED_KERNEL}
@@ -153,11 +214,37 @@ def test_decoding_on_packed_weights_agrees_with_teacher_forcing(name):
     alive = np.cumsum(tokens == 1, axis=1) - (tokens == 1) == 0
     np.testing.assert_allclose(np.asarray(scores), (logp * alive).sum(1),
                                rtol=2e-2, atol=2e-2)
+    # The kernels' decode caches are bf16 in the projections' (batch, length, heads, head_dim)
+    # layout, and every attention of a step is one decode_attention call.
+    _, cache = jax.eval_shape(lambda p: decoding._first_step(
+            T5(prepared_cfg), p, jnp.zeros((3, 19, cfg.emb_dim), cfg.dtype),
+            enc, 6), packed)
+    self_key = cache['decoder']['layers_0']['self_attention']['cached_key']
+    cross_key = cache['decoder']['layers_0']['encoder_decoder_attention']['cached_key']
+    assert self_key.shape == (3, 6, cfg.num_heads, cfg.head_dim) and self_key.dtype == jnp.bfloat16
+    assert cross_key.shape == (3, 19, cfg.num_heads, cfg.head_dim)
+    text = str(jax.make_jaxpr(lambda p: decoding.generate(p, cfg, enc, max_decode_length=6))(
+            params))
+    assert text.count('target_name=doa_decode_attention') == 2 * 2 * cfg.num_decoder_layers
 
 
-@needs_amx
-def test_every_dense_kernel_runs_on_amx_and_none_under_xla():
-    cfg = get_config('t5_1_1_tiny', dtype=jnp.bfloat16, cpu_matmul='amx')
+@pytest.mark.parametrize('isa', ISAS)
+def test_decoder_lays_weights_out_once_with_the_same_result(isa):
+    cfg = get_config('t5_1_1_tiny', dtype=jnp.bfloat16, cpu_matmul=isa)
+    enc, dec = _model_inputs(cfg, seed=2)
+    params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(2), enc, dec)['params'])
+    decoder = decoding.Decoder(cfg, params, max_decode_length=5, batch_size=3)
+    assert PACKED_KERNEL in decoder.params['decoder']['layers_0']['mlp']['wo']
+    tokens, scores = decoder(enc)
+    ref_tokens, ref_scores = jax.jit(lambda p: decoding.generate(p, cfg, enc, max_decode_length=5))(
+            params)
+    np.testing.assert_array_equal(tokens, np.asarray(ref_tokens))
+    np.testing.assert_allclose(scores, np.asarray(ref_scores), rtol=1e-6)
+
+
+@needs_kernels
+def test_every_dense_kernel_runs_on_the_kernels_and_none_under_xla():
+    cfg = get_config('t5_1_1_tiny', dtype=jnp.bfloat16, cpu_matmul=amx.best_isa())
     enc, dec = _model_inputs(cfg)
     params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(0), enc, dec)['params'])
     kernels = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]

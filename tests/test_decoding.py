@@ -254,3 +254,16 @@ def test_bf16_decoding_casts_weights_once_without_changing_results(name):
     run = jax.jit(lambda p: decoding.generate(p, cfg, x, max_decode_length=6))
     tokens, scores = run(params)
     assert np.asarray(tokens).shape == (2, 6) and np.isfinite(np.asarray(scores)).all()
+
+
+@pytest.mark.parametrize('shape', [(32, 32128), (5, 1000), (3, 7), (2, 128), (4, 129)])
+def test_first_argmax_is_argmax_with_ties(shape):
+    # Small integer logits: many rows hold their maximum more than once, and the first must win.
+    rng = np.random.default_rng(shape[1])
+    logits = jnp.asarray(rng.integers(0, 4, shape), jnp.float32)
+    got = jax.jit(decoding.first_argmax)(logits)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(logits), axis=-1))
+    logits = jnp.asarray(rng.standard_normal(shape), jnp.float32).at[:, -1].set(-jnp.inf)
+    np.testing.assert_array_equal(np.asarray(jax.jit(decoding.first_argmax)(logits)),
+                                  np.argmax(np.asarray(logits), axis=-1))

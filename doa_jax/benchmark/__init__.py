@@ -25,15 +25,17 @@ def parse_mesh(text: str, default_data: int = -1) -> tuple[int, int]:
 
 
 def add_cpu_matmul_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--cpu_matmul', default='auto', choices=('auto', 'amx', 'xla'),
-                        help="CPU matmuls: 'auto' takes the AMX bf16 kernels where they run")
+    from doa_jax.kernels import amx
+    parser.add_argument('--cpu_matmul', default='auto', choices=amx.MODES,
+                        help="CPU matmuls: 'auto' takes doa_jax's bf16 kernels (AMX, else "
+                             "AVX512-BF16) where they run; 'xla' keeps XLA's dot")
 
 
 def kernel_label(cfg) -> str:
-    """'amx' when the config's matmuls run on the AMX kernels here, else 'xla' (the JSON's
-    `cpu_matmul` field)."""
+    """The instruction path of doa_jax's CPU kernels that the config's matmuls run on here ('amx'
+    or 'avx512_bf16'), else 'xla' (the JSON's `cpu_matmul` field)."""
     from doa_jax.kernels import amx
-    return 'amx' if amx.use_amx(cfg.cpu_matmul, cfg.dtype) else 'xla'
+    return amx.kernel_isa(cfg.cpu_matmul, cfg.dtype) or 'xla'
 
 
 def write_json(path: str | None, payload: Any, indent: int = 1) -> None:

@@ -1,18 +1,22 @@
-"""bf16 matmuls on Intel AMX for the CPU backend: an XLA FFI custom call, built on first use.
+"""bf16 matmuls for the CPU backend on AMX tiles or AVX512-BF16: an XLA FFI custom call, built on
+first use.
 
-XLA's CPU backend runs bf16 dots through generic loops that reach about 0.25 TFLOP/s on a
-Sapphire Rapids core pair, while the same chip's AMX tiles do several times that. This module
-compiles `amx_matmul.cc` (C++ with the AMX intrinsics, against the XLA FFI headers that jaxlib
-ships) with the machine's C++ compiler, caches the shared library under
+XLA's CPU backend runs bf16 dots through generic loops (about 0.25 TFLOP/s on a Sapphire Rapids
+core pair, 0.05-0.44 on a Zen 5 core pair), while the same chips' bf16 units do several times that.
+This module compiles `amx_matmul.cc` (C++ with the AMX and AVX512-BF16 intrinsics, against the XLA
+FFI headers that jaxlib ships) with the machine's C++ compiler, caches the shared library under
 `$DOA_JAX_CACHE` (default `~/.cache/doa_jax`), and registers it as the `doa_amx_matmul` target.
+One library carries two instruction paths over one operand layout: AMX tiles (Intel Sapphire
+Rapids and later) and AVX512-BF16 dot products (`VDPBF16PS`: AMD Zen 4/5, Intel Cooper Lake).
 
-`matmul(x, w)` is differentiable (the backward pass is two more AMX products), and
+`matmul(x, w)` is differentiable (the backward pass is two more kernel products), and
 `pack(w)` lays a weight out once in the tile order the kernel reads, so that a decode loop
 does not repack its weights at every step.
 
-Whether the kernels run is decided at trace time by `use_amx(mode, dtype)`: `'auto'` takes them
-for bf16 compute on a single CPU device whose processor has AMX and where the library builds;
-`'amx'` insists (and raises, naming the reason, where it cannot); `'xla'` never uses them. The
+Whether the kernels run, and on which instructions, is decided at trace time by
+`kernel_isa(mode, dtype)`: `'auto'` takes AMX where the processor has it, else AVX512-BF16, for
+bf16 compute on a single CPU device where the library builds; `'amx'` and `'avx512_bf16'` insist on
+one path (and raise, naming the reason, where it cannot run); `'xla'` never uses the kernels. The
 kernels are single-device: on a multi-device mesh `'auto'` keeps XLA's dot, which the SPMD
 partitioner can split.
 """
@@ -35,10 +39,14 @@ import numpy as np
 
 Array = jax.Array
 
-MODES = ('auto', 'amx', 'xla')
+MODES = ('auto', 'amx', 'avx512_bf16', 'xla')
+# Instruction paths, best first, and the `isa` attribute the kernel takes for each.
+ISAS = ('amx', 'avx512_bf16')
+_ISA_CODE = {'amx': 1, 'avx512_bf16': 2}
 _SOURCE = Path(__file__).with_name('amx_matmul.cc')
 _TARGET = 'doa_amx_matmul'
 _PACK_TARGET = 'doa_amx_pack'
+_ATTENTION_TARGET = 'doa_decode_attention'
 _FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-w', '-mavx512f', '-mavx512bw',
           '-mavx512vl', '-mavx512bf16', '-mamx-tile', '-mamx-bf16')
 # Operand dims are padded to these multiples inside the kernel (and in `pack`).
@@ -76,7 +84,7 @@ def _build(cxx: str) -> Path:
         cmd = [cxx, *_FLAGS, f'-I{include}', str(_SOURCE), '-o', str(tmp_out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f'building the AMX kernel failed ({" ".join(cmd)}):\n'
+            raise RuntimeError(f'building the CPU kernels failed ({" ".join(cmd)}):\n'
                                f'{proc.stderr[-2000:]}')
         os.replace(tmp_out, out)
     return out
@@ -86,36 +94,66 @@ def _build(cxx: str) -> Path:
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """(library, '') once the targets are registered, or (None, why not)."""
     if platform.system() != 'Linux' or platform.machine() != 'x86_64':
-        return None, f'AMX kernels need Linux on x86-64, not {platform.system()} {platform.machine()}'
-    missing = {'amx_tile', 'amx_bf16', 'avx512_bf16', 'avx512bw'} - _cpu_flags()
+        return None, f'the CPU kernels need Linux on x86-64, not {platform.system()} {platform.machine()}'
+    missing = {'avx512f', 'avx512bw', 'avx512vl', 'avx512_bf16'} - _cpu_flags()
     if missing:
         return None, f'this CPU lacks {", ".join(sorted(missing))}'
     cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
     if not cxx:
-        return None, 'no C++ compiler (g++ or $CXX) to build the AMX kernel'
+        return None, 'no C++ compiler (g++ or $CXX) to build the CPU kernels'
     try:
         lib = ctypes.CDLL(str(_build(cxx)))
     except (RuntimeError, OSError) as e:
         return None, str(e)
-    if not lib.DoaAmxAvailable():
-        return None, 'the kernel refused this process the AMX tile state (arch_prctl)'
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.DoaAmxMatmul), platform='cpu')
     jax.ffi.register_ffi_target(_PACK_TARGET, jax.ffi.pycapsule(lib.DoaAmxPack), platform='cpu')
+    jax.ffi.register_ffi_target(_ATTENTION_TARGET, jax.ffi.pycapsule(lib.DoaDecodeAttention),
+                                platform='cpu')
     return lib, ''
 
 
-def available() -> tuple[bool, str]:
-    """(True, '') when the AMX kernels can run in this process, else (False, the reason)."""
+@functools.cache
+def _isa_available(isa: str) -> tuple[bool, str]:
     lib, why = _load()
-    return lib is not None, why
+    if lib is None:
+        return False, why
+    if isa == 'amx':
+        missing = {'amx_tile', 'amx_bf16'} - _cpu_flags()
+        if missing:
+            return False, f'this CPU lacks {", ".join(sorted(missing))}'
+        if not lib.DoaAmxAvailable():
+            return False, 'the kernel refused this process the AMX tile state (arch_prctl)'
+    return True, ''
 
 
-def use_amx(mode: str, dtype) -> bool:
-    """Trace-time choice between the AMX kernels and XLA's dot for a matmul in `dtype`."""
+def available(isa: str | None = None) -> tuple[bool, str]:
+    """(True, '') when the kernels can run in this process on `isa` ('amx' or 'avx512_bf16'; None:
+    on either), else (False, the reason)."""
+    if isa is None:
+        reasons = []
+        for candidate in ISAS:
+            ok, why = _isa_available(candidate)
+            if ok:
+                return True, ''
+            reasons.append(f'{candidate}: {why}')
+        return False, '; '.join(reasons)
+    if isa not in ISAS:
+        raise ValueError(f'Unknown CPU kernel isa {isa!r}; choose one of {ISAS}.')
+    return _isa_available(isa)
+
+
+def best_isa() -> str | None:
+    """The fastest instruction path the kernels have here, or None."""
+    return next((isa for isa in ISAS if _isa_available(isa)[0]), None)
+
+
+def kernel_isa(mode: str, dtype) -> str | None:
+    """Trace-time choice for a matmul in `dtype`: the kernels' instruction path ('amx' or
+    'avx512_bf16'), or None for XLA's dot."""
     if mode not in MODES:
         raise ValueError(f'Unknown cpu_matmul {mode!r}; choose one of {MODES}.')
     if mode == 'xla':
-        return False
+        return None
     reasons = []
     if jnp.dtype(dtype) != jnp.bfloat16:
         reasons.append(f'the compute dtype is {jnp.dtype(dtype).name}, not bfloat16')
@@ -124,70 +162,104 @@ def use_amx(mode: str, dtype) -> bool:
     if jax.device_count() != 1:
         reasons.append(f'there are {jax.device_count()} devices (the kernels are single-device)')
     if not reasons:
-        ok, why = available()
-        if ok:
-            return True
-        reasons.append(why)
-    if mode == 'amx':
-        raise ValueError('cpu_matmul="amx" cannot run here: ' + '; '.join(reasons)
+        if mode == 'auto':
+            isa = best_isa()
+            if isa is not None:
+                return isa
+            reasons.append(available()[1])
+        else:
+            ok, why = available(mode)
+            if ok:
+                return mode
+            reasons.append(why)
+    if mode != 'auto':
+        raise ValueError(f'cpu_matmul="{mode}" cannot run here: ' + '; '.join(reasons)
                          + '. Use cpu_matmul="auto" to fall back to XLA\'s dot.')
-    return False
+    return None
+
+
+def use_kernels(mode: str, dtype) -> bool:
+    """Whether a matmul in `dtype` under `mode` runs on these kernels (see `kernel_isa`)."""
+    return kernel_isa(mode, dtype) is not None
 
 
 def _round_up(x: int, m: int = _ROW_MULTIPLE) -> int:
     return -(-x // m) * m
 
 
+def _registered() -> None:
+    """Builds and registers the kernels on first use; raises where they cannot run."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f'doa_jax CPU kernels unavailable: {why}')
+
+
 def _call(a: Array, b: Array, out_shape: tuple[int, int], *, trans_a: bool = False,
-          trans_b: bool = False, b_packed: bool = False, out_dtype=jnp.bfloat16) -> Array:
+          trans_b: bool = False, b_packed: bool = False, out_dtype=jnp.bfloat16,
+          isa: str = 'amx') -> Array:
+    _registered()
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(out_shape, out_dtype),
                             vmap_method='sequential')
     return call(a, b, trans_a=np.int64(trans_a), trans_b=np.int64(trans_b),
-                b_packed=np.int64(b_packed))
+                b_packed=np.int64(b_packed), isa=np.int64(_ISA_CODE[isa]))
 
 
-@jax.custom_vjp
-def _matmul2d(x: Array, w: Array) -> Array:
-    return _call(x, w, (x.shape[0], w.shape[1]))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul2d(x: Array, w: Array, isa: str) -> Array:
+    return _call(x, w, (x.shape[0], w.shape[1]), isa=isa)
 
 
-def _matmul2d_fwd(x, w):
-    return _matmul2d(x, w), (x, w)
+def _matmul2d_fwd(x, w, isa):
+    return _matmul2d(x, w, isa), (x, w)
 
 
-def _matmul2d_bwd(res, g):
+def _matmul2d_bwd(isa, res, g):
     x, w = res
     g = g.astype(jnp.bfloat16)
-    dx = _call(g, w, x.shape, trans_b=True)        # g [M, N] . w^T [N, K]
-    dw = _call(x, g, w.shape, trans_a=True)        # x^T [K, M] . g [M, N]
+    dx = _call(g, w, x.shape, trans_b=True, isa=isa)        # g [M, N] . w^T [N, K]
+    dw = _call(x, g, w.shape, trans_a=True, isa=isa)        # x^T [K, M] . g [M, N]
     return dx, dw
 
 
 _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)
 
 
-def matmul(x: Array, w: Array) -> Array:
-    """x[..., K] . w[K, N] in bf16 with float32 accumulation; differentiable."""
+def matmul(x: Array, w: Array, isa: str = 'amx') -> Array:
+    """x[..., K] . w[K, N] in bf16 with float32 accumulation on `isa`; differentiable."""
     lead = x.shape[:-1]
     x2 = x.astype(jnp.bfloat16).reshape(-1, x.shape[-1])
-    y = _matmul2d(x2, w.astype(jnp.bfloat16))
+    y = _matmul2d(x2, w.astype(jnp.bfloat16), isa)
     return y.reshape(*lead, w.shape[1])
 
 
 def pack(w: Array, *, transpose: bool = False) -> Array:
     """w[K, N] (or w[N, K] with `transpose`, giving the tiles of w^T) in the kernel's tile order,
-    a flat bf16 array of Kp * Np values (K and N padded to multiples of 32). Pack a weight once
-    and use `matmul_packed` where it multiplies many batches (a decode loop)."""
+    a flat bf16 array of Kp * Np values (K and N padded to multiples of 32); both instruction paths
+    read it. Pack a weight once and use `matmul_packed` where it multiplies many batches (a decode
+    loop)."""
     k, n = (w.shape[1], w.shape[0]) if transpose else w.shape
+    _registered()
     call = jax.ffi.ffi_call(_PACK_TARGET, jax.ShapeDtypeStruct(
             (_round_up(k) * _round_up(n),), jnp.bfloat16))
     return call(w.astype(jnp.bfloat16), trans=np.int64(transpose))
 
 
-def matmul_packed(x: Array, packed: Array, features: int) -> Array:
+def matmul_packed(x: Array, packed: Array, features: int, isa: str = 'amx') -> Array:
     """x[..., K] . w where `packed = pack(w)` and w has `features` columns. Not differentiable
     (decode only)."""
     lead = x.shape[:-1]
     x2 = x.astype(jnp.bfloat16).reshape(-1, x.shape[-1])
-    y = _call(x2, packed, (x2.shape[0], features), b_packed=True)
+    y = _call(x2, packed, (x2.shape[0], features), b_packed=True, isa=isa)
     return y.reshape(*lead, features)
+
+
+def decode_attention(q: Array, k: Array, v: Array, bias: Array) -> Array:
+    """One decode step of attention against a bf16 cache, in one kernel call: q [B, H, D],
+    k and v [B, L, H, D] (bf16, the layout the projections write), bias [B, H, L] (relative
+    positions and masks). Returns float32 [B, H, D]: softmax(q . k + bias) . v with the
+    weights rounded to bf16, as the model's XLA path computes it. Not differentiable."""
+    _registered()
+    call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method='sequential')
+    return call(q.astype(jnp.float32), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
+                bias.astype(jnp.float32))

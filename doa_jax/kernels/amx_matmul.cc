@@ -1,16 +1,21 @@
-// bf16 matrix multiply on Intel AMX tiles, as an XLA FFI custom call for the CPU backend.
+// bf16 matrix multiply for the CPU backend, as an XLA FFI custom call: on Intel AMX tiles, or with
+// AVX512-BF16 vector dot products (VDPBF16PS) on processors without AMX (AMD Zen 4/5, Intel
+// Cooper Lake). Both read the same operand layout.
 //
 // out[M, N] = op(a)[M, K] . op(b)[K, N], bf16 operands, float32 accumulation, output bf16 or f32.
 // op(a) is a (row-major [M, K]) or, with trans_a, the transpose of a stored [K, M]; op(b) is b
 // ([K, N]), the transpose of b stored [N, K] (trans_b), or b already packed by `doa_amx_pack`.
 //
-// The product is cut into 32x32 blocks of the output, each held in four 16x16 float32 tiles
-// while the K dimension streams through two A tiles (16 rows x 32 values) and two B tiles
-// (16 pairs of rows x 16 columns, the pair-interleaved layout TDPBF16PS reads). Both operands are
-// first copied into "tile order": every 16x32 tile of A and every 16-pair x 16-column tile of B
-// is 1 KiB of contiguous memory, in the order a block reads them, zero padded to multiples of 32.
-// Loads then stream sequentially instead of striding by a power-of-two row pitch (which aliases
-// in the L1 sets). Long K is summed in chunks through a float32 buffer.
+// The product is cut into 32x32 blocks of the output. On AMX a block is held in four 16x16
+// float32 tiles while the K dimension streams through two A tiles (16 rows x 32 values) and two
+// B tiles (16 pairs of rows x 16 columns, the pair-interleaved layout TDPBF16PS reads). Both
+// operands are first copied into "tile order": every 16x32 tile of A and every 16-pair x
+// 16-column tile of B is 1 KiB of contiguous memory, in the order a block reads them, zero padded
+// to multiples of 32. Loads then stream sequentially instead of striding by a power-of-two row
+// pitch (which aliases in the L1 sets). Long K is summed in chunks through a float32 buffer.
+// The vector path reads the same tiles: a row of a B tile is one 512-bit register of 16 column
+// pairs, and a pair of an A row is broadcast against it, 8 rows x 32 columns of float32 sums in
+// 16 registers at a time.
 //
 // Work is cut into chunks (a row panel sized for L2 times a group of 32-column strips) that the
 // calling thread and helpers on XLA's own intra-op thread pool take from a shared counter: no
@@ -22,6 +27,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -257,6 +263,60 @@ inline void Block(const uint16_t* a, const uint16_t* b, int64_t steps, float* ac
   _tile_stored(3, acc + 16 * ldc + 16, c_stride);
 }
 
+// How far ahead the kernels prefetch, and a prefetch of `bytes` from p into L1. Attention reads
+// kAhead cache positions ahead.
+constexpr int64_t kAhead = 6;
+constexpr int64_t kStepsAhead = 4;  // K steps of 32 read ahead by the vector matmul
+inline void Prefetch(const uint16_t* p, int64_t bytes) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
+// The same 32x32 block with AVX512-BF16 instructions: for each of the two 16-row A tiles, two
+// passes of 8 rows, each keeping 8 x 2 registers of float32 sums while the 16 pairs of every K
+// step are broadcast from A against B's two 16-column registers.
+inline void BlockVector(const uint16_t* a, const uint16_t* b, int64_t steps, float* acc,
+                        int64_t ldc, bool accumulate) {
+  for (int h = 0; h < 2; ++h) {
+    for (int r0 = 0; r0 < 16; r0 += 8) {
+      float* rows = acc + (h * 16 + r0) * ldc;
+      __m512 c[8][2];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        c[i][0] = accumulate ? _mm512_loadu_ps(rows + i * ldc) : _mm512_setzero_ps();
+        c[i][1] = accumulate ? _mm512_loadu_ps(rows + i * ldc + 16) : _mm512_setzero_ps();
+      }
+      for (int64_t t = 0; t < steps; ++t) {
+        const uint32_t* ap =
+            reinterpret_cast<const uint32_t*>(a + (t * 2 + h) * kTile) + r0 * 16;
+        const uint16_t* bp = b + t * 2 * kTile;
+        // The first pass over the strip streams it from memory (a decode step's weights are
+        // read once): fetch a few K steps ahead.
+        if (h == 0 && r0 == 0 && t + kStepsAhead < steps) {
+          Prefetch(bp + kStepsAhead * 2 * kTile, 4 * kTile);
+        }
+#pragma GCC unroll 2
+        for (int p = 0; p < 16; ++p) {
+          const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp + p * 32));
+          const __m512bh b1 =
+              reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp + kTile + p * 32));
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i) {
+            const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(ap[i * 16 + p]));
+            c[i][0] = _mm512_dpbf16_ps(c[i][0], x, b0);
+            c[i][1] = _mm512_dpbf16_ps(c[i][1], x, b1);
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        _mm512_storeu_ps(rows + i * ldc, c[i][0]);
+        _mm512_storeu_ps(rows + i * ldc + 16, c[i][1]);
+      }
+    }
+  }
+}
+
 // Writes rows x cols of float32 sums (row stride ldc) into out (row stride n).
 template <typename OutT>
 inline void WriteBlock(const float* acc, int64_t ldc, int rows, int cols, OutT* out, int64_t n) {
@@ -277,7 +337,11 @@ inline void WriteBlock(const float* acc, int64_t ldc, int rows, int cols, OutT* 
 constexpr int64_t kKSinglePass = 1024;
 constexpr int64_t kKChunk = 512;
 
-template <typename OutT>
+// Which instructions a product runs on (the `isa` attribute).
+constexpr int64_t kIsaAmx = 1;
+constexpr int64_t kIsaAvx512Bf16 = 2;
+
+template <bool kAmx, typename OutT>
 void Multiply(const Par& par, const uint16_t* a, const uint16_t* b, int64_t m, int64_t n,
               int64_t mp, int64_t np, int64_t kp, OutT* out) {
   const int64_t kb = kp / 32;
@@ -297,7 +361,7 @@ void Multiply(const Par& par, const uint16_t* a, const uint16_t* b, int64_t m, i
   for (int64_t k0 = 0; k0 < kp; k0 += kc) {
     const int64_t t0 = k0 / 32, steps = std::min(kc, kp - k0) / 32;
     const bool first = k0 == 0, last = k0 + kc >= kp;
-    ParallelFor(par.pool, small ? 0 : par.helpers, panels * groups, true, [=](int64_t chunk) {
+    ParallelFor(par.pool, small ? 0 : par.helpers, panels * groups, kAmx, [=](int64_t chunk) {
       alignas(64) float local[32 * 32];
       const int64_t i0 = (chunk / groups) * panel, i1 = std::min(mp, i0 + panel);
       const int64_t g = chunk % groups;
@@ -308,7 +372,12 @@ void Multiply(const Par& par, const uint16_t* a, const uint16_t* b, int64_t m, i
         for (int64_t i = i0; i < i1; i += 32) {
           float* acc = chunked ? sums_ptr + i * np + j : local;
           const int64_t ldc = chunked ? np : 32;
-          Block(a + ((i / 32) * kb + t0) * 2 * kTile, b_strip, steps, acc, ldc, !first);
+          const uint16_t* a_panel = a + ((i / 32) * kb + t0) * 2 * kTile;
+          if constexpr (kAmx) {
+            Block(a_panel, b_strip, steps, acc, ldc, !first);
+          } else {
+            BlockVector(a_panel, b_strip, steps, acc, ldc, !first);
+          }
           if (!last) continue;
           const int rows = static_cast<int>(std::min<int64_t>(32, m - i));
           const int cols = static_cast<int>(std::min<int64_t>(32, n - j));
@@ -325,8 +394,11 @@ int Helpers(ffi::ThreadPool& pool) {
 
 ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                      ffi::Result<ffi::AnyBuffer> out, int64_t trans_a, int64_t trans_b,
-                     int64_t b_packed) {
-  if (!RequestAmx()) {
+                     int64_t b_packed, int64_t isa) {
+  if (isa != kIsaAmx && isa != kIsaAvx512Bf16) {
+    return ffi::Error::InvalidArgument("amx_matmul: isa must be 1 (AMX) or 2 (AVX512-BF16)");
+  }
+  if (isa == kIsaAmx && !RequestAmx()) {
     return ffi::Error(ffi::ErrorCode::kUnavailable,
                       "the kernel refused this process the AMX tile state (arch_prctl)");
   }
@@ -363,12 +435,15 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     PackB(par, b_ptr, k, n, trans_b, kp, np, b_buf);
     b_tiles = b_buf;
   }
+  const bool amx = isa == kIsaAmx;
   if (out->element_type() == ffi::DataType::BF16) {
-    Multiply(par, a_tiles, b_tiles, m, n, mp, np, kp,
-             reinterpret_cast<uint16_t*>(out->untyped_data()));
+    auto* o = reinterpret_cast<uint16_t*>(out->untyped_data());
+    amx ? Multiply<true>(par, a_tiles, b_tiles, m, n, mp, np, kp, o)
+        : Multiply<false>(par, a_tiles, b_tiles, m, n, mp, np, kp, o);
   } else if (out->element_type() == ffi::DataType::F32) {
-    Multiply(par, a_tiles, b_tiles, m, n, mp, np, kp,
-             reinterpret_cast<float*>(out->untyped_data()));
+    auto* o = reinterpret_cast<float*>(out->untyped_data());
+    amx ? Multiply<true>(par, a_tiles, b_tiles, m, n, mp, np, kp, o)
+        : Multiply<false>(par, a_tiles, b_tiles, m, n, mp, np, kp, o);
   } else {
     return ffi::Error::InvalidArgument("amx_matmul writes bf16 or f32");
   }
@@ -394,6 +469,111 @@ ffi::Error AmxPack(ffi::ThreadPool pool, ffi::AnyBuffer b, ffi::Result<ffi::AnyB
   return ffi::Error::Success();
 }
 
+// One decode step of attention against a bf16 KV cache:
+//   out[b, h, :] = softmax(q[b, h, :] . k[b, :, h, :] + bias[b, h, :]) . v[b, :, h, :]
+// q float32 [B, H, D]; k, v bf16 [B, L, H, D] (the layout the projections write, so a cache needs
+// no transpose); bias float32 [B, H, L] (relative positions and masks); out float32 [B, H, D].
+// The softmax weights are rounded to bf16 before they weight v, as the model's XLA path does.
+// Each (b, h) pair is one work item; bf16 values are widened in registers, never in memory.
+inline __m512 LoadBf16(const uint16_t* src, __mmask16 mask) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(mask, src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline float RoundToBf16(float x) {
+  const __m128 v = _mm_set_ss(x);
+  const __m128bh h = _mm_cvtneps_pbh(v);
+  const uint32_t bits = static_cast<uint32_t>(_mm_extract_epi16(reinterpret_cast<__m128i>(h), 0))
+                        << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                           ffi::AnyBuffer v, ffi::AnyBuffer bias,
+                           ffi::Result<ffi::AnyBuffer> out) {
+  if (q.element_type() != ffi::DataType::F32 || k.element_type() != ffi::DataType::BF16 ||
+      v.element_type() != ffi::DataType::BF16 || bias.element_type() != ffi::DataType::F32 ||
+      out->element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention takes float32 q and bias, bf16 k and v, and writes float32");
+  }
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), bd = bias.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || bd.size() != 3) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: q [B, H, D], k and v [B, L, H, D], bias [B, H, L]");
+  }
+  const int64_t B = qd[0], H = qd[1], D = qd[2], L = kd[1];
+  for (int i = 0; i < 4; ++i) {
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("decode_attention: k and v differ");
+  }
+  if (kd[0] != B || kd[2] != H || kd[3] != D || bd[0] != B || bd[1] != H || bd[2] != L) {
+    return ffi::Error::InvalidArgument("decode_attention: shapes of q, k/v and bias disagree");
+  }
+  const float* qp = reinterpret_cast<const float*>(q.untyped_data());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.untyped_data());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.untyped_data());
+  const float* bp = reinterpret_cast<const float*>(bias.untyped_data());
+  float* op = reinterpret_cast<float*>(out->untyped_data());
+  const int64_t chunks = (D + 15) / 16;
+  const __mmask16 tail = static_cast<__mmask16>(D % 16 ? (1u << (D % 16)) - 1 : 0xFFFF);
+  const Par par{&pool, Helpers(pool)};
+  const bool small = B * H * L * D < (int64_t{1} << 16);
+  const int64_t row = H * D;  // one position of k or v: every head, contiguous
+  // One batch row per work item, walking k and v position by position through whole contiguous
+  // rows (all heads at once), so the cache streams from memory in order.
+  ParallelFor(par.pool, small ? 0 : par.helpers, B, false, [=](int64_t b) {
+    float* w = Scratch<float, 2>(H * L);    // scores, then weights: [H, L]
+    float* acc = Scratch<float, 3>(row);    // weighted sums: [H, D]
+    const float* qb = qp + b * row;
+    const uint16_t* kb = kp + b * L * row;
+    const uint16_t* vb = vp + b * L * row;
+    const float* bb = bp + b * H * L;
+    const int64_t row_bytes = row * 2;
+    for (int64_t l = 0; l < L; ++l) {
+      const uint16_t* krow = kb + l * row;
+      if (l + kAhead < L) Prefetch(krow + kAhead * row, row_bytes);
+      for (int64_t h = 0; h < H; ++h) {
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) {
+          const __mmask16 m = c + 1 == chunks ? tail : 0xFFFF;
+          dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qb + h * D + c * 16),
+                                LoadBf16(krow + h * D + c * 16, m), dot);
+        }
+        w[h * L + l] = _mm512_reduce_add_ps(dot) + bb[h * L + l];
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      float* wh = w + h * L;
+      float mx = -INFINITY, total = 0.f;
+      for (int64_t l = 0; l < L; ++l) mx = std::max(mx, wh[l]);
+      for (int64_t l = 0; l < L; ++l) {
+        wh[l] = std::exp(wh[l] - mx);
+        total += wh[l];
+      }
+      const float inv = 1.f / total;
+      for (int64_t l = 0; l < L; ++l) wh[l] = RoundToBf16(wh[l] * inv);
+    }
+    std::memset(acc, 0, row * sizeof(float));
+    for (int64_t l = 0; l < L; ++l) {
+      const uint16_t* vrow = vb + l * row;
+      if (l + kAhead < L) Prefetch(vrow + kAhead * row, row_bytes);
+      for (int64_t h = 0; h < H; ++h) {
+        const __m512 wl = _mm512_set1_ps(w[h * L + l]);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const __mmask16 m = c + 1 == chunks ? tail : 0xFFFF;
+          float* a = acc + h * D + c * 16;
+          _mm512_mask_storeu_ps(a, m, _mm512_fmadd_ps(wl, LoadBf16(vrow + h * D + c * 16, m),
+                                                       _mm512_maskz_loadu_ps(m, a)));
+        }
+      }
+    }
+    std::memcpy(op + b * row, acc, row * sizeof(float));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAmxPack, AmxPack,
@@ -411,6 +591,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAmxMatmul, AmxMatmul,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("trans_a")
                                   .Attr<int64_t>("trans_b")
-                                  .Attr<int64_t>("b_packed"));
+                                  .Attr<int64_t>("b_packed")
+                                  .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 extern "C" int DoaAmxAvailable() { return RequestAmx() ? 1 : 0; }

@@ -20,7 +20,7 @@ from doa_jax.kernels import amx
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-# Where `pack_for_decode` puts a kernel laid out for the AMX matmul (a sibling of `kernel`), and
+# Where `pack_for_decode` puts a kernel laid out for the CPU bf16 kernels (a sibling of `kernel`), and
 # the tied LM head's packed transpose (a sibling of `embedding`).
 PACKED_KERNEL = 'kernel_amx'
 PACKED_ATTEND = 'attend_amx'
@@ -57,18 +57,19 @@ class RMSNorm(nn.Module):
         return (y * scale).astype(self.dtype)
 
 
-def _amx_product(module: nn.Module, x: Array, w: Array, packed_name: str) -> Array:
-    """x . w on the AMX kernels, reading w's packed layout where `pack_for_decode` stored it."""
+def _kernel_product(module: nn.Module, x: Array, w: Array, packed_name: str, isa: str) -> Array:
+    """x . w on the CPU kernels (`isa`: 'amx' or 'avx512_bf16'), reading w's packed layout where
+    `pack_for_decode` stored it."""
     if module.has_variable('params', packed_name):
-        return amx.matmul_packed(x, module.get_variable('params', packed_name), w.shape[1])
-    return amx.matmul(x, w)
+        return amx.matmul_packed(x, module.get_variable('params', packed_name), w.shape[1], isa)
+    return amx.matmul(x, w, isa)
 
 
 class Dense(nn.Module):
     """A bias-free 2-D kernel, stored (in_features, features) as t5x stores it.
 
-    `matmul` picks the CPU implementation (see `doa_jax.kernels.amx.use_amx`): with the AMX
-    kernels, a kernel that `pack_for_decode` laid out beforehand is used as it is.
+    `matmul` picks the CPU implementation (see `doa_jax.kernels.amx.kernel_isa`): with the CPU
+    bf16 kernels, a kernel that `pack_for_decode` laid out beforehand is used as it is.
     """
 
     features: int
@@ -81,8 +82,9 @@ class Dense(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                         self.kernel_axes)
-        if amx.use_amx(self.matmul, self.dtype):
-            return _amx_product(self, x, kernel, PACKED_KERNEL)
+        isa = amx.kernel_isa(self.matmul, self.dtype)
+        if isa:
+            return _kernel_product(self, x, kernel, PACKED_KERNEL, isa)
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -102,8 +104,9 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
-        if amx.use_amx(self.matmul, self.dtype):
-            return _amx_product(self, x, self.embedding.T, PACKED_ATTEND)
+        isa = amx.kernel_isa(self.matmul, self.dtype)
+        if isa:
+            return _kernel_product(self, x, self.embedding.T, PACKED_ATTEND, isa)
         return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
 
 
@@ -188,35 +191,35 @@ class MultiHeadAttention(nn.Module):
         b, lq = x.shape[:2]
         q = constrain(q_proj(x).reshape(b, lq, self.num_heads, self.head_dim),
                       ('batch', 'length', 'heads', 'kv'))
+        if self.decode and self.float32_logits and amx.use_kernels(self.matmul, self.dtype):
+            # On the CPU kernels' path the caches stay bf16 in the (batch, length, heads,
+            # head_dim) layout the projections write (no transpose, no widening), and one
+            # kernel call per step does scores, softmax and the weighted sum over them.
+            if lq != 1:
+                raise ValueError(f'Cached decoding feeds one token per step, got length {lq}.')
+            as_cache = lambda t: t.astype(self.dtype).reshape(b, -1, self.num_heads,
+                                                              self.head_dim)
+            ck, cv = self._decode_cache(as_cache, k_proj, v_proj, x, kv, decode_position,
+                                        max_decode_length,
+                                        (b, max_decode_length, self.num_heads, self.head_dim),
+                                        (0, decode_position, 0, 0))
+            k, v = ck.value, cv.value
+            bias = (jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32))
+            bias = jnp.broadcast_to(bias, (b, self.num_heads, 1, k.shape[1]))
+            out = amx.decode_attention(q[:, 0], k, v, bias[:, :, 0, :])
+            return o_proj(out.astype(self.dtype).reshape(b, lq, inner))
         if self.decode:
             # Decode caches are head-major (batch, heads, length, head_dim): the layout the
             # per-step attention matmuls read, so no step transposes a cache.
-            # On the CPU kernels' path the caches hold the bf16 values widened to float32 once:
-            # XLA:CPU does not fuse a convert into a dot, so a bf16 cache would be converted
-            # again at every step, which costs more than the attention itself.
-            cache_dtype = (jnp.float32 if self.float32_logits and amx.use_amx(self.matmul, self.dtype)
-                           else self.dtype)
             heads_major = lambda t: constrain(
-                    t.astype(self.dtype).astype(cache_dtype)
-                    .reshape(b, -1, self.num_heads, self.head_dim).transpose(0, 2, 1, 3),
-                    ('batch', 'heads', 'length', 'kv'))
-            if self.is_cross:
-                # Project encoder outputs only when the cache does not hold them yet (first step).
-                ck = self.variable('cache', 'cached_key', lambda: heads_major(k_proj(_require(kv))))
-                cv = self.variable('cache', 'cached_value',
-                                   lambda: heads_major(v_proj(_require(kv))))
-            else:
-                if max_decode_length is None or decode_position is None:
-                    raise ValueError('decode=True self-attention needs max_decode_length and '
-                                     'decode_position.')
-                if lq != 1:
-                    raise ValueError(f'Cached decoding feeds one token per step, got length {lq}.')
-                shape = (b, self.num_heads, max_decode_length, self.head_dim)
-                ck = self.variable('cache', 'cached_key', jnp.zeros, shape, cache_dtype)
-                cv = self.variable('cache', 'cached_value', jnp.zeros, shape, cache_dtype)
-                at = (0, 0, decode_position, 0)
-                ck.value = jax.lax.dynamic_update_slice(ck.value, heads_major(k_proj(x)), at)
-                cv.value = jax.lax.dynamic_update_slice(cv.value, heads_major(v_proj(x)), at)
+                    t.astype(self.dtype).reshape(b, -1, self.num_heads, self.head_dim)
+                    .transpose(0, 2, 1, 3), ('batch', 'heads', 'length', 'kv'))
+            if not self.is_cross and lq != 1:
+                raise ValueError(f'Cached decoding feeds one token per step, got length {lq}.')
+            ck, cv = self._decode_cache(heads_major, k_proj, v_proj, x, kv, decode_position,
+                                        max_decode_length,
+                                        (b, self.num_heads, max_decode_length, self.head_dim),
+                                        (0, 0, decode_position, 0))
             k, v = ck.value, cv.value
             k_spec = 'bhkd'
         else:
@@ -234,12 +237,27 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if self.dropout_rate > 0 and not self.deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        if v.dtype == jnp.float32 and self.dtype != jnp.float32:   # a widened decode cache
-            out = jnp.einsum(f'bhqk,{k_spec}->bqhd', weights.astype(v.dtype), v)
-        else:
-            out = jnp.einsum(f'bhqk,{k_spec}->bqhd', weights, v.astype(self.dtype))
+        out = jnp.einsum(f'bhqk,{k_spec}->bqhd', weights, v.astype(self.dtype))
         out = out.astype(self.dtype).reshape(b, lq, inner)
         return o_proj(out)
+
+    def _decode_cache(self, layout, k_proj, v_proj, x, kv, decode_position, max_decode_length,
+                      self_shape, self_at):
+        """The decode caches, in `layout`: cross-attention projects the encoder outputs once (on
+        the first step); self-attention writes this step's key and value at `self_at`."""
+        if self.is_cross:
+            # Project encoder outputs only when the cache does not hold them yet (first step).
+            ck = self.variable('cache', 'cached_key', lambda: layout(k_proj(_require(kv))))
+            cv = self.variable('cache', 'cached_value', lambda: layout(v_proj(_require(kv))))
+            return ck, cv
+        if max_decode_length is None or decode_position is None:
+            raise ValueError('decode=True self-attention needs max_decode_length and '
+                             'decode_position.')
+        ck = self.variable('cache', 'cached_key', jnp.zeros, self_shape, self.dtype)
+        cv = self.variable('cache', 'cached_value', jnp.zeros, self_shape, self.dtype)
+        ck.value = jax.lax.dynamic_update_slice(ck.value, layout(k_proj(x)), self_at)
+        cv.value = jax.lax.dynamic_update_slice(cv.value, layout(v_proj(x)), self_at)
+        return ck, cv
 
 
 default_kernel_init_normal = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
@@ -291,8 +309,8 @@ class MlpBlock(nn.Module):
 
 def pack_for_decode(params: Any, tied_head: bool) -> Any:
     """Adds, beside every 2-D `kernel` (and, for a `tied_head`, the embedding's transpose), its
-    AMX tile layout, so a decode loop reads each weight as the kernel wants it instead of
-    repacking it every step. Use it only where `amx.use_amx` holds; idempotent."""
+    tile layout for the CPU bf16 kernels, so a decode loop reads each weight as the kernel wants it
+    instead of repacking it every step. Use it only where `amx.use_kernels` holds; idempotent."""
     def visit(tree):
         if not isinstance(tree, dict):
             return tree
