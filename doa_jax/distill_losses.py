@@ -24,7 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from doa_jax.losses import Array, Batch, LossFn, cross_entropy_loss, cross_entropy_with_z_loss
+from doa_jax.losses import (Array, Batch, LossFn, cross_entropy_loss, cross_entropy_with_z_loss,
+                            first_argmax)
 
 TOPK_IDS = 'teacher_topk_ids'
 TOPK_LOGPROBS = 'teacher_topk_logprobs'
@@ -89,7 +90,7 @@ def _token_kd_loss(logits: Array, batch: Batch, *, temperature: float, alpha: fl
     kd_sum = jnp.sum(kd * weights)
     ce_sum = jnp.sum(ce * weights)
     zl_sum = jnp.sum(zl * weights)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * real)
+    correct = jnp.sum((first_argmax(logits) == targets) * real)
     aux = {'cross_entropy': ce_sum, 'z_loss': zl_sum, 'kd_loss': kd_sum, 'correct': correct,
            'num_tokens': jnp.sum(real)}
     return jnp.sum(per_token * weights) + zl_sum, aux

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='peak FLOP/s per device for MFU (default: by device kind; CPU 0.35e12)')
     parser.add_argument('--hf', '--compare_hf', dest='hf', action='store_true',
                         help='also time HF PyTorch T5 (fp32 and bf16 autocast) and print ratios')
+    parser.add_argument('--hf_dtypes', default=','.join(DTYPES),
+                        help="comma-separated precisions HF runs in with --hf (default: both; "
+                             "'bfloat16' is autocast)")
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads for PyTorch (default: os.cpu_count())')
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
@@ -171,7 +174,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     results = [bench_jax(args)]
     if args.hf:
-        for precision in DTYPES:
+        precisions = [p.strip() for p in args.hf_dtypes.split(',') if p.strip()]
+        unknown = sorted(set(precisions) - set(DTYPES))
+        if unknown or not precisions:
+            raise SystemExit(f'--hf_dtypes={args.hf_dtypes!r}: choose from {", ".join(DTYPES)}')
+        for precision in precisions:
             results.append(bench_hf(args, precision))
     ours = results[0]['median_s']
     print(f'\n{args.config}: batch {args.batch_size}, {args.source_len}+{args.target_len} tokens, '
