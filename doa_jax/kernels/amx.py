@@ -253,13 +253,33 @@ def matmul_packed(x: Array, packed: Array, features: int, isa: str = 'amx') -> A
     return y.reshape(*lead, features)
 
 
-def decode_attention(q: Array, k: Array, v: Array, bias: Array) -> Array:
-    """One decode step of attention against a bf16 cache, in one kernel call: q [B, H, D],
-    k and v [B, L, H, D] (bf16, the layout the projections write), bias [B, H, L] (relative
-    positions and masks). Returns float32 [B, H, D]: softmax(q . k + bias) . v with the
-    weights rounded to bf16, as the model's XLA path computes it. Not differentiable."""
+def decode_attention(q: Array, k: Array, v: Array, bias: Array, *,
+                     round_weights: bool | None = None) -> Array:
+    """One decode step of attention in one kernel call: q [B, H, D], k and v [B, L, H, D] (bf16 or
+    float32, the layout the projections write), bias [B, H, L] (relative positions and masks).
+    Returns float32 [B, H, D]: softmax(q . k + bias) . v. `round_weights` (default: for a bf16
+    cache) rounds the softmax weights to bf16 first, as the model's XLA path does in bf16. Not
+    differentiable."""
     _registered()
+    cache = jnp.bfloat16 if k.dtype == jnp.bfloat16 else jnp.float32
+    if round_weights is None:
+        round_weights = cache == jnp.bfloat16
     call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                             vmap_method='sequential')
-    return call(q.astype(jnp.float32), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
-                bias.astype(jnp.float32))
+    return call(q.astype(jnp.float32), k.astype(cache), v.astype(cache),
+                bias.astype(jnp.float32), round_weights=np.int64(round_weights))
+
+
+def use_decode_attention(mode: str, dtype, float32_logits: bool = True) -> bool:
+    """Whether decoding in `dtype` (bf16 or float32) under `cpu_matmul=mode` runs its attention on
+    `decode_attention`: on a single CPU device where the kernels load, unless mode is 'xla'. The
+    kernel computes its logits in float32, so a model with float32_logits=False keeps XLA."""
+    if mode not in MODES:
+        raise ValueError(f'Unknown cpu_matmul {mode!r}; choose one of {MODES}.')
+    if mode == 'xla' or not float32_logits:
+        return False
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        return False
+    if jax.default_backend() != 'cpu' or jax.device_count() != 1:
+        return False
+    return _load()[0] is not None

@@ -267,7 +267,7 @@ inline void Block(const uint16_t* a, const uint16_t* b, int64_t steps, float* ac
 // kAhead cache positions ahead.
 constexpr int64_t kAhead = 6;
 constexpr int64_t kStepsAhead = 4;  // K steps of 32 read ahead by the vector matmul
-inline void Prefetch(const uint16_t* p, int64_t bytes) {
+inline void Prefetch(const void* p, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 }
@@ -469,16 +469,20 @@ ffi::Error AmxPack(ffi::ThreadPool pool, ffi::AnyBuffer b, ffi::Result<ffi::AnyB
   return ffi::Error::Success();
 }
 
-// One decode step of attention against a bf16 KV cache:
+// One decode step of attention against a KV cache of bf16 or float32 values:
 //   out[b, h, :] = softmax(q[b, h, :] . k[b, :, h, :] + bias[b, h, :]) . v[b, :, h, :]
-// q float32 [B, H, D]; k, v bf16 [B, L, H, D] (the layout the projections write, so a cache needs
-// no transpose); bias float32 [B, H, L] (relative positions and masks); out float32 [B, H, D].
-// The softmax weights are rounded to bf16 before they weight v, as the model's XLA path does.
-// Each (b, h) pair is one work item; bf16 values are widened in registers, never in memory.
-inline __m512 LoadBf16(const uint16_t* src, __mmask16 mask) {
+// q float32 [B, H, D]; k, v [B, L, H, D] (the layout the projections write, so a cache needs no
+// transpose); bias float32 [B, H, L] (relative positions and masks); out float32 [B, H, D].
+// With round_weights the softmax weights are rounded to bf16 before they weight v, as the
+// model's XLA path does in a bf16 run. One batch row is one work item: k and v are walked position
+// by position through whole contiguous rows (all heads at once), so the cache streams from memory
+// in order, and bf16 values are widened in registers, never in memory.
+inline __m512 LoadRow(const uint16_t* src, __mmask16 mask) {
   const __m256i raw = _mm256_maskz_loadu_epi16(mask, src);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+
+inline __m512 LoadRow(const float* src, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, src); }
 
 inline float RoundToBf16(float x) {
   const __m128 v = _mm_set_ss(x);
@@ -490,56 +494,30 @@ inline float RoundToBf16(float x) {
   return out;
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                           ffi::AnyBuffer v, ffi::AnyBuffer bias,
-                           ffi::Result<ffi::AnyBuffer> out) {
-  if (q.element_type() != ffi::DataType::F32 || k.element_type() != ffi::DataType::BF16 ||
-      v.element_type() != ffi::DataType::BF16 || bias.element_type() != ffi::DataType::F32 ||
-      out->element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument(
-        "decode_attention takes float32 q and bias, bf16 k and v, and writes float32");
-  }
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), bd = bias.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || bd.size() != 3) {
-    return ffi::Error::InvalidArgument(
-        "decode_attention: q [B, H, D], k and v [B, L, H, D], bias [B, H, L]");
-  }
-  const int64_t B = qd[0], H = qd[1], D = qd[2], L = kd[1];
-  for (int i = 0; i < 4; ++i) {
-    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("decode_attention: k and v differ");
-  }
-  if (kd[0] != B || kd[2] != H || kd[3] != D || bd[0] != B || bd[1] != H || bd[2] != L) {
-    return ffi::Error::InvalidArgument("decode_attention: shapes of q, k/v and bias disagree");
-  }
-  const float* qp = reinterpret_cast<const float*>(q.untyped_data());
-  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.untyped_data());
-  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.untyped_data());
-  const float* bp = reinterpret_cast<const float*>(bias.untyped_data());
-  float* op = reinterpret_cast<float*>(out->untyped_data());
+template <typename T>
+void AttendRows(const Par& par, const float* qp, const T* kp, const T* vp, const float* bp,
+                float* op, int64_t B, int64_t H, int64_t L, int64_t D, bool round_weights) {
   const int64_t chunks = (D + 15) / 16;
   const __mmask16 tail = static_cast<__mmask16>(D % 16 ? (1u << (D % 16)) - 1 : 0xFFFF);
-  const Par par{&pool, Helpers(pool)};
   const bool small = B * H * L * D < (int64_t{1} << 16);
   const int64_t row = H * D;  // one position of k or v: every head, contiguous
-  // One batch row per work item, walking k and v position by position through whole contiguous
-  // rows (all heads at once), so the cache streams from memory in order.
+  const int64_t row_bytes = row * static_cast<int64_t>(sizeof(T));
   ParallelFor(par.pool, small ? 0 : par.helpers, B, false, [=](int64_t b) {
     float* w = Scratch<float, 2>(H * L);    // scores, then weights: [H, L]
     float* acc = Scratch<float, 3>(row);    // weighted sums: [H, D]
     const float* qb = qp + b * row;
-    const uint16_t* kb = kp + b * L * row;
-    const uint16_t* vb = vp + b * L * row;
+    const T* kb = kp + b * L * row;
+    const T* vb = vp + b * L * row;
     const float* bb = bp + b * H * L;
-    const int64_t row_bytes = row * 2;
     for (int64_t l = 0; l < L; ++l) {
-      const uint16_t* krow = kb + l * row;
+      const T* krow = kb + l * row;
       if (l + kAhead < L) Prefetch(krow + kAhead * row, row_bytes);
       for (int64_t h = 0; h < H; ++h) {
         __m512 dot = _mm512_setzero_ps();
         for (int64_t c = 0; c < chunks; ++c) {
           const __mmask16 m = c + 1 == chunks ? tail : 0xFFFF;
           dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qb + h * D + c * 16),
-                                LoadBf16(krow + h * D + c * 16, m), dot);
+                                LoadRow(krow + h * D + c * 16, m), dot);
         }
         w[h * L + l] = _mm512_reduce_add_ps(dot) + bb[h * L + l];
       }
@@ -553,24 +531,64 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
         total += wh[l];
       }
       const float inv = 1.f / total;
-      for (int64_t l = 0; l < L; ++l) wh[l] = RoundToBf16(wh[l] * inv);
+      for (int64_t l = 0; l < L; ++l) {
+        wh[l] = round_weights ? RoundToBf16(wh[l] * inv) : wh[l] * inv;
+      }
     }
     std::memset(acc, 0, row * sizeof(float));
     for (int64_t l = 0; l < L; ++l) {
-      const uint16_t* vrow = vb + l * row;
+      const T* vrow = vb + l * row;
       if (l + kAhead < L) Prefetch(vrow + kAhead * row, row_bytes);
       for (int64_t h = 0; h < H; ++h) {
         const __m512 wl = _mm512_set1_ps(w[h * L + l]);
         for (int64_t c = 0; c < chunks; ++c) {
           const __mmask16 m = c + 1 == chunks ? tail : 0xFFFF;
           float* a = acc + h * D + c * 16;
-          _mm512_mask_storeu_ps(a, m, _mm512_fmadd_ps(wl, LoadBf16(vrow + h * D + c * 16, m),
+          _mm512_mask_storeu_ps(a, m, _mm512_fmadd_ps(wl, LoadRow(vrow + h * D + c * 16, m),
                                                        _mm512_maskz_loadu_ps(m, a)));
         }
       }
     }
     std::memcpy(op + b * row, acc, row * sizeof(float));
   });
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                           ffi::AnyBuffer v, ffi::AnyBuffer bias,
+                           ffi::Result<ffi::AnyBuffer> out, int64_t round_weights) {
+  const ffi::DataType cache = k.element_type();
+  if (q.element_type() != ffi::DataType::F32 || v.element_type() != cache ||
+      (cache != ffi::DataType::BF16 && cache != ffi::DataType::F32) ||
+      bias.element_type() != ffi::DataType::F32 || out->element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention takes float32 q and bias, k and v both bf16 or both float32, and "
+        "writes float32");
+  }
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), bd = bias.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || bd.size() != 3) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: q [B, H, D], k and v [B, L, H, D], bias [B, H, L]");
+  }
+  const int64_t B = qd[0], H = qd[1], D = qd[2], L = kd[1];
+  for (int i = 0; i < 4; ++i) {
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("decode_attention: k and v differ");
+  }
+  if (kd[0] != B || kd[2] != H || kd[3] != D || bd[0] != B || bd[1] != H || bd[2] != L) {
+    return ffi::Error::InvalidArgument("decode_attention: shapes of q, k/v and bias disagree");
+  }
+  const Par par{&pool, Helpers(pool)};
+  const float* qp = reinterpret_cast<const float*>(q.untyped_data());
+  const float* bp = reinterpret_cast<const float*>(bias.untyped_data());
+  float* op = reinterpret_cast<float*>(out->untyped_data());
+  if (cache == ffi::DataType::BF16) {
+    AttendRows(par, qp, reinterpret_cast<const uint16_t*>(k.untyped_data()),
+               reinterpret_cast<const uint16_t*>(v.untyped_data()), bp, op, B, H, L, D,
+               round_weights != 0);
+  } else {
+    AttendRows(par, qp, reinterpret_cast<const float*>(k.untyped_data()),
+               reinterpret_cast<const float*>(v.untyped_data()), bp, op, B, H, L, D,
+               round_weights != 0);
+  }
   return ffi::Error::Success();
 }
 
@@ -601,6 +619,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaDecodeAttention, DecodeAttention,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("round_weights"));
 
 extern "C" int DoaAmxAvailable() { return RequestAmx() ? 1 : 0; }

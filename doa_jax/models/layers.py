@@ -191,10 +191,11 @@ class MultiHeadAttention(nn.Module):
         b, lq = x.shape[:2]
         q = constrain(q_proj(x).reshape(b, lq, self.num_heads, self.head_dim),
                       ('batch', 'length', 'heads', 'kv'))
-        if self.decode and self.float32_logits and amx.use_kernels(self.matmul, self.dtype):
-            # On the CPU kernels' path the caches stay bf16 in the (batch, length, heads,
-            # head_dim) layout the projections write (no transpose, no widening), and one
-            # kernel call per step does scores, softmax and the weighted sum over them.
+        if self.decode and amx.use_decode_attention(self.matmul, self.dtype,
+                                                    self.float32_logits):
+            # On a CPU where doa_jax's kernels run, the caches stay in the compute dtype in the
+            # (batch, length, heads, head_dim) layout the projections write (no transpose), and
+            # one kernel call per step does scores, softmax and the weighted sum over them.
             if lq != 1:
                 raise ValueError(f'Cached decoding feeds one token per step, got length {lq}.')
             as_cache = lambda t: t.astype(self.dtype).reshape(b, -1, self.num_heads,
