@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doa_jax.kernels import amx
 from doa_jax.losses import first_argmax  # noqa: F401  (also decoding.first_argmax)
 from doa_jax.models.config import T5Config
-from doa_jax.models.layers import pack_for_decode
+from doa_jax.models.layers import pack_for_decode, uses_decode_layouts
 from doa_jax.models.scan import unscan_params
 from doa_jax.models.t5 import T5
 
@@ -66,13 +65,13 @@ def prepare_params(params: Any, config: T5Config) -> tuple[Any, T5Config]:
 
 
 def pack_once(params: Any, config: T5Config) -> Any:
-    """Prepared params (see `prepare_params`) plus, where decoding runs on the CPU bf16 kernels,
+    """Prepared params (see `prepare_params`) plus, where decoding runs on doa_jax's CPU kernels,
     every weight's kernel layout, computed here once: `generate` then skips the per-call layout
     (for t5_1_1_small ~20 ms a batch, plus the casts). Unchanged elsewhere."""
-    if not amx.use_kernels(config.cpu_matmul, config.dtype):
+    if not uses_decode_layouts(config.cpu_matmul, config.dtype):
         return params
-    return jax.jit(functools.partial(pack_for_decode, tied_head=config.logits_via_embedding))(
-            params)
+    return jax.jit(functools.partial(pack_for_decode, tied_head=config.logits_via_embedding,
+                                     dtype=config.dtype))(params)
 
 
 def _first_step(model: T5, params, encoded, encoder_input_tokens, max_decode_length):
@@ -269,10 +268,10 @@ def generate(params: Any, config: T5Config, encoder_input_tokens: Array, *, max_
     if max_decode_length < 1:
         raise ValueError(f'max_decode_length must be >= 1, got {max_decode_length}.')
     params, config = prepare_params(params, config)
-    if amx.use_kernels(config.cpu_matmul, config.dtype):
+    if uses_decode_layouts(config.cpu_matmul, config.dtype):
         # Lay every weight out for the CPU kernels once per call, not once per decode step
         # (a no-op for params that `pack_once` already laid out).
-        params = pack_for_decode(params, config.logits_via_embedding)
+        params = pack_for_decode(params, config.logits_via_embedding, config.dtype)
     encoder_input_tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
     if method == 'beam':
         tokens, scores, steps = _beam_decode(params, config, encoder_input_tokens,

@@ -256,3 +256,45 @@ def test_every_dense_kernel_runs_on_the_kernels_and_none_under_xla():
 
     assert custom_calls(cfg) == len(kernels)
     assert custom_calls(cfg.replace(cpu_matmul='xla')) == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize('m,k,n,transpose', [(32, 512, 384, False), (5, 70, 45, False),
+                                             (13, 33, 100, True), (9, 64, 1, False)])
+def test_f32_products_on_packed_strips_equal_numpy(m, k, n, transpose):
+    rng = np.random.default_rng(m + k + n)
+    x = jnp.asarray(rng.standard_normal((2, m, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((n, k) if transpose else (k, n)), jnp.float32)
+    packed = jax.jit(lambda w: amx.pack_f32(w, transpose=transpose))(w)
+    assert packed.shape == (-(-n // 32) * 32 * k,) and packed.dtype == jnp.float32
+    got = jax.jit(lambda x, p: amx.matmul_f32_packed(x, p, n))(x, packed)
+    ref = np.asarray(x) @ (np.asarray(w).T if transpose else np.asarray(w))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    with pytest.raises(Exception, match='packed w does not match'):
+        jax.block_until_ready(amx.matmul_f32_packed(x, packed, n + 32))
+
+
+@needs_kernels
+@pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
+def test_float32_decoding_on_the_kernels_equals_xla(name):
+    cfg = get_config(name, dtype=jnp.float32)
+    enc, dec = _model_inputs(cfg, seed=3)
+    params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(3), enc, dec)['params'])
+    decoder = decoding.Decoder(cfg, params, max_decode_length=7, batch_size=3)
+    packed = decoder.params['decoder']['layers_0']['mlp']['wo'][PACKED_KERNEL]
+    assert packed.dtype == jnp.float32
+    assert (PACKED_ATTEND in decoder.params['token_embedder']) == cfg.logits_via_embedding
+    text = str(jax.make_jaxpr(lambda p: decoding.generate(p, cfg, enc, max_decode_length=7))(
+            decoder.params))
+    assert 'target_name=doa_f32_matmul' in text and 'target_name=doa_decode_attention' in text
+    tokens, scores = decoder(enc)
+    for method in ('greedy', 'beam'):
+        ours = jax.jit(lambda p: decoding.generate(p, cfg, enc, max_decode_length=7,
+                                                   method=method))(params)
+        ref = jax.jit(lambda p: decoding.generate(p, cfg.replace(cpu_matmul='xla'), enc,
+                                                  max_decode_length=7, method=method))(params)
+        np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(ref[0]))
+        np.testing.assert_allclose(np.asarray(ours[1]), np.asarray(ref[1]), rtol=1e-5, atol=1e-4)
+    greedy = jax.jit(lambda p: decoding.generate(p, cfg.replace(cpu_matmul='xla'), enc,
+                                                 max_decode_length=7))(params)
+    np.testing.assert_array_equal(tokens, np.asarray(greedy[0]))

@@ -41,3 +41,29 @@ def test_decode_benchmark_prices_with_a_custom_table(tmp_path):
     assert r['usd_per_device_hour'] == 3.6
     # $3.60/hour = $0.001/s: 1M tokens at tokens_per_s cost 1000 / tokens_per_s dollars.
     assert r['usd_per_1m_tokens'] == pytest.approx(1000 / r['tokens_per_s'])
+
+
+def test_train_benchmark_hf_dtypes_picks_hf_precisions_and_rejects_unknown(tmp_path):
+    out = tmp_path / 'train.json'
+    args = ['train', '--config=t5_1_1_tiny', '--batch_size=2', '--source_len=8', '--target_len=4',
+            '--steps=1', '--warmup=0', '--hf']
+    assert main(args + ['--hf_dtypes=bfloat16', f'--json={out}']) == 0
+    results = json.loads(out.read_text())['results']
+    assert [r['impl'] for r in results] == ['doa_jax bfloat16', 'HF PyTorch bfloat16']
+    with pytest.raises(SystemExit, match='float16'):
+        main(args + ['--hf_dtypes=float16'])
+
+
+def test_decode_benchmark_records_the_cpu_path(tmp_path):
+    from doa_jax.kernels import amx
+
+    out = tmp_path / 'decode.json'
+    for dtype in ('float32', 'bfloat16'):
+        assert main(['decode', '--model=t5_1_1_tiny', '--batch=2', '--input_len=8',
+                     '--new_tokens=3', '--repeats=1', f'--dtype={dtype}', f'--json={out}']) == 0
+        (r,) = json.loads(out.read_text())['results']
+        if dtype == 'bfloat16':
+            assert r['cpu_matmul'] == (amx.best_isa() or 'xla')
+        else:
+            assert r['cpu_matmul'] == ('f32_avx512' if amx.available('avx512_bf16')[0] or
+                                       amx.available('amx')[0] else 'xla')

@@ -31,11 +31,17 @@ def add_cpu_matmul_argument(parser: argparse.ArgumentParser) -> None:
                              "AVX512-BF16) where they run; 'xla' keeps XLA's dot")
 
 
-def kernel_label(cfg) -> str:
-    """The instruction path of doa_jax's CPU kernels that the config's matmuls run on here ('amx'
-    or 'avx512_bf16'), else 'xla' (the JSON's `cpu_matmul` field)."""
+def kernel_label(cfg, decode: bool = False) -> str:
+    """The CPU matmul path the config's products run on here (the JSON's `cpu_matmul` field):
+    the bf16 kernels' instruction path ('amx' or 'avx512_bf16'); for a float32 `decode`, 'f32_avx512'
+    where decode steps multiply on doa_jax's float32 kernel; else 'xla'."""
     from doa_jax.kernels import amx
-    return amx.kernel_isa(cfg.cpu_matmul, cfg.dtype) or 'xla'
+    isa = amx.kernel_isa(cfg.cpu_matmul, cfg.dtype)
+    if isa:
+        return isa
+    if decode and amx.use_f32_decode_kernels(cfg.cpu_matmul, cfg.dtype):
+        return 'f32_avx512'
+    return 'xla'
 
 
 def write_json(path: str | None, payload: Any, indent: int = 1) -> None:

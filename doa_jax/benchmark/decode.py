@@ -103,7 +103,7 @@ def bench_ours(args, params=None) -> dict:
         times.append(time.perf_counter() - t0)
     assert np.asarray(out).shape == (args.batch, args.new_tokens)
     median = statistics.median(times)
-    out = {'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg), 'median_s': median,
+    out = {'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg, decode=True), 'median_s': median,
            'compile_s': compile_s,
            'tokens_per_s': args.batch * args.new_tokens / median,
            'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}'}

@@ -47,6 +47,8 @@ _SOURCE = Path(__file__).with_name('amx_matmul.cc')
 _TARGET = 'doa_amx_matmul'
 _PACK_TARGET = 'doa_amx_pack'
 _ATTENTION_TARGET = 'doa_decode_attention'
+_F32_TARGET = 'doa_f32_matmul'
+_F32_PACK_TARGET = 'doa_f32_pack'
 _FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-w', '-mavx512f', '-mavx512bw',
           '-mavx512vl', '-mavx512bf16', '-mamx-tile', '-mamx-bf16')
 # Operand dims are padded to these multiples inside the kernel (and in `pack`).
@@ -108,6 +110,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.DoaAmxMatmul), platform='cpu')
     jax.ffi.register_ffi_target(_PACK_TARGET, jax.ffi.pycapsule(lib.DoaAmxPack), platform='cpu')
     jax.ffi.register_ffi_target(_ATTENTION_TARGET, jax.ffi.pycapsule(lib.DoaDecodeAttention),
+                                platform='cpu')
+    jax.ffi.register_ffi_target(_F32_TARGET, jax.ffi.pycapsule(lib.DoaF32Matmul), platform='cpu')
+    jax.ffi.register_ffi_target(_F32_PACK_TARGET, jax.ffi.pycapsule(lib.DoaF32Pack),
                                 platform='cpu')
     return lib, ''
 
@@ -268,6 +273,41 @@ def decode_attention(q: Array, k: Array, v: Array, bias: Array, *,
                             vmap_method='sequential')
     return call(q.astype(jnp.float32), k.astype(cache), v.astype(cache),
                 bias.astype(jnp.float32), round_weights=np.int64(round_weights))
+
+
+def use_f32_decode_kernels(mode: str, dtype) -> bool:
+    """Whether float32 decoding under `cpu_matmul=mode` multiplies its weights with
+    `matmul_f32_packed` (weights laid out once by `pack_f32`): on a single CPU device where the
+    kernels load, unless mode is 'xla'. A decode step multiplies a few rows by every weight, where
+    XLA's float32 dot is far from the memory-bound limit."""
+    if mode not in MODES:
+        raise ValueError(f'Unknown cpu_matmul {mode!r}; choose one of {MODES}.')
+    if mode == 'xla' or jnp.dtype(dtype) != jnp.float32:
+        return False
+    if jax.default_backend() != 'cpu' or jax.device_count() != 1:
+        return False
+    return _load()[0] is not None
+
+
+def pack_f32(w: Array, *, transpose: bool = False) -> Array:
+    """w[K, N] (or w[N, K] with `transpose`) as float32 32-column strips for `matmul_f32_packed`:
+    a flat array of Np * K values (N padded to a multiple of 32)."""
+    k, n = (w.shape[1], w.shape[0]) if transpose else w.shape
+    _registered()
+    call = jax.ffi.ffi_call(_F32_PACK_TARGET, jax.ShapeDtypeStruct((_round_up(n) * k,),
+                                                                   jnp.float32))
+    return call(w.astype(jnp.float32), trans=np.int64(transpose))
+
+
+def matmul_f32_packed(x: Array, packed: Array, features: int) -> Array:
+    """x[..., K] . w in float32, where `packed = pack_f32(w)` and w has `features` columns. Not
+    differentiable (decode only)."""
+    _registered()
+    lead = x.shape[:-1]
+    x2 = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+    call = jax.ffi.ffi_call(_F32_TARGET, jax.ShapeDtypeStruct((x2.shape[0], features),
+                                                              jnp.float32))
+    return call(x2, packed).reshape(*lead, features)
 
 
 def use_decode_attention(mode: str, dtype, float32_logits: bool = True) -> bool:

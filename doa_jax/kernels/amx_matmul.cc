@@ -592,6 +592,121 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
+// float32 products for decoding, where every step multiplies a few rows by the same weights:
+// out[M, N] = a[M, K] . w, with w laid out once by `doa_f32_pack` in 32-column strips, each strip
+// K rows of 32 contiguous values ([N/32][K][32], N zero padded). Rows of a are read as they are.
+// 8 rows x 32 columns of sums live in 16 registers while a strip streams through (prefetched
+// ahead on the first pass: a decode step's weights come from memory once).
+void PackF32(const Par& par, const float* w, int64_t k, int64_t n, bool trans, int64_t np,
+             float* dst) {
+  ParallelFor(par.pool, par.helpers, np / 32, false, [=](int64_t s) {
+    float* strip = dst + s * k * 32;
+    const int64_t j0 = s * 32, cols = std::min<int64_t>(32, n - j0);
+    const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+    const __mmask16 m1 =
+        cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
+    for (int64_t kk = 0; kk < k; ++kk) {
+      float* out = strip + kk * 32;
+      if (!trans) {
+        _mm512_storeu_ps(out, _mm512_maskz_loadu_ps(m0, w + kk * n + j0));
+        _mm512_storeu_ps(out + 16, _mm512_maskz_loadu_ps(m1, w + kk * n + j0 + 16));
+      } else {
+        for (int64_t c = 0; c < 32; ++c) out[c] = c < cols ? w[(j0 + c) * k + kk] : 0.f;
+      }
+    }
+  });
+}
+
+template <int kRows>
+inline void StripRows(const float* const* rows, const float* strip, int64_t k, float* const* out,
+                      int cols, bool prefetch) {
+  __m512 c[kRows][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < kRows; ++i) c[i][0] = c[i][1] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const float* bp = strip + kk * 32;
+    if (prefetch) Prefetch(bp + 24 * 32, 128);
+    const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 x = _mm512_set1_ps(rows[i][kk]);
+      c[i][0] = _mm512_fmadd_ps(x, b0, c[i][0]);
+      c[i][1] = _mm512_fmadd_ps(x, b1, c[i][1]);
+    }
+  }
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 =
+      cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
+#pragma GCC unroll 8
+  for (int i = 0; i < kRows; ++i) {
+    _mm512_mask_storeu_ps(out[i], m0, c[i][0]);
+    _mm512_mask_storeu_ps(out[i] + 16, m1, c[i][1]);
+  }
+}
+
+ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer packed,
+                     ffi::Result<ffi::AnyBuffer> out) {
+  if (a.element_type() != ffi::DataType::F32 || packed.element_type() != ffi::DataType::F32 ||
+      out->element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("f32_matmul takes and writes float32");
+  }
+  auto a_dims = a.dimensions(), o_dims = out->dimensions();
+  if (a_dims.size() != 2 || o_dims.size() != 2 || a_dims[0] != o_dims[0]) {
+    return ffi::Error::InvalidArgument("f32_matmul: a [M, K] and out [M, N]");
+  }
+  const int64_t m = a_dims[0], k = a_dims[1], n = o_dims[1], np = RoundUp(n, 32);
+  if (static_cast<int64_t>(packed.element_count()) != np * k) {
+    return ffi::Error::InvalidArgument("f32_matmul: packed w does not match the shapes");
+  }
+  const float* ap = reinterpret_cast<const float*>(a.untyped_data());
+  const float* wp = reinterpret_cast<const float*>(packed.untyped_data());
+  float* op = reinterpret_cast<float*>(out->untyped_data());
+  const Par par{&pool, Helpers(pool)};
+  const int64_t strips = np / 32;
+  const bool small = m * n * k < (int64_t{1} << 21);
+  const int workers = small ? 1 : par.helpers + 1;
+  const int64_t groups = std::min<int64_t>(strips, 4 * workers);
+  const int64_t per_group = (strips + groups - 1) / groups;
+  ParallelFor(par.pool, small ? 0 : par.helpers, groups, false, [=](int64_t g) {
+    const int64_t s1 = std::min(strips, (g + 1) * per_group);
+    for (int64_t s = g * per_group; s < s1; ++s) {
+      const float* strip = wp + s * k * 32;
+      const int cols = static_cast<int>(std::min<int64_t>(32, n - s * 32));
+      for (int64_t i0 = 0; i0 < m; i0 += 8) {
+        const float* rows[8];
+        float* outs[8];
+        const int count = static_cast<int>(std::min<int64_t>(8, m - i0));
+        for (int i = 0; i < 8; ++i) {
+          const int64_t r = i0 + std::min(i, count - 1);
+          rows[i] = ap + r * k;
+          outs[i] = op + r * n + s * 32;
+        }
+        // Rows past m repeat the last row (same value written twice), so one kernel shape serves.
+        StripRows<8>(rows, strip, k, outs, cols, i0 == 0);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error F32Pack(ffi::ThreadPool pool, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out,
+                   int64_t trans) {
+  if (w.element_type() != ffi::DataType::F32 || out->element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("f32_pack takes and writes float32");
+  }
+  auto dims = w.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("f32_pack takes a 2-D operand");
+  const int64_t k = trans ? dims[1] : dims[0], n = trans ? dims[0] : dims[1];
+  const int64_t np = RoundUp(n, 32);
+  if (static_cast<int64_t>(out->element_count()) != np * k) {
+    return ffi::Error::InvalidArgument("f32_pack: output size does not match the operand");
+  }
+  const Par par{&pool, Helpers(pool)};
+  PackF32(par, reinterpret_cast<const float*>(w.untyped_data()), k, n, trans, np,
+          reinterpret_cast<float*>(out->untyped_data()));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAmxPack, AmxPack,
@@ -621,5 +736,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaDecodeAttention, DecodeAttention,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("round_weights"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaF32Matmul, F32Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaF32Pack, F32Pack,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("trans"));
 
 extern "C" int DoaAmxAvailable() { return RequestAmx() ? 1 : 0; }

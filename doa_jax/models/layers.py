@@ -20,10 +20,13 @@ from doa_jax.kernels import amx
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-# Where `pack_for_decode` puts a kernel laid out for the CPU bf16 kernels (a sibling of `kernel`), and
+# Where `pack_for_decode` puts a kernel laid out for the CPU kernels (a sibling of `kernel`), and
 # the tied LM head's packed transpose (a sibling of `embedding`).
 PACKED_KERNEL = 'kernel_amx'
 PACKED_ATTEND = 'attend_amx'
+
+# Products with more rows than this skip the float32 decode kernel for XLA's dot.
+F32_KERNEL_MAX_ROWS = 512
 
 # Large negative additive bias for masked attention positions (as t5x does).
 MASK_BIAS = -1e10
@@ -57,12 +60,24 @@ class RMSNorm(nn.Module):
         return (y * scale).astype(self.dtype)
 
 
-def _kernel_product(module: nn.Module, x: Array, w: Array, packed_name: str, isa: str) -> Array:
-    """x . w on the CPU kernels (`isa`: 'amx' or 'avx512_bf16'), reading w's packed layout where
-    `pack_for_decode` stored it."""
+def _kernel_product(module: nn.Module, x: Array, w: Array, packed_name: str) -> Array | None:
+    """x . w on doa_jax's CPU kernels, or None where XLA's dot should run: a layout that
+    `pack_for_decode` stored beside w (bf16 tiles, or float32 strips in a float32 run) is read as
+    it is; otherwise the bf16 kernels lay w out in the call where `amx.kernel_isa` picks them."""
+    isa = amx.kernel_isa(module.matmul, module.dtype)
     if module.has_variable('params', packed_name):
-        return amx.matmul_packed(x, module.get_variable('params', packed_name), w.shape[1], isa)
-    return amx.matmul(x, w, isa)
+        packed = module.get_variable('params', packed_name)
+        if packed.dtype == jnp.float32:
+            # The strips serve decode steps (a few rows); XLA's dot is faster on many rows
+            # (an encoder pass, the first step's cross-attention projection).
+            if x.size // x.shape[-1] > F32_KERNEL_MAX_ROWS:
+                return None
+            return amx.matmul_f32_packed(x, packed, w.shape[1])
+        if isa is None:
+            raise ValueError(f'{module.name}: a bf16 kernel layout ({packed_name}) needs the CPU '
+                             f'bf16 kernels, which cpu_matmul={module.matmul!r} does not run here.')
+        return amx.matmul_packed(x, packed, w.shape[1], isa)
+    return amx.matmul(x, w, isa) if isa else None
 
 
 class Dense(nn.Module):
@@ -82,9 +97,9 @@ class Dense(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                         self.kernel_axes)
-        isa = amx.kernel_isa(self.matmul, self.dtype)
-        if isa:
-            return _kernel_product(self, x, kernel, PACKED_KERNEL, isa)
+        y = _kernel_product(self, x, kernel, PACKED_KERNEL)
+        if y is not None:
+            return y
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -104,9 +119,9 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
-        isa = amx.kernel_isa(self.matmul, self.dtype)
-        if isa:
-            return _kernel_product(self, x, self.embedding.T, PACKED_ATTEND, isa)
+        y = _kernel_product(self, x, self.embedding.T, PACKED_ATTEND)
+        if y is not None:
+            return y
         return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
 
 
@@ -313,19 +328,29 @@ class MlpBlock(nn.Module):
                      name='wo')(hidden)
 
 
-def pack_for_decode(params: Any, tied_head: bool) -> Any:
+def uses_decode_layouts(matmul: str, dtype: Any) -> bool:
+    """Whether decoding with this `cpu_matmul` and compute dtype reads weights that
+    `pack_for_decode` laid out: bf16 tiles for the bf16 kernels, float32 strips in a float32 run."""
+    return amx.use_kernels(matmul, dtype) or amx.use_f32_decode_kernels(matmul, dtype)
+
+
+def pack_for_decode(params: Any, tied_head: bool, dtype: Any = jnp.bfloat16) -> Any:
     """Adds, beside every 2-D `kernel` (and, for a `tied_head`, the embedding's transpose), its
-    tile layout for the CPU bf16 kernels, so a decode loop reads each weight as the kernel wants it
-    instead of repacking it every step. Use it only where `amx.use_kernels` holds; idempotent."""
+    layout for the CPU kernels: bf16 tiles (`amx.pack`), or float32 strips (`amx.pack_f32`) when
+    `dtype` is float32. A decode loop then reads each weight as the kernel wants it instead of
+    laying it out every step. Use it only where `uses_decode_layouts` holds; idempotent."""
+    f32 = jnp.dtype(dtype) == jnp.float32
+    pack = amx.pack_f32 if f32 else amx.pack
+
     def visit(tree):
         if not isinstance(tree, dict):
             return tree
         out = {k: visit(v) for k, v in tree.items()}
         kernel = out.get('kernel')
         if kernel is not None and getattr(kernel, 'ndim', 0) == 2 and PACKED_KERNEL not in out:
-            out[PACKED_KERNEL] = amx.pack(kernel)
+            out[PACKED_KERNEL] = pack(kernel)
         embedding = out.get('embedding') if tied_head else None
         if embedding is not None and getattr(embedding, 'ndim', 0) == 2 and PACKED_ATTEND not in out:
-            out[PACKED_ATTEND] = amx.pack(embedding, transpose=True)
+            out[PACKED_ATTEND] = pack(embedding, transpose=True)
         return out
     return visit(params)
