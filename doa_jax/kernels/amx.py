@@ -275,18 +275,22 @@ def decode_attention(q: Array, k: Array, v: Array, bias: Array, *,
                 bias.astype(jnp.float32), round_weights=np.int64(round_weights))
 
 
-def use_f32_decode_kernels(mode: str, dtype) -> bool:
-    """Whether float32 decoding under `cpu_matmul=mode` multiplies its weights with
-    `matmul_f32_packed` (weights laid out once by `pack_f32`): on a single CPU device where the
-    kernels load, unless mode is 'xla'. A decode step multiplies a few rows by every weight, where
-    XLA's float32 dot is far from the memory-bound limit."""
+def _serves(mode: str) -> bool:
+    """Whether `cpu_matmul=mode` lets the kernels run here: not 'xla', a single CPU device, and
+    the library loads."""
     if mode not in MODES:
         raise ValueError(f'Unknown cpu_matmul {mode!r}; choose one of {MODES}.')
-    if mode == 'xla' or jnp.dtype(dtype) != jnp.float32:
-        return False
-    if jax.default_backend() != 'cpu' or jax.device_count() != 1:
+    if mode == 'xla' or jax.default_backend() != 'cpu' or jax.device_count() != 1:
         return False
     return _load()[0] is not None
+
+
+def use_f32_decode_kernels(mode: str, dtype) -> bool:
+    """Whether float32 decoding under `cpu_matmul=mode` multiplies its weights with
+    `matmul_f32_packed` (weights laid out once by `pack_f32`): wherever the kernels run (see
+    `_serves`). A decode step multiplies a few rows by every weight, where XLA's float32 dot is far
+    from the memory-bound limit."""
+    return jnp.dtype(dtype) == jnp.float32 and _serves(mode)
 
 
 def pack_f32(w: Array, *, transpose: bool = False) -> Array:
@@ -312,14 +316,7 @@ def matmul_f32_packed(x: Array, packed: Array, features: int) -> Array:
 
 def use_decode_attention(mode: str, dtype, float32_logits: bool = True) -> bool:
     """Whether decoding in `dtype` (bf16 or float32) under `cpu_matmul=mode` runs its attention on
-    `decode_attention`: on a single CPU device where the kernels load, unless mode is 'xla'. The
-    kernel computes its logits in float32, so a model with float32_logits=False keeps XLA."""
-    if mode not in MODES:
-        raise ValueError(f'Unknown cpu_matmul {mode!r}; choose one of {MODES}.')
-    if mode == 'xla' or not float32_logits:
-        return False
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
-        return False
-    if jax.default_backend() != 'cpu' or jax.device_count() != 1:
-        return False
-    return _load()[0] is not None
+    `decode_attention`: wherever the kernels run (see `_serves`). The kernel computes its logits in
+    float32, so a model with float32_logits=False keeps XLA."""
+    dtypes = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+    return float32_logits and jnp.dtype(dtype) in dtypes and _serves(mode)

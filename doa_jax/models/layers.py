@@ -53,11 +53,58 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = x.astype(jnp.float32)
         scale = _param(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',))
-        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        y = x * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale).astype(self.dtype)
+        return rms_norm(x, scale, self.epsilon, jnp.dtype(self.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x: Array, scale: Array, epsilon: float, dtype: Any) -> Array:
+    """x / rms(x) * scale in float32, returned in `dtype`. The gradient is written out (below)
+    rather than derived, so XLA:CPU fuses it row by row instead of materializing `scale`
+    broadcast to the activation's shape for the forward and backward products."""
+    x = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + epsilon)
+    return (x * inv * scale).astype(dtype)
+
+
+def _rms_norm_fwd(x, scale, epsilon, dtype):
+    xf = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + epsilon)
+    return (xf * inv * scale).astype(dtype), (x, inv, scale)
+
+
+def _rms_norm_bwd(epsilon, dtype, res, g):
+    x, inv, scale = res
+    g = g.astype(jnp.float32)
+    y = x.astype(jnp.float32) * inv
+    d_scale = jnp.sum(g * y, axis=tuple(range(g.ndim - 1)))
+    gs = g * scale
+    dx = inv * (gs - y * jnp.mean(gs * y, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@jax.custom_vjp
+def softmax(logits: Array) -> Array:
+    """Softmax over the last axis, as `jax.nn.softmax`, with its gradient y * (g - sum(g * y))
+    written out: XLA:CPU otherwise materializes the normalizer broadcast to the full
+    (batch, heads, q, k) shape for the forward and backward passes."""
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _softmax_fwd(logits):
+    y = softmax(logits)
+    return y, y
+
+
+def _softmax_bwd(y, g):
+    return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def _kernel_product(module: nn.Module, x: Array, w: Array, packed_name: str) -> Array | None:
@@ -252,7 +299,7 @@ class MultiHeadAttention(nn.Module):
         logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
         if bias is not None:
             logits = logits + bias.astype(logits.dtype)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = softmax(logits).astype(self.dtype)
         if self.dropout_rate > 0 and not self.deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
         out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.astype(self.dtype))
