@@ -34,7 +34,8 @@ def get_model_config(name: str, dropout_rate: float = 0.0, activation_dtype: str
                      cpu_matmul: str = 'auto') -> T5Config:
     """A named T5 config with the run's overrides (gin: MODEL_CONFIG via get_model_config.*).
 
-    cpu_matmul: 'auto' (AMX bf16 kernels on a single CPU device that has them), 'amx', or 'xla'.
+    cpu_matmul: 'auto' (doa_jax's CPU kernels on a single CPU device that runs them: AMX, else
+      AVX512-BF16), 'amx', 'avx512_bf16', or 'xla'.
     """
     if activation_dtype not in _DTYPES:
         raise ValueError(f'get_model_config.activation_dtype={activation_dtype!r}; choose one of '

@@ -33,8 +33,10 @@ class T5Config:
     scan_layers: bool = False
     # None, 'full' (recompute everything) or 'minimal' (save matmul outputs without batch dims).
     remat_policy: str | None = None
-    # CPU matmul implementation: 'auto' takes the AMX bf16 kernels (doa_jax.kernels.amx) for
-    # bf16 compute on a single CPU device that has AMX; 'amx' insists; 'xla' keeps XLA's dot.
+    # CPU matmul implementation (doa_jax.kernels.amx): 'auto' takes doa_jax's bf16 kernels for
+    # bf16 compute on a single CPU device (AMX tiles where the processor has them, else
+    # AVX512-BF16), and its decode kernels (attention; float32 decode steps) wherever they load;
+    # 'amx' or 'avx512_bf16' insist on one bf16 path; 'xla' keeps XLA's ops throughout.
     cpu_matmul: str = 'auto'
 
     def replace(self, **kwargs) -> 'T5Config':
