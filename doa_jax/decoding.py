@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doa_jax.losses import first_argmax  # noqa: F401  (also decoding.first_argmax)
+from doa_jax.losses import first_argmax
 from doa_jax.models.config import T5Config
 from doa_jax.models.layers import pack_for_decode, uses_decode_layouts
 from doa_jax.models.scan import unscan_params

@@ -239,8 +239,8 @@ class TeacherLabeler:
         rows = NamedSharding(self.mesh, PartitionSpec(partitioning.DATA_AXIS))
         matrix = partitioning.batch_sharding(self.mesh)
         buckets = [b for b in decoding.DEFAULT_BUCKETS if b < max_input_length]
-        # On the CPU bf16 kernels the decoder also gets every weight's kernel layout, made once
-        # here (placed where its weight is); elsewhere these are the same arrays.
+        # Where decoding runs on doa_jax's CPU kernels the decoder also gets every weight's kernel
+        # layout, made once here (placed where its weight is); elsewhere these are the same arrays.
         decoder_params = decoding.pack_once(self.params, config)
         self.decoder = decoding.Decoder(
                 config, decoder_params, max_decode_length=max_decode_length,

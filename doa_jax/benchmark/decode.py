@@ -4,7 +4,8 @@ Both sides decode the same random-weight model (ours is converted from the HF mo
 `--hf` is given), the same batch of random inputs, exactly `--new_tokens` new tokens per row (EOS is
 disabled, so no row stops early), with the same CPU thread count. Compilation is timed separately
 and excluded from tokens/s, and so is each side's one-time weight preparation (HF: the model in
-the dtype; ours: `decoding.prepare_params` and `decoding.pack_once`, as `decoding.Decoder` does). Also runnable as `python -m doa_jax.benchmark.decode ...`.
+the dtype; ours: `decoding.prepare_params` and `decoding.pack_once`, as `decoding.Decoder` does).
+Also runnable as `python -m doa_jax.benchmark.decode ...`.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def bench_ours(args, params=None) -> dict:
         times.append(time.perf_counter() - t0)
     assert np.asarray(out).shape == (args.batch, args.new_tokens)
     median = statistics.median(times)
-    out = {'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg, decode=True), 'median_s': median,
-           'compile_s': compile_s,
+    out = {'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg, decode=True),
+           'median_s': median, 'compile_s': compile_s,
            'tokens_per_s': args.batch * args.new_tokens / median,
            'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}'}
     return price(out, device_kind=jax.devices()[0].device_kind, device_count=1, batch=args.batch,

@@ -597,14 +597,17 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
 // K rows of 32 contiguous values ([N/32][K][32], N zero padded). Rows of a are read as they are.
 // 8 rows x 32 columns of sums live in 16 registers while a strip streams through (prefetched
 // ahead on the first pass: a decode step's weights come from memory once).
+// The lanes of a 16-wide register that hold the first `cols` columns (none at or below 0).
+inline __mmask16 HalfMask(int64_t cols) {
+  return cols >= 16 ? 0xFFFF : (cols <= 0 ? 0 : static_cast<__mmask16>((1u << cols) - 1));
+}
+
 void PackF32(const Par& par, const float* w, int64_t k, int64_t n, bool trans, int64_t np,
              float* dst) {
   ParallelFor(par.pool, par.helpers, np / 32, false, [=](int64_t s) {
     float* strip = dst + s * k * 32;
     const int64_t j0 = s * 32, cols = std::min<int64_t>(32, n - j0);
-    const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-    const __mmask16 m1 =
-        cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
+    const __mmask16 m0 = HalfMask(cols), m1 = HalfMask(cols - 16);
     for (int64_t kk = 0; kk < k; ++kk) {
       float* out = strip + kk * 32;
       if (!trans) {
@@ -634,9 +637,7 @@ inline void StripRows(const float* const* rows, const float* strip, int64_t k, f
       c[i][1] = _mm512_fmadd_ps(x, b1, c[i][1]);
     }
   }
-  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 =
-      cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1));
+  const __mmask16 m0 = HalfMask(cols), m1 = HalfMask(cols - 16);
 #pragma GCC unroll 8
   for (int i = 0; i < kRows; ++i) {
     _mm512_mask_storeu_ps(out[i], m0, c[i][0]);

@@ -62,9 +62,7 @@ def rms_norm(x: Array, scale: Array, epsilon: float, dtype: Any) -> Array:
     """x / rms(x) * scale in float32, returned in `dtype`. The gradient is written out (below)
     rather than derived, so XLA:CPU fuses it row by row instead of materializing `scale`
     broadcast to the activation's shape for the forward and backward products."""
-    x = x.astype(jnp.float32)
-    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + epsilon)
-    return (x * inv * scale).astype(dtype)
+    return _rms_norm_fwd(x, scale, epsilon, dtype)[0]
 
 
 def _rms_norm_fwd(x, scale, epsilon, dtype):
@@ -277,8 +275,6 @@ class MultiHeadAttention(nn.Module):
             heads_major = lambda t: constrain(
                     t.astype(self.dtype).reshape(b, -1, self.num_heads, self.head_dim)
                     .transpose(0, 2, 1, 3), ('batch', 'heads', 'length', 'kv'))
-            if not self.is_cross and lq != 1:
-                raise ValueError(f'Cached decoding feeds one token per step, got length {lq}.')
             ck, cv = self._decode_cache(heads_major, k_proj, v_proj, x, kv, decode_position,
                                         max_decode_length,
                                         (b, self.num_heads, max_decode_length, self.head_dim),
@@ -318,6 +314,8 @@ class MultiHeadAttention(nn.Module):
         if max_decode_length is None or decode_position is None:
             raise ValueError('decode=True self-attention needs max_decode_length and '
                              'decode_position.')
+        if x.shape[1] != 1:
+            raise ValueError(f'Cached decoding feeds one token per step, got length {x.shape[1]}.')
         ck = self.variable('cache', 'cached_key', jnp.zeros, self_shape, self.dtype)
         cv = self.variable('cache', 'cached_value', jnp.zeros, self_shape, self.dtype)
         ck.value = jax.lax.dynamic_update_slice(ck.value, layout(k_proj(x)), self_at)
