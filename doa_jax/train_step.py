@@ -100,12 +100,19 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.Gradien
                 (loss, aux, grads), _ = jax.lax.scan(
                         body, zeros, (jnp.arange(num_microbatches), micro))
             grad_norm = optax.tree.norm(grads)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+            def update(operands):
+                params, opt_state, grads = operands
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
+
             # Keep the last good values: a NaN step must not poison the state the host saves.
-            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                             (params, opt_state), (state.params, state.opt_state))
+            # A conditional rather than a `where` per leaf: with the state donated, the per-leaf
+            # select made XLA copy every optimizer moment before updating it in place (4x the
+            # update's memory traffic: AdamW on t5_1_1_small took 215 ms against 60 ms).
+            params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[:2],
+                                             (state.params, state.opt_state, grads))
             new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
             new = dict(metrics)
             for k in ('cross_entropy', 'z_loss', 'correct', 'num_tokens'):

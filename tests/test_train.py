@@ -125,6 +125,44 @@ def test_gradient_accumulation_matches_full_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), out[4][1], out[1][1])
 
 
+def test_nonfinite_step_keeps_state():
+    """A step whose loss is NaN leaves parameters and optimizer moments bit-identical (the update
+    runs under a conditional) and records its step; a finite step then updates them."""
+    mesh = partitioning.make_mesh()
+    model = T5(TINY)
+    opt = optimizers.make_optimizer('adamw', 1e-2)
+
+    def init_params(rng):
+        return model.init(rng, jnp.ones((1, 48), jnp.int32), jnp.ones((1, 8), jnp.int32))['params']
+
+    _, shardings = abstract_train_state(init_params, opt, mesh, partitioning.STANDARD_RULES,
+                                        jax.random.PRNGKey(0))
+    ds = train_data.host_dataset('doa_toy', LENGTHS, 'train', 8, seed=0)
+    batch = train_data.to_global(next(train_data.numpy_batches(ds)), mesh, 8)
+    state = init_train_state(init_params, opt, shardings, jax.random.PRNGKey(0))
+    before = jax.device_get((state.params, state.opt_state))
+
+    def nan_loss(logits, b):
+        loss, aux = losses.cross_entropy_loss()(logits, b)
+        return loss * jnp.nan, aux
+
+    args = (mesh, partitioning.STANDARD_RULES, shardings)
+    bad = make_train_step(model_apply_fn(model), nan_loss, opt, *args, use_dropout=False)
+    good = make_train_step(model_apply_fn(model), losses.cross_entropy_loss(), opt, *args,
+                           use_dropout=False)
+    with jax.set_mesh(mesh):
+        state, metrics = bad(state, batch, zero_metrics())
+        kept = jax.device_get((state.params, state.opt_state))
+        jax.tree.map(np.testing.assert_array_equal, kept, before)
+        assert int(metrics['nonfinite_step']) == 0 and int(state.step) == 1
+        state, metrics = good(state, batch, metrics)
+    moved = jax.device_get(state.params)
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), moved,
+                                           before[0]))
+    assert all(changed), 'a finite step must update every parameter'
+    assert int(metrics['nonfinite_step']) == 0     # the first bad step stays recorded
+
+
 def test_cross_entropy_matches_optax_and_smoothing_and_normalizing():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
