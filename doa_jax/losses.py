@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -63,21 +64,55 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float,
     z-loss (PaLM / t5x) adds `z_loss * logsumexp(logits)**2`, which keeps the softmax normalizer
     near 1 so bf16 logits stay well-conditioned. With label smoothing, the smoothed distribution's
     own entropy is subtracted so that a perfect prediction scores 0, as t5x reports it.
+
+    The gradient is written out: softmax * (g_ce + 2 z log_z g_z) - g_ce * smoothed_targets, one
+    pass over the logits with the targets compared in place. Derived, it would scatter into a
+    zeroed (batch, length, vocab) array and keep a float32 log-softmax (~100 ms of a t5_1_1_small
+    step on CPU).
     """
-    logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    log_probs = logits - log_z[..., None]
-    on = 1.0 - label_smoothing
-    if label_smoothing > 0:
-        off = label_smoothing / (vocab - 1)
-        soft = jax.nn.one_hot(targets, vocab, dtype=jnp.float32) * (on - off) + off
-        entropy = -(on * jnp.log(on) + (vocab - 1) * off * jnp.log(off + 1e-20))
-        ce = -jnp.sum(soft * log_probs, axis=-1) - entropy
+    return _ce_and_z(logits, targets, float(z_loss), float(label_smoothing))
+
+
+def _smoothing(label_smoothing: float, vocab: int) -> tuple[float, float]:
+    """(on, off): the smoothed target distribution's value at the target and elsewhere."""
+    return 1.0 - label_smoothing, (label_smoothing / (vocab - 1) if label_smoothing else 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _ce_and_z(logits, targets, z_loss, label_smoothing):
+    return _ce_and_z_fwd(logits, targets, z_loss, label_smoothing)[0]
+
+
+def _ce_and_z_fwd(logits, targets, z_loss, label_smoothing):
+    x = logits.astype(jnp.float32)
+    vocab = x.shape[-1]
+    log_z = jax.nn.logsumexp(x, axis=-1)
+    x_target = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    on, off = _smoothing(label_smoothing, vocab)
+    if label_smoothing:
+        # -sum(soft * log_softmax(x)) with soft = off + (on - off) * one_hot, which sums to 1.
+        entropy = -(on * np.log(on) + (vocab - 1) * off * np.log(off + 1e-20))
+        ce = log_z - (on - off) * x_target - off * jnp.sum(x, axis=-1) - entropy
     else:
-        ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        ce = log_z - x_target
     zl = z_loss * jnp.square(log_z)
-    return ce, zl
+    return (ce, zl), (logits, targets, log_z)
+
+
+def _ce_and_z_bwd(z_loss, label_smoothing, res, g):
+    logits, targets, log_z = res
+    g_ce, g_z = g
+    on, off = _smoothing(label_smoothing, logits.shape[-1])
+    probs = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
+    coef = (g_ce + 2.0 * z_loss * log_z * g_z)[..., None]
+    is_target = targets[..., None] == jax.lax.broadcasted_iota(jnp.int32, logits.shape,
+                                                              logits.ndim - 1)
+    soft = jnp.where(is_target, on, off)
+    d_logits = probs * coef - g_ce[..., None] * soft
+    return d_logits.astype(logits.dtype), None
+
+
+_ce_and_z.defvjp(_ce_and_z_fwd, _ce_and_z_bwd)
 
 
 def first_argmax(logits: Array, chunk: int = 128) -> Array:

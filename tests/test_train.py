@@ -193,6 +193,41 @@ def test_cross_entropy_matches_optax_and_smoothing_and_normalizing():
         losses.normalized_loss_weights(batch, 'PER_TOKEN')
 
 
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_cross_entropy_gradient_matches_autodiff(smoothing):
+    """The written-out gradient of cross entropy + z-loss equals autodiff of the plain formula
+    (log-softmax against smoothed one-hot targets), for float32 and bf16 logits."""
+    rng = np.random.default_rng(1)
+    vocab = 37
+    logits = jnp.asarray(rng.normal(size=(3, 4, vocab)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, vocab, size=(3, 4)), jnp.int32)
+    w_ce = jnp.asarray(rng.uniform(size=(3, 4)), jnp.float32)
+    w_z = jnp.asarray(rng.uniform(size=(3, 4)), jnp.float32)
+
+    def reference(x):
+        x = x.astype(jnp.float32)
+        log_z = jax.nn.logsumexp(x, axis=-1)
+        off = smoothing / (vocab - 1)
+        soft = jax.nn.one_hot(targets, vocab) * (1 - smoothing - off) + off
+        ce = -jnp.sum(soft * (x - log_z[..., None]), axis=-1)
+        return jnp.sum(ce * w_ce + 1e-2 * log_z ** 2 * w_z)
+
+    def ours(x):
+        ce, zl = losses.cross_entropy_with_z_loss(x, targets, 1e-2, smoothing)
+        return jnp.sum(ce * w_ce + zl * w_z)
+
+    # The values differ by the smoothed distribution's constant entropy only.
+    delta = ours(logits) - reference(logits)
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), atol=1e-6)
+    if not smoothing:
+        np.testing.assert_allclose(delta, 0.0, atol=1e-5)
+    half = logits.astype(jnp.bfloat16)
+    g = jax.grad(ours)(half)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), jax.grad(reference)(half).astype(jnp.float32),
+                               atol=2e-3)
+
+
 def test_schedules_and_optimizers():
     rsqrt = optimizers.make_schedule('rsqrt', 0.01, warmup_steps=100)
     np.testing.assert_allclose([rsqrt(0), rsqrt(99), rsqrt(399)], [0.01, 0.01, 0.005], rtol=1e-6)
