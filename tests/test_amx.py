@@ -82,6 +82,42 @@ def test_gradients_match_xla_dot(m, k, n, isa):
 
 
 @pytest.mark.parametrize('isa', ISAS)
+@pytest.mark.parametrize('m,k,n', SHAPES)
+@pytest.mark.parametrize('trans_b', [False, True])
+def test_a_float32_weight_is_rounded_as_xla_rounds_it(m, k, n, trans_b, isa):
+    """A float32 b gives the bits of b converted to bf16 by XLA first (round to nearest even,
+    halfway cases and a NaN included), on both layouts of b."""
+    rng = np.random.default_rng(k)
+    a = _bf16(rng, (m, k))
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    flat = b.reshape(-1)
+    flat[:4] = [1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -(1.0 + 2.0 ** -8), 3.4e38]   # ties; rounds to inf
+    b = jnp.asarray(flat.reshape(b.shape))
+    run = jax.jit(lambda a, b: amx._call(a, b, (m, n), trans_b=trans_b, out_dtype=jnp.float32,
+                                         isa=isa))
+    np.testing.assert_array_equal(_f32(run(a, b)), _f32(run(a, b.astype(jnp.bfloat16))))
+    with_nan = b.at[0, 0].set(jnp.nan)
+    assert np.isnan(_f32(run(a, with_nan))).any()
+
+
+@pytest.mark.parametrize('isa', ISAS)
+def test_a_float32_weight_gets_a_float32_gradient(isa):
+    rng = np.random.default_rng(5)
+    x = _bf16(rng, (2, 33, 70))
+    w = jnp.asarray(rng.standard_normal((70, 45)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((2, 33, 45)), jnp.float32)
+    loss = lambda x, w: jnp.sum(amx.matmul(x, w, isa).astype(jnp.float32) * probe)
+    dx, dw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    g = probe.astype(jnp.bfloat16).astype(jnp.float32).reshape(-1, 45)
+    # The weight gradient is x^T . g summed in float32 and not rounded to bf16.
+    np.testing.assert_allclose(_f32(dw), _f32(x).reshape(-1, 70).T @ _f32(g), rtol=1e-5,
+                               atol=1e-4)
+    ref_dx = _f32(g) @ _f32(w.astype(jnp.bfloat16)).T
+    np.testing.assert_allclose(_f32(dx).reshape(-1, 70), ref_dx, rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('transpose', [False, True])
 def test_packed_weights_give_the_same_bits(transpose, isa):
     rng = np.random.default_rng(2)

@@ -222,7 +222,8 @@ def _matmul2d_bwd(isa, res, g):
     x, w = res
     g = g.astype(jnp.bfloat16)
     dx = _call(g, w, x.shape, trans_b=True, isa=isa)        # g [M, N] . w^T [N, K]
-    dw = _call(x, g, w.shape, trans_a=True, isa=isa)        # x^T [K, M] . g [M, N]
+    # x^T [K, M] . g [M, N], written in w's dtype: a float32 weight gets its float32 sums.
+    dw = _call(x, g, w.shape, trans_a=True, out_dtype=w.dtype, isa=isa)
     return dx, dw
 
 
@@ -230,10 +231,14 @@ _matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)
 
 
 def matmul(x: Array, w: Array, isa: str = 'amx') -> Array:
-    """x[..., K] . w[K, N] in bf16 with float32 accumulation on `isa`; differentiable."""
+    """x[..., K] . w[K, N] in bf16 with float32 accumulation on `isa`; differentiable. A float32 w
+    (a parameter) is rounded to bf16 inside the kernel as it is laid out, and its gradient comes
+    back in float32; no separate conversion pass reads the weight."""
     lead = x.shape[:-1]
     x2 = x.astype(jnp.bfloat16).reshape(-1, x.shape[-1])
-    y = _matmul2d(x2, w.astype(jnp.bfloat16), isa)
+    if w.dtype != jnp.float32:
+        w = w.astype(jnp.bfloat16)
+    y = _matmul2d(x2, w, isa)
     return y.reshape(*lead, w.shape[1])
 
 

@@ -5,6 +5,7 @@
 // out[M, N] = op(a)[M, K] . op(b)[K, N], bf16 operands, float32 accumulation, output bf16 or f32.
 // op(a) is a (row-major [M, K]) or, with trans_a, the transpose of a stored [K, M]; op(b) is b
 // ([K, N]), the transpose of b stored [N, K] (trans_b), or b already packed by `doa_amx_pack`.
+// An unpacked b may be float32 (a weight kept in float32): it is rounded to bf16 as it is laid out.
 //
 // The product is cut into 32x32 blocks of the output. On AMX a block is held in four 16x16
 // float32 tiles while the K dimension streams through two A tiles (16 rows x 32 values) and two
@@ -165,10 +166,32 @@ void PackA(const Par& par, const uint16_t* a, int64_t m, int64_t k, bool trans, 
   });
 }
 
+// bf16 bits of a source value: a bf16 value as it is, a float32 one rounded to nearest even (as
+// XLA's convert rounds; a NaN stays a NaN).
+inline uint32_t Bf16Bits(uint16_t x) { return x; }
+inline uint32_t Bf16Bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// 32 consecutive values (those under `mask`, the rest 0) as 32 bf16 in one register.
+inline __m512i Load32Bf16(const uint16_t* src, __mmask32 mask) {
+  return _mm512_maskz_loadu_epi16(mask, src);
+}
+inline __m512i Load32Bf16(const float* src, __mmask32 mask) {
+  const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask), src);
+  const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask >> 16), src + 16);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
 // op(b) [K, N] in tile order: for each 32-column strip s and 32-deep K step t, two tiles
 // (columns s*32..+15, then +16..+31), each 16 pairs of K rows x 16 columns x 2:
-// offset ((s * kb + t) * 2 + h) * 512 + p * 32 + c * 2 + (k % 2).
-void PackB(const Par& par, const uint16_t* b, int64_t k, int64_t n, bool trans, int64_t kp,
+// offset ((s * kb + t) * 2 + h) * 512 + p * 32 + c * 2 + (k % 2). A float32 b (a weight kept in
+// float32) is rounded to bf16 on the way, so no separate conversion pass reads it first.
+template <typename T>
+void PackB(const Par& par, const T* b, int64_t k, int64_t n, bool trans, int64_t kp,
            int64_t np, uint16_t* dst) {
   const int64_t kb = kp / 32;
   ParallelFor(par.pool, par.helpers, np / 32, false, [=](int64_t s) {
@@ -187,10 +210,8 @@ void PackB(const Par& par, const uint16_t* b, int64_t k, int64_t n, bool trans, 
         uint16_t* tiles = strip + t * 2 * kTile;
         for (int64_t p = 0; p < 16; ++p) {
           const int64_t r0 = t * 32 + 2 * p, r1 = r0 + 1;
-          const __m512i x0 = r0 < k ? _mm512_maskz_loadu_epi16(mask, b + r0 * n + j0)
-                                    : _mm512_setzero_si512();
-          const __m512i x1 = r1 < k ? _mm512_maskz_loadu_epi16(mask, b + r1 * n + j0)
-                                    : _mm512_setzero_si512();
+          const __m512i x0 = r0 < k ? Load32Bf16(b + r0 * n + j0, mask) : _mm512_setzero_si512();
+          const __m512i x1 = r1 < k ? Load32Bf16(b + r1 * n + j0, mask) : _mm512_setzero_si512();
           _mm512_storeu_si512(tiles + p * 32, _mm512_permutex2var_epi16(x0, lo, x1));
           _mm512_storeu_si512(tiles + kTile + p * 32, _mm512_permutex2var_epi16(x0, hi, x1));
         }
@@ -207,7 +228,8 @@ void PackB(const Par& par, const uint16_t* b, int64_t k, int64_t n, bool trans, 
           const int64_t k0 = t * 32 + 2 * p;
           uint32_t v = 0;
           if (j < n && k0 < k) {
-            const uint32_t x0 = b[j * k + k0], x1 = k0 + 1 < k ? b[j * k + k0 + 1] : 0;
+            const uint32_t x0 = Bf16Bits(b[j * k + k0]);
+            const uint32_t x1 = k0 + 1 < k ? Bf16Bits(b[j * k + k0 + 1]) : 0;
             v = x0 | (x1 << 16);
           }
           col[p * 16] = v;
@@ -402,8 +424,11 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     return ffi::Error(ffi::ErrorCode::kUnavailable,
                       "the kernel refused this process the AMX tile state (arch_prctl)");
   }
-  if (a.element_type() != ffi::DataType::BF16 || b.element_type() != ffi::DataType::BF16) {
-    return ffi::Error::InvalidArgument("amx_matmul takes bf16 operands");
+  const bool b_f32 = b.element_type() == ffi::DataType::F32;
+  if (a.element_type() != ffi::DataType::BF16 ||
+      (b.element_type() != ffi::DataType::BF16 && !(b_f32 && !b_packed))) {
+    return ffi::Error::InvalidArgument(
+        "amx_matmul takes a bf16 a, and a bf16 b (or a float32 b that is not packed)");
   }
   auto a_dims = a.dimensions();
   auto o_dims = out->dimensions();
@@ -432,7 +457,11 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
       return ffi::Error::InvalidArgument("amx_matmul: op(b) does not match op(a) and the output");
     }
     uint16_t* b_buf = Scratch<uint16_t, 1>(kp * np);
-    PackB(par, b_ptr, k, n, trans_b, kp, np, b_buf);
+    if (b_f32) {
+      PackB(par, reinterpret_cast<const float*>(b.untyped_data()), k, n, trans_b, kp, np, b_buf);
+    } else {
+      PackB(par, b_ptr, k, n, trans_b, kp, np, b_buf);
+    }
     b_tiles = b_buf;
   }
   const bool amx = isa == kIsaAmx;
