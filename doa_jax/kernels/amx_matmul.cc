@@ -126,6 +126,49 @@ struct Par {
   int helpers;
 };
 
+// Transposes a 16 x 16 matrix of 32-bit values, row i in r[i]: pairs within 128-bit lanes, then
+// quads, then the 4 x 4 matrix of lanes.
+inline void Transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  __m512i u[16];  // u[4q + c] lane l: rows 4q..4q+3 of column 4l + c
+  for (int q = 0; q < 4; ++q) {
+    u[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+    const __m512i x1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
+// Index vectors interleaving two registers of 32 bf16 value by value: with x0 and x1 two rows,
+// permutex2var(x0, kPairsLo, x1) holds the 16 pairs (x0[c], x1[c]) of columns 0..15, and
+// kPairsHi those of columns 16..31.
+inline __m512i PairsLo() {
+  return _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                          38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+}
+inline __m512i PairsHi() {
+  return _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55,
+                          23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+}
+
+inline __mmask32 FirstBits(int64_t count) {
+  return count >= 32 ? ~__mmask32{0} : count <= 0 ? 0 : ((__mmask32{1} << count) - 1);
+}
+
 // op(a) [M, K] in tile order: for each 32-row block i and 32-wide K step t, two tiles (rows
 // i..i+15, then i+16..i+31), each 16 rows of 32 values: offset ((i/32 * kb + t) * 2 + h) * 512.
 void PackA(const Par& par, const uint16_t* a, int64_t m, int64_t k, bool trans, int64_t mp,
@@ -148,32 +191,31 @@ void PackA(const Par& par, const uint16_t* a, int64_t m, int64_t k, bool trans, 
       }
       return;
     }
-    // a is stored [K, M]: the pair (k, k + 1) of op(a)'s row i is a[k][i], a[k + 1][i]; read two
-    // rows of a across 32 columns, write 32-bit pairs down 32 tile rows.
+    // a is stored [K, M]: the pair (k, k + 1) of op(a)'s row i is a[k][i], a[k + 1][i]. Two rows
+    // of a across 32 columns interleave into the pairs p of 32 tile rows; 16 such p are a 16 x 16
+    // matrix per tile, transposed into its rows.
+    const __m512i lo = PairsLo(), hi = PairsHi();
+    const __mmask32 cols = FirstBits(m - mi * 32);
     for (int64_t t = 0; t < kb; ++t) {
-      uint32_t* tiles = reinterpret_cast<uint32_t*>(blocks + t * 2 * kTile);
+      __m512i top[16], bottom[16];  // [p] lane r: pair p of tile row r (rows 0..15, 16..31)
       for (int64_t p = 0; p < 16; ++p) {
         const int64_t k0 = t * 32 + 2 * p;
-        const uint16_t* r0 = k0 < k ? a + k0 * m : nullptr;
-        const uint16_t* r1 = k0 + 1 < k ? a + (k0 + 1) * m : nullptr;
-        for (int64_t r = 0; r < 32; ++r) {
-          const int64_t i = mi * 32 + r;
-          const uint32_t lo = (r0 && i < m) ? r0[i] : 0, hi = (r1 && i < m) ? r1[i] : 0;
-          tiles[(r / 16) * (kTile / 2) + (r % 16) * 16 + p] = lo | (hi << 16);
-        }
+        const __m512i x0 = k0 < k ? _mm512_maskz_loadu_epi16(cols, a + k0 * m + mi * 32)
+                                  : _mm512_setzero_si512();
+        const __m512i x1 = k0 + 1 < k ? _mm512_maskz_loadu_epi16(cols, a + (k0 + 1) * m + mi * 32)
+                                      : _mm512_setzero_si512();
+        top[p] = _mm512_permutex2var_epi16(x0, lo, x1);
+        bottom[p] = _mm512_permutex2var_epi16(x0, hi, x1);
+      }
+      Transpose16x16(top);
+      Transpose16x16(bottom);
+      uint16_t* tiles = blocks + t * 2 * kTile;
+      for (int r = 0; r < 16; ++r) {
+        _mm512_storeu_si512(tiles + r * 32, top[r]);
+        _mm512_storeu_si512(tiles + kTile + r * 32, bottom[r]);
       }
     }
   });
-}
-
-// bf16 bits of a source value: a bf16 value as it is, a float32 one rounded to nearest even (as
-// XLA's convert rounds; a NaN stays a NaN).
-inline uint32_t Bf16Bits(uint16_t x) { return x; }
-inline uint32_t Bf16Bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
 // 32 consecutive values (those under `mask`, the rest 0) as 32 bf16 in one register.
@@ -199,13 +241,8 @@ void PackB(const Par& par, const T* b, int64_t k, int64_t n, bool trans, int64_t
     const int64_t j0 = s * 32, cols = std::min<int64_t>(32, n - j0);
     if (!trans) {
       // Rows k and k + 1 of b interleaved value by value, 32 columns per AVX-512 step.
-      const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41,
-                                          9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2,
-                                          33, 1, 32, 0);
-      const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57,
-                                          25, 56, 24, 55, 23, 54, 22, 53, 21, 52, 20, 51, 19,
-                                          50, 18, 49, 17, 48, 16);
-      const __mmask32 mask = cols >= 32 ? ~__mmask32{0} : ((__mmask32{1} << cols) - 1);
+      const __m512i lo = PairsLo(), hi = PairsHi();
+      const __mmask32 mask = FirstBits(cols);
       for (int64_t t = 0; t < kb; ++t) {
         uint16_t* tiles = strip + t * 2 * kTile;
         for (int64_t p = 0; p < 16; ++p) {
@@ -218,22 +255,20 @@ void PackB(const Par& par, const T* b, int64_t k, int64_t n, bool trans, int64_t
       }
       return;
     }
-    // b is stored [N, K]: the pair (k, k + 1) of column j is b[j][k], b[j][k + 1], adjacent.
+    // b is stored [N, K]: the pairs (k, k + 1) of column j are adjacent in b's row j, so 32 values
+    // of a row are the 16 pairs of one tile column; 16 columns are transposed into the 16 pair
+    // rows of a tile.
     for (int64_t t = 0; t < kb; ++t) {
-      uint32_t* tiles = reinterpret_cast<uint32_t*>(strip + t * 2 * kTile);
-      for (int64_t c = 0; c < 32; ++c) {
-        const int64_t j = j0 + c;
-        uint32_t* col = tiles + (c / 16) * (kTile / 2) + (c % 16);
-        for (int64_t p = 0; p < 16; ++p) {
-          const int64_t k0 = t * 32 + 2 * p;
-          uint32_t v = 0;
-          if (j < n && k0 < k) {
-            const uint32_t x0 = Bf16Bits(b[j * k + k0]);
-            const uint32_t x1 = k0 + 1 < k ? Bf16Bits(b[j * k + k0 + 1]) : 0;
-            v = x0 | (x1 << 16);
-          }
-          col[p * 16] = v;
+      const __mmask32 depth = FirstBits(k - t * 32);
+      for (int h = 0; h < 2; ++h) {
+        __m512i rows[16];  // [c] lane p: pair p of column c
+        for (int c = 0; c < 16; ++c) {
+          const int64_t j = j0 + h * 16 + c;
+          rows[c] = j < n ? Load32Bf16(b + j * k + t * 32, depth) : _mm512_setzero_si512();
         }
+        Transpose16x16(rows);
+        uint16_t* tile = strip + (t * 2 + h) * kTile;
+        for (int p = 0; p < 16; ++p) _mm512_storeu_si512(tile + p * 32, rows[p]);
       }
     }
   });
