@@ -180,6 +180,88 @@ def test_decode_attention_refuses_mismatched_shapes():
         jax.block_until_ready(amx.decode_attention(q, k, k, jnp.zeros((2, 3, 4), jnp.float32)))
 
 
+def _sequence_attention_reference(q, k, v, bias, round_weights):
+    qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+    w = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', qf, kf) + bias, axis=-1)
+    if round_weights:
+        w = w.astype(jnp.bfloat16).astype(jnp.float32)
+    return jnp.einsum('bhqk,bkhd->bqhd', w, vf).astype(q.dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('b,lq,lk,h,d', [(4, 128, 128, 6, 64), (2, 7, 9, 3, 5), (3, 32, 70, 2, 20),
+                                         (1, 33, 17, 1, 130)])
+def test_sequence_attention_and_its_gradients_equal_the_reference(b, lq, lk, h, d, dtype):
+    """`amx.attention` (one kernel call per pass) against softmax(q k + bias) v written in jnp:
+    the output, and the gradients of q, k, v and the bias, with masked keys."""
+    rng = np.random.default_rng(lq * 7 + lk)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for n in (lq, lk, lk))
+    bias = jnp.asarray(rng.standard_normal((b, h, lq, lk)), jnp.float32).at[..., -2:].set(-1e10)
+    probe = jnp.asarray(rng.standard_normal((b, lq, h, d)), jnp.float32)
+    bf16 = dtype == jnp.bfloat16
+    ours = lambda *a: amx.attention(*a)
+    ref = lambda *a: _sequence_attention_reference(*a, round_weights=bf16)
+    got, want = jax.jit(ours)(q, k, v, bias), jax.jit(ref)(q, k, v, bias)
+    assert got.shape == q.shape and got.dtype == dtype
+    # float32: summation order only; bf16: the same rounded weights, so the same bf16 output.
+    np.testing.assert_allclose(_f32(got), _f32(want), rtol=1e-5, atol=1e-5 if not bf16 else 0.02)
+    loss = lambda f: jax.jit(jax.grad(
+            lambda *a: jnp.sum(f(*a).astype(jnp.float32) * probe), argnums=(0, 1, 2, 3)))
+    tolerance = 1e-5 if not bf16 else 1e-2   # bf16: the reference rounds its cotangents to bf16
+    for name, g, r in zip('qkv', loss(ours)(q, k, v, bias), loss(ref)(q, k, v, bias)):
+        assert g.dtype == r.dtype, name
+        np.testing.assert_allclose(_f32(g), _f32(r), atol=tolerance * np.abs(_f32(r)).max(),
+                                   err_msg=f'd{name}')
+    # Masked keys get no weight: their values and the gradient through their bias are zero.
+    d_bias = loss(ours)(q, k, v, bias)[3]
+    np.testing.assert_array_equal(_f32(d_bias[..., -2:]), 0.0)
+    v2 = v.at[:, -1].set(100.0)
+    np.testing.assert_array_equal(_f32(jax.jit(ours)(q, k, v2, bias)), _f32(got))
+
+
+@needs_kernels
+def test_sequence_attention_broadcasts_its_bias_and_refuses_bad_shapes():
+    rng = np.random.default_rng(9)
+    q, k = (jnp.asarray(rng.standard_normal((2, n, 3, 8)), jnp.float32) for n in (5, 6))
+    pos = jnp.asarray(rng.standard_normal((1, 3, 5, 6)), jnp.float32)
+    full = jnp.broadcast_to(pos, (2, 3, 5, 6))
+    np.testing.assert_array_equal(_f32(amx.attention(q, k, k, pos)), _f32(amx.attention(q, k, k, full)))
+    # The gradient of a broadcast bias sums over the broadcast axes.
+    g = jax.grad(lambda p: jnp.sum(amx.attention(q, k, k, p)))(pos)
+    g_full = jax.grad(lambda p: jnp.sum(amx.attention(q, k, k, p)))(full)
+    np.testing.assert_allclose(_f32(g), _f32(g_full.sum(0, keepdims=True)), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r'q \[B, Lq, H, D\] and k, v \[B, Lk, H, D\]'):
+        amx.attention(q, k[:, :, :2], k[:, :, :2])
+    with pytest.raises(ValueError, match='bf16 or float32'):
+        amx.attention(q.astype(jnp.float16), k, k)
+
+
+@needs_kernels
+@pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
+def test_float32_model_with_kernel_attention_equals_xla(name):
+    """In float32 only the attention changes between cpu_matmul='auto' and 'xla' (the matmuls
+    stay XLA's): the logits and every gradient agree to float32 rounding."""
+    cfg = get_config(name, dtype=jnp.float32)
+    enc, dec = _model_inputs(cfg, seed=3)
+    params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(3), enc, dec)['params'])
+
+    def run(c):
+        def f(p):
+            logits = T5(c).apply({'params': p}, enc, dec, dec)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 5]), logits
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+    (_, la), ga = run(cfg)
+    (_, lx), gx = run(cfg.replace(cpu_matmul='xla'))
+    np.testing.assert_allclose(_f32(la), _f32(lx), atol=1e-5)
+    for a, x in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gx)):
+        np.testing.assert_allclose(_f32(a), _f32(x), atol=1e-5 * np.abs(_f32(x)).max() + 1e-7)
+    # Every attention of the model (encoder self, decoder self and cross) is one kernel call.
+    jaxpr = str(jax.make_jaxpr(lambda p: T5(cfg).apply({'params': p}, enc, dec, dec))(params))
+    assert jaxpr.count('doa_attention_fwd') == cfg.num_encoder_layers + 2 * cfg.num_decoder_layers
+
+
 def test_choice_between_the_kernels_and_xla():
     assert amx.kernel_isa('xla', jnp.bfloat16) is None
     assert amx.kernel_isa('auto', jnp.float32) is None

@@ -49,6 +49,8 @@ _PACK_TARGET = 'doa_amx_pack'
 _ATTENTION_TARGET = 'doa_decode_attention'
 _F32_TARGET = 'doa_f32_matmul'
 _F32_PACK_TARGET = 'doa_f32_pack'
+_ATTENTION_FWD_TARGET = 'doa_attention_fwd'
+_ATTENTION_BWD_TARGET = 'doa_attention_bwd'
 _FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-w', '-mavx512f', '-mavx512bw',
           '-mavx512vl', '-mavx512bf16', '-mamx-tile', '-mamx-bf16')
 # Operand dims are padded to these multiples inside the kernel (and in `pack`).
@@ -113,6 +115,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                                 platform='cpu')
     jax.ffi.register_ffi_target(_F32_TARGET, jax.ffi.pycapsule(lib.DoaF32Matmul), platform='cpu')
     jax.ffi.register_ffi_target(_F32_PACK_TARGET, jax.ffi.pycapsule(lib.DoaF32Pack),
+                                platform='cpu')
+    jax.ffi.register_ffi_target(_ATTENTION_FWD_TARGET, jax.ffi.pycapsule(lib.DoaAttentionFwd),
+                                platform='cpu')
+    jax.ffi.register_ffi_target(_ATTENTION_BWD_TARGET, jax.ffi.pycapsule(lib.DoaAttentionBwd),
                                 platform='cpu')
     return lib, ''
 
@@ -319,9 +325,68 @@ def matmul_f32_packed(x: Array, packed: Array, features: int) -> Array:
     return call(x2, packed).reshape(*lead, features)
 
 
-def use_decode_attention(mode: str, dtype, float32_logits: bool = True) -> bool:
-    """Whether decoding in `dtype` (bf16 or float32) under `cpu_matmul=mode` runs its attention on
-    `decode_attention`: wherever the kernels run (see `_serves`). The kernel computes its logits in
-    float32, so a model with float32_logits=False keeps XLA."""
+def use_attention_kernels(mode: str, dtype, float32_logits: bool = True) -> bool:
+    """Whether attention in `dtype` (bf16 or float32) under `cpu_matmul=mode` runs on these
+    kernels: `decode_attention` in a decode step, `attention` (forward and backward) over whole
+    sequences; wherever the kernels run (see `_serves`). The kernels compute logits in float32, so
+    a model with float32_logits=False keeps XLA."""
     dtypes = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
     return float32_logits and jnp.dtype(dtype) in dtypes and _serves(mode)
+
+
+def _attention_call(target: str, outs, *args, round_weights: bool):
+    _registered()
+    return jax.ffi.ffi_call(target, outs, vmap_method='sequential')(
+            *args, round_weights=np.int64(round_weights))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, bias, round_weights):
+    return _attention_fwd(q, k, v, bias, round_weights)[0]
+
+
+def _attention_fwd(q, k, v, bias, round_weights):
+    b, lq, h, _ = q.shape
+    out, lse = _attention_call(
+            _ATTENTION_FWD_TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                    jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
+            q, k, v, bias, round_weights=round_weights)
+    return out, (q, k, v, bias, lse)
+
+
+def _attention_bwd(round_weights, res, g):
+    q, k, v, bias, lse = res
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return tuple(_attention_call(_ATTENTION_BWD_TARGET, (like(q), like(k), like(v), like(bias)),
+                                 q, k, v, bias, lse, g.astype(q.dtype),
+                                 round_weights=round_weights))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q: Array, k: Array, v: Array, bias: Array | None = None, *,
+              round_weights: bool | None = None) -> Array:
+    """softmax(q . k + bias) . v over whole sequences, per batch row and head, in one kernel call
+    (and one for the backward pass); differentiable in q, k, v and bias.
+
+    q [B, Lq, H, D], k and v [B, Lk, H, D] (the layout the projections write, so no head-major
+    transposes), all bf16 or all float32; bias broadcastable to [B, H, Lq, Lk] (relative positions
+    and masks). Logits, softmax and products are float32; the result has q's dtype, [B, Lq, H, D].
+    `round_weights` (default: for bf16 inputs) rounds the softmax weights to bf16 before they
+    weight v, as the model's XLA path does in bf16. Only the per-row log-normalizer is kept for
+    the backward pass, which recomputes the weights."""
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] \
+            or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f'attention: q [B, Lq, H, D] and k, v [B, Lk, H, D], got {q.shape}, '
+                         f'{k.shape}, {v.shape}.')
+    dtype = jnp.dtype(q.dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f'attention takes bf16 or float32 inputs, not {dtype.name}.')
+    b, lq, h, _ = q.shape
+    full = (b, h, lq, k.shape[1])
+    bias = jnp.zeros(full, jnp.float32) if bias is None else jnp.broadcast_to(
+            bias.astype(jnp.float32), full)
+    if round_weights is None:
+        round_weights = dtype == jnp.bfloat16
+    return _attention(q, k.astype(dtype), v.astype(dtype), bias, bool(round_weights))

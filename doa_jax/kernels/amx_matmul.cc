@@ -34,6 +34,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -772,6 +773,368 @@ ffi::Error F32Pack(ffi::ThreadPool pool, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
   return ffi::Error::Success();
 }
 
+
+// Training attention over whole sequences, forward and backward: out = softmax(q . k^T + bias) . v
+// per batch row b and head h, q [B, Lq, H, D], k and v [B, Lk, H, D] (bf16 or float32, the
+// layout the projections write, so no head-major transposes), bias float32 [B, H, Lq, Lk]. All
+// arithmetic is float32 (logits, softmax, products); with round_weights the softmax weights are
+// rounded to bf16 before they weight v, as the model's XLA path does in bf16. The forward pass
+// keeps only the log-normalizer per row (lse [B, H, Lq]); the backward pass recomputes the
+// weights from it. One (b, h) pair is one work item: its q, k, v rows are gathered into float32
+// buffers that stay in L1/L2, and five small products run on register-blocked FMA loops.
+
+// e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor polynomial for e^r,
+// scaled by 2^n (VSCALEFPS). Inputs below -104 give exactly 0, as e^x rounds to 0 there.
+inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 RoundRowToBf16(__m512 x) {
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline void StoreRow(float* dst, __m512 x, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, x); }
+inline void StoreRow(uint16_t* dst, __m512 x, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(dst, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+}
+
+// c[R rows, NV 16-wide vectors] (= or +=) A . B over kd: A(r, k) = a[r * ars + k * acs], B rows
+// of ldb floats. The sums stay in registers across k; `last` masks the last vector's columns.
+template <int R, int NV>
+inline void GemmTile(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
+                     float* c, int64_t ldc, int64_t kd, __mmask16 last) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < kd; ++k) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xFFFF, b + k * ldb + v * 16);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * ars + k * acs]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      _mm512_mask_storeu_ps(c + r * ldc + v * 16, v == NV - 1 ? last : 0xFFFF, acc[r][v]);
+    }
+  }
+}
+
+template <int R>
+inline void GemmRows(int nv, const float* a, int64_t ars, int64_t acs, const float* b,
+                     int64_t ldb, float* c, int64_t ldc, int64_t kd, __mmask16 last) {
+  switch (nv) {
+    case 1: return GemmTile<R, 1>(a, ars, acs, b, ldb, c, ldc, kd, last);
+    case 2: return GemmTile<R, 2>(a, ars, acs, b, ldb, c, ldc, kd, last);
+    case 3: return GemmTile<R, 3>(a, ars, acs, b, ldb, c, ldc, kd, last);
+    default: return GemmTile<R, 4>(a, ars, acs, b, ldb, c, ldc, kd, last);
+  }
+}
+
+// c[m, n] = A[m, kd] . B[kd, n] in float32, A read through strides (a transposed A is ars = 1).
+void SmallGemm(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
+               int64_t ldc, int64_t m, int64_t kd, int64_t n) {
+  for (int64_t j = 0; j < n; j += 64) {
+    const int64_t cols = std::min<int64_t>(64, n - j);
+    const int nv = static_cast<int>((cols + 15) / 16);
+    const __mmask16 last = HalfMask(cols - (nv - 1) * 16);
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      GemmRows<4>(nv, a + i * ars, ars, acs, b + j, ldb, c + i * ldc + j, ldc, kd, last);
+    }
+    for (; i < m; ++i) {
+      GemmRows<1>(nv, a + i * ars, ars, acs, b + j, ldb, c + i * ldc + j, ldc, kd, last);
+    }
+  }
+}
+
+// dst[cols, rows] = src[rows, cols]^T for float32, in 16 x 16 blocks.
+void TransposeF32(const float* src, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const __mmask16 cm = HalfMask(cols - c0), rm = HalfMask(rows - r0);
+      __m512i blk[16];
+      for (int i = 0; i < 16; ++i) {
+        blk[i] = r0 + i < rows ? _mm512_maskz_loadu_epi32(cm, src + (r0 + i) * cols + c0)
+                               : _mm512_setzero_si512();
+      }
+      Transpose16x16(blk);
+      for (int i = 0; i < 16 && c0 + i < cols; ++i) {
+        _mm512_mask_storeu_epi32(dst + (c0 + i) * rows + r0, rm, blk[i]);
+      }
+    }
+  }
+}
+
+// Rows of one head, x[b, :, h, :] of a [B, L, H, D] array, into float32 [L, D].
+template <typename T>
+void GatherHead(const T* x, int64_t L, int64_t H, int64_t D, float* dst) {
+  for (int64_t i = 0; i < L; ++i) {
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = HalfMask(D - d);
+      _mm512_mask_storeu_ps(dst + i * D + d, m, LoadRow(x + i * H * D + d, m));
+    }
+  }
+}
+
+template <typename T>
+void ScatterHead(const float* src, int64_t L, int64_t H, int64_t D, T* x) {
+  for (int64_t i = 0; i < L; ++i) {
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = HalfMask(D - d);
+      StoreRow(x + i * H * D + d, _mm512_maskz_loadu_ps(m, src + i * D + d), m);
+    }
+  }
+}
+
+struct AttentionShape {
+  int64_t B, H, Lq, Lk, D;
+};
+
+// Scores s = q . k^T + bias of one item into s [Lq, Lk]; q and k rows float32 in qf, kf, with
+// kt a [D, Lk] scratch for k^T.
+void Scores(const AttentionShape& a, const float* qf, const float* kf, const float* bias,
+            float* kt, float* s) {
+  TransposeF32(kf, a.Lk, a.D, kt);
+  SmallGemm(qf, a.D, 1, kt, a.Lk, s, a.Lk, a.Lq, a.D, a.Lk);
+  for (int64_t i = 0; i < a.Lq; ++i) {
+    for (int64_t j = 0; j < a.Lk; j += 16) {
+      const __mmask16 m = HalfMask(a.Lk - j);
+      float* row = s + i * a.Lk + j;
+      _mm512_mask_storeu_ps(row, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, row),
+                                                  _mm512_maskz_loadu_ps(m, bias + i * a.Lk + j)));
+    }
+  }
+}
+
+template <typename T>
+void AttentionForward(const Par& par, const AttentionShape& a, const T* q, const T* k,
+                      const T* v, const float* bias, T* out, float* lse, bool round_weights) {
+  const int64_t Lq = a.Lq, Lk = a.Lk, D = a.D, H = a.H;
+  const bool small = a.B * H * Lq * Lk * D < (int64_t{1} << 18);
+  ParallelFor(par.pool, small ? 0 : par.helpers, a.B * H, false, [=](int64_t item) {
+    const int64_t b = item / H, h = item % H;
+    float* qf = Scratch<float, 10>(Lq * D + 2 * Lk * D + D * Lk + Lq * Lk + Lq * D);
+    float* kf = qf + Lq * D;
+    float* vf = kf + Lk * D;
+    float* kt = vf + Lk * D;
+    float* s = kt + D * Lk;
+    float* o = s + Lq * Lk;
+    GatherHead(q + (b * Lq * H + h) * D, Lq, H, D, qf);
+    GatherHead(k + (b * Lk * H + h) * D, Lk, H, D, kf);
+    GatherHead(v + (b * Lk * H + h) * D, Lk, H, D, vf);
+    Scores(a, qf, kf, bias + item * Lq * Lk, kt, s);
+    for (int64_t i = 0; i < Lq; ++i) {
+      float* row = s + i * Lk;
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < Lk; j += 16) {
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), HalfMask(Lk - j),
+                                                    row + j));
+      }
+      const float top = _mm512_reduce_max_ps(mx);
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t j = 0; j < Lk; j += 16) {
+        const __mmask16 m = HalfMask(Lk - j);
+        const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j),
+                                             _mm512_set1_ps(top)));
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+        _mm512_mask_storeu_ps(row + j, m, e);
+      }
+      const float sum = _mm512_reduce_add_ps(total);
+      lse[item * Lq + i] = top + std::log(sum);
+      const __m512 inv = _mm512_set1_ps(1.f / sum);
+      for (int64_t j = 0; j < Lk; j += 16) {
+        const __mmask16 m = HalfMask(Lk - j);
+        __m512 w = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), inv);
+        if (round_weights) w = RoundRowToBf16(w);
+        _mm512_mask_storeu_ps(row + j, m, w);
+      }
+    }
+    SmallGemm(s, Lk, 1, vf, D, o, D, Lq, Lk, D);
+    ScatterHead(o, Lq, H, D, out + (b * Lq * H + h) * D);
+  });
+}
+
+template <typename T>
+void AttentionBackward(const Par& par, const AttentionShape& a, const T* q, const T* k,
+                       const T* v, const float* bias, const float* lse, const T* d_out, T* dq,
+                       T* dk, T* dv, float* d_bias, bool round_weights) {
+  const int64_t Lq = a.Lq, Lk = a.Lk, D = a.D, H = a.H;
+  const bool small = a.B * H * Lq * Lk * D < (int64_t{1} << 18);
+  ParallelFor(par.pool, small ? 0 : par.helpers, a.B * H, false, [=](int64_t item) {
+    const int64_t b = item / H, h = item % H;
+    float* qf = Scratch<float, 11>(3 * Lq * D + 4 * Lk * D + 2 * D * Lk + 2 * Lq * Lk);
+    float* kf = qf + Lq * D;
+    float* vf = kf + Lk * D;
+    float* gf = vf + Lk * D;     // d_out [Lq, D]
+    float* kt = gf + Lq * D;     // k^T, then v^T [D, Lk]
+    float* p = kt + D * Lk;      // weights [Lq, Lk]
+    float* ds = p + Lq * Lk;     // d weights, then d scores [Lq, Lk]
+    float* gq = ds + Lq * Lk;    // dq [Lq, D]
+    float* gk = gq + Lq * D;     // dk [Lk, D]
+    float* gv = gk + Lk * D;     // dv [Lk, D]
+    const int64_t q0 = (b * Lq * H + h) * D, k0 = (b * Lk * H + h) * D;
+    GatherHead(q + q0, Lq, H, D, qf);
+    GatherHead(k + k0, Lk, H, D, kf);
+    GatherHead(v + k0, Lk, H, D, vf);
+    GatherHead(d_out + q0, Lq, H, D, gf);
+    Scores(a, qf, kf, bias + item * Lq * Lk, kt, p);
+    for (int64_t i = 0; i < Lq; ++i) {
+      const __m512 shift = _mm512_set1_ps(lse[item * Lq + i]);
+      for (int64_t j = 0; j < Lk; j += 16) {
+        const __mmask16 m = HalfMask(Lk - j);
+        float* row = p + i * Lk + j;
+        _mm512_mask_storeu_ps(row, m, Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row), shift)));
+      }
+    }
+    TransposeF32(vf, Lk, D, kt);
+    SmallGemm(gf, D, 1, kt, Lk, ds, Lk, Lq, D, Lk);  // d weights = d_out . v^T
+    float* db = d_bias + item * Lq * Lk;
+    for (int64_t i = 0; i < Lq; ++i) {
+      float* pr = p + i * Lk;
+      float* gr = ds + i * Lk;
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t j = 0; j < Lk; j += 16) {
+        const __mmask16 m = HalfMask(Lk - j);
+        dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pr + j), _mm512_maskz_loadu_ps(m, gr + j),
+                              dot);
+      }
+      const __m512 centre = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+      for (int64_t j = 0; j < Lk; j += 16) {
+        const __mmask16 m = HalfMask(Lk - j);
+        const __m512 w = _mm512_maskz_loadu_ps(m, pr + j);
+        const __m512 g = _mm512_mul_ps(w, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, gr + j), centre));
+        _mm512_mask_storeu_ps(gr + j, m, g);
+        _mm512_mask_storeu_ps(db + i * Lk + j, m, g);
+        if (round_weights) _mm512_mask_storeu_ps(pr + j, m, RoundRowToBf16(w));
+      }
+    }
+    SmallGemm(p, 1, Lk, gf, D, gv, D, Lk, Lq, D);    // dv = weights^T . d_out
+    SmallGemm(ds, Lk, 1, kf, D, gq, D, Lq, Lk, D);   // dq = d scores . k
+    SmallGemm(ds, 1, Lk, qf, D, gk, D, Lk, Lq, D);   // dk = d scores^T . q
+    ScatterHead(gq, Lq, H, D, dq + q0);
+    ScatterHead(gk, Lk, H, D, dk + k0);
+    ScatterHead(gv, Lk, H, D, dv + k0);
+  });
+}
+
+// Checks the operands of both passes: q [B, Lq, H, D]; k, v [B, Lk, H, D] in q's dtype (bf16 or
+// float32); bias float32 [B, H, Lq, Lk]; lse float32 [B, H, Lq].
+ffi::Error CheckAttention(const char* name, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::AnyBuffer bias, AttentionShape* shape) {
+  const ffi::DataType t = q.element_type();
+  if ((t != ffi::DataType::BF16 && t != ffi::DataType::F32) || k.element_type() != t ||
+      v.element_type() != t || bias.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": q, k, v all bf16 or all float32, bias float32");
+  }
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), bd = bias.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 4) {
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": q [B, Lq, H, D], k and v [B, Lk, H, D], bias [B, H, Lq, Lk]");
+  }
+  *shape = {qd[0], qd[2], qd[1], kd[1], qd[3]};
+  for (int i = 0; i < 4; ++i) {
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument(std::string(name) + ": k and v differ");
+  }
+  if (kd[0] != shape->B || kd[2] != shape->H || kd[3] != shape->D || bd[0] != shape->B ||
+      bd[1] != shape->H || bd[2] != shape->Lq || bd[3] != shape->Lk) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": shapes of q, k/v and bias disagree");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                        ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out,
+                        ffi::Result<ffi::AnyBuffer> lse, int64_t round_weights) {
+  AttentionShape a;
+  if (auto err = CheckAttention("attention", q, k, v, bias, &a); err.failure()) return err;
+  if (out->element_type() != q.element_type() || lse->element_type() != ffi::DataType::F32 ||
+      static_cast<int64_t>(lse->element_count()) != a.B * a.H * a.Lq) {
+    return ffi::Error::InvalidArgument("attention: out in q's dtype, lse float32 [B, H, Lq]");
+  }
+  const Par par{&pool, Helpers(pool)};
+  const float* bp = reinterpret_cast<const float*>(bias.untyped_data());
+  float* lp = reinterpret_cast<float*>(lse->untyped_data());
+  if (q.element_type() == ffi::DataType::BF16) {
+    using T = uint16_t;
+    AttentionForward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
+                     reinterpret_cast<const T*>(k.untyped_data()),
+                     reinterpret_cast<const T*>(v.untyped_data()), bp,
+                     reinterpret_cast<T*>(out->untyped_data()), lp, round_weights != 0);
+  } else {
+    using T = float;
+    AttentionForward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
+                     reinterpret_cast<const T*>(k.untyped_data()),
+                     reinterpret_cast<const T*>(v.untyped_data()), bp,
+                     reinterpret_cast<T*>(out->untyped_data()), lp, round_weights != 0);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                        ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer lse,
+                        ffi::AnyBuffer d_out, ffi::Result<ffi::AnyBuffer> dq,
+                        ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                        ffi::Result<ffi::AnyBuffer> d_bias, int64_t round_weights) {
+  AttentionShape a;
+  if (auto err = CheckAttention("attention_bwd", q, k, v, bias, &a); err.failure()) return err;
+  const ffi::DataType t = q.element_type();
+  if (d_out.element_type() != t || dq->element_type() != t || dk->element_type() != t ||
+      dv->element_type() != t || lse.element_type() != ffi::DataType::F32 ||
+      d_bias->element_type() != ffi::DataType::F32 ||
+      static_cast<int64_t>(lse.element_count()) != a.B * a.H * a.Lq ||
+      d_out.element_count() != q.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "attention_bwd: d_out, dq, dk, dv in q's dtype and shapes; lse, d_bias float32");
+  }
+  const Par par{&pool, Helpers(pool)};
+  const float* bp = reinterpret_cast<const float*>(bias.untyped_data());
+  const float* lp = reinterpret_cast<const float*>(lse.untyped_data());
+  float* gb = reinterpret_cast<float*>(d_bias->untyped_data());
+  if (t == ffi::DataType::BF16) {
+    using T = uint16_t;
+    AttentionBackward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
+                      reinterpret_cast<const T*>(k.untyped_data()),
+                      reinterpret_cast<const T*>(v.untyped_data()), bp, lp,
+                      reinterpret_cast<const T*>(d_out.untyped_data()),
+                      reinterpret_cast<T*>(dq->untyped_data()),
+                      reinterpret_cast<T*>(dk->untyped_data()),
+                      reinterpret_cast<T*>(dv->untyped_data()), gb, round_weights != 0);
+  } else {
+    using T = float;
+    AttentionBackward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
+                      reinterpret_cast<const T*>(k.untyped_data()),
+                      reinterpret_cast<const T*>(v.untyped_data()), bp, lp,
+                      reinterpret_cast<const T*>(d_out.untyped_data()),
+                      reinterpret_cast<T*>(dq->untyped_data()),
+                      reinterpret_cast<T*>(dk->untyped_data()),
+                      reinterpret_cast<T*>(dv->untyped_data()), gb, round_weights != 0);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAmxPack, AmxPack,
@@ -817,3 +1180,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaF32Pack, F32Pack,
                                   .Attr<int64_t>("trans"));
 
 extern "C" int DoaAmxAvailable() { return RequestAmx() ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAttentionFwd, AttentionFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("round_weights"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAttentionBwd, AttentionBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("round_weights"));

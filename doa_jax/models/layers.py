@@ -251,7 +251,7 @@ class MultiHeadAttention(nn.Module):
         b, lq = x.shape[:2]
         q = constrain(q_proj(x).reshape(b, lq, self.num_heads, self.head_dim),
                       ('batch', 'length', 'heads', 'kv'))
-        if self.decode and amx.use_decode_attention(self.matmul, self.dtype,
+        if self.decode and amx.use_attention_kernels(self.matmul, self.dtype,
                                                     self.float32_logits):
             # On a CPU where doa_jax's kernels run, the caches stay in the compute dtype in the
             # (batch, length, heads, head_dim) layout the projections write (no transpose), and
@@ -269,6 +269,19 @@ class MultiHeadAttention(nn.Module):
             bias = jnp.broadcast_to(bias, (b, self.num_heads, 1, k.shape[1]))
             out = amx.decode_attention(q[:, 0], k, v, bias[:, :, 0, :])
             return o_proj(out.astype(self.dtype).reshape(b, lq, inner))
+        dropout = self.dropout_rate > 0 and not self.deterministic
+        if not self.decode and not dropout and amx.use_attention_kernels(
+                self.matmul, self.dtype, self.float32_logits):
+            # On a CPU where doa_jax's kernels run: one call per pass over every batch row and
+            # head, reading q, k and v in the layout the projections write (no transposes), with
+            # float32 logits and softmax; the backward pass recomputes the weights. (Dropout on
+            # the weights keeps the XLA path below.)
+            lk = kv.shape[1]
+            k = k_proj(kv).reshape(b, lk, self.num_heads, self.head_dim)
+            v = v_proj(kv).reshape(b, lk, self.num_heads, self.head_dim)
+            out = amx.attention(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
+                                bias)
+            return o_proj(out.reshape(b, lq, inner))
         if self.decode:
             # Decode caches are head-major (batch, heads, length, head_dim): the layout the
             # per-step attention matmuls read, so no step transposes a cache.
