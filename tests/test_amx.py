@@ -180,12 +180,33 @@ def test_decode_attention_refuses_mismatched_shapes():
         jax.block_until_ready(amx.decode_attention(q, k, k, jnp.zeros((2, 3, 4), jnp.float32)))
 
 
-def _sequence_attention_reference(q, k, v, bias, round_weights):
+def _sequence_attention_reference(q, k, v, bias, round_weights, keep=None):
     qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
     w = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', qf, kf) + bias, axis=-1)
-    if round_weights:
-        w = w.astype(jnp.bfloat16).astype(jnp.float32)
+    rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32) if round_weights else x
+    w = rounded(w)
+    if keep is not None:
+        w = rounded(w * keep)
     return jnp.einsum('bhqk,bkhd->bqhd', w, vf).astype(q.dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_sequence_attention_with_dropout_scales_equals_the_reference(dtype):
+    rng = np.random.default_rng(11)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, n, 2, 24)), dtype) for n in (20, 37, 37))
+    bias = jnp.asarray(rng.standard_normal((1, 2, 20, 37)), jnp.float32)
+    keep = jnp.where(rng.uniform(size=(3, 2, 20, 37)) < 0.7, 1 / 0.7, 0.0).astype(jnp.float32)
+    probe = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    bf16 = dtype == jnp.bfloat16
+    ours = lambda q, k, v, b: amx.attention(q, k, v, b, keep=keep)
+    ref = lambda q, k, v, b: _sequence_attention_reference(q, k, v, b, bf16, keep)
+    np.testing.assert_allclose(_f32(ours(q, k, v, bias)), _f32(ref(q, k, v, bias)), rtol=1e-5,
+                               atol=1e-5 if not bf16 else 0.02)
+    loss = lambda f: jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * probe), (0, 1, 2, 3))
+    tolerance = 1e-5 if not bf16 else 1e-2
+    for g, r in zip(loss(ours)(q, k, v, bias), loss(ref)(q, k, v, bias)):
+        np.testing.assert_allclose(_f32(g), _f32(r), atol=tolerance * np.abs(_f32(r)).max())
 
 
 @needs_kernels
@@ -238,17 +259,20 @@ def test_sequence_attention_broadcasts_its_bias_and_refuses_bad_shapes():
 
 
 @needs_kernels
+@pytest.mark.parametrize('dropout', [0.0, 0.3])
 @pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
-def test_float32_model_with_kernel_attention_equals_xla(name):
+def test_float32_model_with_kernel_attention_equals_xla(name, dropout):
     """In float32 only the attention changes between cpu_matmul='auto' and 'xla' (the matmuls
-    stay XLA's): the logits and every gradient agree to float32 rounding."""
-    cfg = get_config(name, dtype=jnp.float32)
+    stay XLA's): the logits and every gradient agree to float32 rounding, with dropout too (the
+    kernel path draws the same masks from the same rng)."""
+    cfg = get_config(name, dtype=jnp.float32, dropout_rate=dropout)
     enc, dec = _model_inputs(cfg, seed=3)
     params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(3), enc, dec)['params'])
 
     def run(c):
         def f(p):
-            logits = T5(c).apply({'params': p}, enc, dec, dec)
+            logits = T5(c).apply({'params': p}, enc, dec, dec, enable_dropout=dropout > 0,
+                                 rngs={'dropout': jax.random.PRNGKey(4)})
             return jnp.mean(jax.nn.log_softmax(logits)[..., 5]), logits
         return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 

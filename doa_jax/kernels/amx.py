@@ -340,33 +340,34 @@ def _attention_call(target: str, outs, *args, round_weights: bool):
             *args, round_weights=np.int64(round_weights))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, bias, round_weights):
-    return _attention_fwd(q, k, v, bias, round_weights)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, bias, keep, round_weights):
+    return _attention_fwd(q, k, v, bias, keep, round_weights)[0]
 
 
-def _attention_fwd(q, k, v, bias, round_weights):
+def _attention_fwd(q, k, v, bias, keep, round_weights):
     b, lq, h, _ = q.shape
     out, lse = _attention_call(
             _ATTENTION_FWD_TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype),
                                     jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
-            q, k, v, bias, round_weights=round_weights)
-    return out, (q, k, v, bias, lse)
+            q, k, v, bias, keep, round_weights=round_weights)
+    return out, (q, k, v, bias, keep, lse)
 
 
 def _attention_bwd(round_weights, res, g):
-    q, k, v, bias, lse = res
+    q, k, v, bias, keep, lse = res
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return tuple(_attention_call(_ATTENTION_BWD_TARGET, (like(q), like(k), like(v), like(bias)),
-                                 q, k, v, bias, lse, g.astype(q.dtype),
-                                 round_weights=round_weights))
+    grads = _attention_call(_ATTENTION_BWD_TARGET, (like(q), like(k), like(v), like(bias)),
+                            q, k, v, bias, keep, lse, g.astype(q.dtype),
+                            round_weights=round_weights)
+    return (*grads, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q: Array, k: Array, v: Array, bias: Array | None = None, *,
-              round_weights: bool | None = None) -> Array:
+              keep: Array | None = None, round_weights: bool | None = None) -> Array:
     """softmax(q . k + bias) . v over whole sequences, per batch row and head, in one kernel call
     (and one for the backward pass); differentiable in q, k, v and bias.
 
@@ -374,8 +375,10 @@ def attention(q: Array, k: Array, v: Array, bias: Array | None = None, *,
     transposes), all bf16 or all float32; bias broadcastable to [B, H, Lq, Lk] (relative positions
     and masks). Logits, softmax and products are float32; the result has q's dtype, [B, Lq, H, D].
     `round_weights` (default: for bf16 inputs) rounds the softmax weights to bf16 before they
-    weight v, as the model's XLA path does in bf16. Only the per-row log-normalizer is kept for
-    the backward pass, which recomputes the weights."""
+    weight v, as the model's XLA path does in bf16. `keep` applies dropout to the weights: scales
+    broadcastable to [B, H, Lq, Lk], 0 where a weight is dropped and 1 / keep probability elsewhere
+    (`nn.Dropout` applied to ones draws them). Only the per-row log-normalizer is kept for the
+    backward pass, which recomputes the weights."""
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] \
             or k.shape[2:] != q.shape[2:]:
         raise ValueError(f'attention: q [B, Lq, H, D] and k, v [B, Lk, H, D], got {q.shape}, '
@@ -387,6 +390,8 @@ def attention(q: Array, k: Array, v: Array, bias: Array | None = None, *,
     full = (b, h, lq, k.shape[1])
     bias = jnp.zeros(full, jnp.float32) if bias is None else jnp.broadcast_to(
             bias.astype(jnp.float32), full)
+    keep = jnp.ones((1,), jnp.float32) if keep is None else jnp.broadcast_to(
+            keep.astype(jnp.float32), full)
     if round_weights is None:
         round_weights = dtype == jnp.bfloat16
-    return _attention(q, k.astype(dtype), v.astype(dtype), bias, bool(round_weights))
+    return _attention(q, k.astype(dtype), v.astype(dtype), bias, keep, bool(round_weights))

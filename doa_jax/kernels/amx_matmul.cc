@@ -780,7 +780,8 @@ ffi::Error F32Pack(ffi::ThreadPool pool, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
 // arithmetic is float32 (logits, softmax, products); with round_weights the softmax weights are
 // rounded to bf16 before they weight v, as the model's XLA path does in bf16. The forward pass
 // keeps only the log-normalizer per row (lse [B, H, Lq]); the backward pass recomputes the
-// weights from it. One (b, h) pair is one work item: its q, k, v rows are gathered into float32
+// weights from it. Dropout on the weights comes as float32 keep scales shaped like the bias (0,
+// or 1 / keep probability), drawn by the caller. One (b, h) pair is one work item: its q, k, v rows are gathered into float32
 // buffers that stay in L1/L2, and five small products run on register-blocked FMA loops.
 
 // e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor polynomial for e^r,
@@ -801,6 +802,13 @@ inline __m512 Exp16(__m512 x) {
 inline __m512 RoundRowToBf16(__m512 x) {
   const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Dropout on the weights: w times the keep scale (0, or 1 / keep probability), rounded to bf16
+// again in a bf16 run, as the model's dropout rounds its bf16 product.
+inline __m512 Dropped(__m512 w, __m512 scale, bool round_weights) {
+  const __m512 x = _mm512_mul_ps(w, scale);
+  return round_weights ? RoundRowToBf16(x) : x;
 }
 
 inline void StoreRow(float* dst, __m512 x, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, x); }
@@ -930,7 +938,8 @@ void Scores(const AttentionShape& a, const float* qf, const float* kf, const flo
 
 template <typename T>
 void AttentionForward(const Par& par, const AttentionShape& a, const T* q, const T* k,
-                      const T* v, const float* bias, T* out, float* lse, bool round_weights) {
+                      const T* v, const float* bias, const float* keep, T* out, float* lse,
+                      bool round_weights) {
   const int64_t Lq = a.Lq, Lk = a.Lk, D = a.D, H = a.H;
   const bool small = a.B * H * Lq * Lk * D < (int64_t{1} << 18);
   ParallelFor(par.pool, small ? 0 : par.helpers, a.B * H, false, [=](int64_t item) {
@@ -964,10 +973,12 @@ void AttentionForward(const Par& par, const AttentionShape& a, const T* q, const
       const float sum = _mm512_reduce_add_ps(total);
       lse[item * Lq + i] = top + std::log(sum);
       const __m512 inv = _mm512_set1_ps(1.f / sum);
+      const float* keep_row = keep ? keep + (item * Lq + i) * Lk : nullptr;
       for (int64_t j = 0; j < Lk; j += 16) {
         const __mmask16 m = HalfMask(Lk - j);
         __m512 w = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), inv);
         if (round_weights) w = RoundRowToBf16(w);
+        if (keep_row) w = Dropped(w, _mm512_maskz_loadu_ps(m, keep_row + j), round_weights);
         _mm512_mask_storeu_ps(row + j, m, w);
       }
     }
@@ -978,8 +989,8 @@ void AttentionForward(const Par& par, const AttentionShape& a, const T* q, const
 
 template <typename T>
 void AttentionBackward(const Par& par, const AttentionShape& a, const T* q, const T* k,
-                       const T* v, const float* bias, const float* lse, const T* d_out, T* dq,
-                       T* dk, T* dv, float* d_bias, bool round_weights) {
+                       const T* v, const float* bias, const float* keep, const float* lse,
+                       const T* d_out, T* dq, T* dk, T* dv, float* d_bias, bool round_weights) {
   const int64_t Lq = a.Lq, Lk = a.Lk, D = a.D, H = a.H;
   const bool small = a.B * H * Lq * Lk * D < (int64_t{1} << 18);
   ParallelFor(par.pool, small ? 0 : par.helpers, a.B * H, false, [=](int64_t item) {
@@ -1014,11 +1025,17 @@ void AttentionBackward(const Par& par, const AttentionShape& a, const T* q, cons
     for (int64_t i = 0; i < Lq; ++i) {
       float* pr = p + i * Lk;
       float* gr = ds + i * Lk;
+      const float* keep_row = keep ? keep + (item * Lq + i) * Lk : nullptr;
       __m512 dot = _mm512_setzero_ps();
       for (int64_t j = 0; j < Lk; j += 16) {
         const __mmask16 m = HalfMask(Lk - j);
-        dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pr + j), _mm512_maskz_loadu_ps(m, gr + j),
-                              dot);
+        __m512 g = _mm512_maskz_loadu_ps(m, gr + j);
+        // Through dropout, the weights' gradient is the dropped weights' one times the scale.
+        if (keep_row) {
+          g = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, keep_row + j));
+          _mm512_mask_storeu_ps(gr + j, m, g);
+        }
+        dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pr + j), g, dot);
       }
       const __m512 centre = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
       for (int64_t j = 0; j < Lk; j += 16) {
@@ -1027,7 +1044,10 @@ void AttentionBackward(const Par& par, const AttentionShape& a, const T* q, cons
         const __m512 g = _mm512_mul_ps(w, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, gr + j), centre));
         _mm512_mask_storeu_ps(gr + j, m, g);
         _mm512_mask_storeu_ps(db + i * Lk + j, m, g);
-        if (round_weights) _mm512_mask_storeu_ps(pr + j, m, RoundRowToBf16(w));
+        // The weights that multiplied v in the forward pass: rounded, then dropped.
+        __m512 used = round_weights ? RoundRowToBf16(w) : w;
+        if (keep_row) used = Dropped(used, _mm512_maskz_loadu_ps(m, keep_row + j), round_weights);
+        _mm512_mask_storeu_ps(pr + j, m, used);
       }
     }
     SmallGemm(p, 1, Lk, gf, D, gv, D, Lk, Lq, D);    // dv = weights^T . d_out
@@ -1040,9 +1060,11 @@ void AttentionBackward(const Par& par, const AttentionShape& a, const T* q, cons
 }
 
 // Checks the operands of both passes: q [B, Lq, H, D]; k, v [B, Lk, H, D] in q's dtype (bf16 or
-// float32); bias float32 [B, H, Lq, Lk]; lse float32 [B, H, Lq].
+// float32); bias float32 [B, H, Lq, Lk]; keep float32, bias-shaped dropout scales or one value
+// (no dropout; *keep_ptr stays null).
 ffi::Error CheckAttention(const char* name, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                          ffi::AnyBuffer bias, AttentionShape* shape) {
+                          ffi::AnyBuffer bias, ffi::AnyBuffer keep, AttentionShape* shape,
+                          const float** keep_ptr) {
   const ffi::DataType t = q.element_type();
   if ((t != ffi::DataType::BF16 && t != ffi::DataType::F32) || k.element_type() != t ||
       v.element_type() != t || bias.element_type() != ffi::DataType::F32) {
@@ -1062,14 +1084,26 @@ ffi::Error CheckAttention(const char* name, ffi::AnyBuffer q, ffi::AnyBuffer k, 
       bd[1] != shape->H || bd[2] != shape->Lq || bd[3] != shape->Lk) {
     return ffi::Error::InvalidArgument(std::string(name) + ": shapes of q, k/v and bias disagree");
   }
+  if (keep.element_type() != ffi::DataType::F32 ||
+      (keep.element_count() != 1 && keep.element_count() != bias.element_count())) {
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": keep is float32, shaped as the bias or a single value");
+  }
+  if (keep.element_count() == bias.element_count()) {
+    *keep_ptr = reinterpret_cast<const float*>(keep.untyped_data());
+  }
   return ffi::Error::Success();
 }
 
 ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                        ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out,
-                        ffi::Result<ffi::AnyBuffer> lse, int64_t round_weights) {
+                        ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer keep,
+                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                        int64_t round_weights) {
   AttentionShape a;
-  if (auto err = CheckAttention("attention", q, k, v, bias, &a); err.failure()) return err;
+  const float* kp = nullptr;
+  if (auto err = CheckAttention("attention", q, k, v, bias, keep, &a, &kp); err.failure()) {
+    return err;
+  }
   if (out->element_type() != q.element_type() || lse->element_type() != ffi::DataType::F32 ||
       static_cast<int64_t>(lse->element_count()) != a.B * a.H * a.Lq) {
     return ffi::Error::InvalidArgument("attention: out in q's dtype, lse float32 [B, H, Lq]");
@@ -1081,25 +1115,28 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     using T = uint16_t;
     AttentionForward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
                      reinterpret_cast<const T*>(k.untyped_data()),
-                     reinterpret_cast<const T*>(v.untyped_data()), bp,
+                     reinterpret_cast<const T*>(v.untyped_data()), bp, kp,
                      reinterpret_cast<T*>(out->untyped_data()), lp, round_weights != 0);
   } else {
     using T = float;
     AttentionForward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
                      reinterpret_cast<const T*>(k.untyped_data()),
-                     reinterpret_cast<const T*>(v.untyped_data()), bp,
+                     reinterpret_cast<const T*>(v.untyped_data()), bp, kp,
                      reinterpret_cast<T*>(out->untyped_data()), lp, round_weights != 0);
   }
   return ffi::Error::Success();
 }
 
 ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                        ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer lse,
-                        ffi::AnyBuffer d_out, ffi::Result<ffi::AnyBuffer> dq,
+                        ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer keep,
+                        ffi::AnyBuffer lse, ffi::AnyBuffer d_out, ffi::Result<ffi::AnyBuffer> dq,
                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                         ffi::Result<ffi::AnyBuffer> d_bias, int64_t round_weights) {
   AttentionShape a;
-  if (auto err = CheckAttention("attention_bwd", q, k, v, bias, &a); err.failure()) return err;
+  const float* kp = nullptr;
+  if (auto err = CheckAttention("attention_bwd", q, k, v, bias, keep, &a, &kp); err.failure()) {
+    return err;
+  }
   const ffi::DataType t = q.element_type();
   if (d_out.element_type() != t || dq->element_type() != t || dk->element_type() != t ||
       dv->element_type() != t || lse.element_type() != ffi::DataType::F32 ||
@@ -1117,7 +1154,7 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     using T = uint16_t;
     AttentionBackward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
                       reinterpret_cast<const T*>(k.untyped_data()),
-                      reinterpret_cast<const T*>(v.untyped_data()), bp, lp,
+                      reinterpret_cast<const T*>(v.untyped_data()), bp, kp, lp,
                       reinterpret_cast<const T*>(d_out.untyped_data()),
                       reinterpret_cast<T*>(dq->untyped_data()),
                       reinterpret_cast<T*>(dk->untyped_data()),
@@ -1126,7 +1163,7 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     using T = float;
     AttentionBackward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
                       reinterpret_cast<const T*>(k.untyped_data()),
-                      reinterpret_cast<const T*>(v.untyped_data()), bp, lp,
+                      reinterpret_cast<const T*>(v.untyped_data()), bp, kp, lp,
                       reinterpret_cast<const T*>(d_out.untyped_data()),
                       reinterpret_cast<T*>(dq->untyped_data()),
                       reinterpret_cast<T*>(dk->untyped_data()),
@@ -1188,6 +1225,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAttentionFwd, AttentionFwd,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("round_weights"));
@@ -1195,6 +1233,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAttentionFwd, AttentionFwd,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAttentionBwd, AttentionBwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

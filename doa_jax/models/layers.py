@@ -270,17 +270,21 @@ class MultiHeadAttention(nn.Module):
             out = amx.decode_attention(q[:, 0], k, v, bias[:, :, 0, :])
             return o_proj(out.astype(self.dtype).reshape(b, lq, inner))
         dropout = self.dropout_rate > 0 and not self.deterministic
-        if not self.decode and not dropout and amx.use_attention_kernels(
-                self.matmul, self.dtype, self.float32_logits):
+        if not self.decode and amx.use_attention_kernels(self.matmul, self.dtype,
+                                                         self.float32_logits):
             # On a CPU where doa_jax's kernels run: one call per pass over every batch row and
             # head, reading q, k and v in the layout the projections write (no transposes), with
-            # float32 logits and softmax; the backward pass recomputes the weights. (Dropout on
-            # the weights keeps the XLA path below.)
+            # float32 logits and softmax; the backward pass recomputes the weights.
             lk = kv.shape[1]
             k = k_proj(kv).reshape(b, lk, self.num_heads, self.head_dim)
             v = v_proj(kv).reshape(b, lk, self.num_heads, self.head_dim)
+            keep = None
+            if dropout:
+                # The same draw as the dropout of the path below (same module, rng and shape).
+                keep = nn.Dropout(self.dropout_rate)(
+                        jnp.ones((b, self.num_heads, lq, lk), jnp.float32), deterministic=False)
             out = amx.attention(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
-                                bias)
+                                bias, keep=keep)
             return o_proj(out.reshape(b, lq, inner))
         if self.decode:
             # Decode caches are head-major (batch, heads, length, head_dim): the layout the
@@ -309,7 +313,7 @@ class MultiHeadAttention(nn.Module):
         if bias is not None:
             logits = logits + bias.astype(logits.dtype)
         weights = softmax(logits).astype(self.dtype)
-        if self.dropout_rate > 0 and not self.deterministic:
+        if dropout:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
         out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.astype(self.dtype))
         out = out.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, lq, inner)
