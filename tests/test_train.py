@@ -98,20 +98,26 @@ def test_overfits_then_stops_and_nan_keeps_last_checkpoint(tmp_path):
     assert ckpts[-1] == 70
 
 
-def test_gradient_accumulation_matches_full_batch():
+def _one_device_step_setup(opt):
+    """(mesh, model, state shardings, initial state, one toy batch) for driving the train step."""
     mesh = partitioning.make_mesh()
     model = T5(TINY)
-    opt = optax.sgd(0.1)
 
     def init_params(rng):
         return model.init(rng, jnp.ones((1, 48), jnp.int32), jnp.ones((1, 8), jnp.int32))['params']
 
-    abstract, shardings = abstract_train_state(init_params, opt, mesh, partitioning.STANDARD_RULES,
-                                               jax.random.PRNGKey(0))
+    _, shardings = abstract_train_state(init_params, opt, mesh, partitioning.STANDARD_RULES,
+                                        jax.random.PRNGKey(0))
     ds = train_data.host_dataset('doa_toy', LENGTHS, 'train', 8, seed=0)
     batch = train_data.to_global(next(train_data.numpy_batches(ds)), mesh, 8)
+    state = init_train_state(init_params, opt, shardings, jax.random.PRNGKey(0))
+    return mesh, model, shardings, state, batch
+
+
+def test_gradient_accumulation_matches_full_batch():
+    opt = optax.sgd(0.1)
+    mesh, model, shardings, state0, batch = _one_device_step_setup(opt)
     out = {}
-    state0 = init_train_state(init_params, opt, shardings, jax.random.PRNGKey(0))
     for micro in (1, 4):
         state = jax.tree.map(jnp.copy, state0)     # the step donates its input state
         step = make_train_step(model_apply_fn(model), losses.cross_entropy_loss(), opt, mesh,
@@ -128,18 +134,8 @@ def test_gradient_accumulation_matches_full_batch():
 def test_nonfinite_step_keeps_state():
     """A step whose loss is NaN leaves parameters and optimizer moments bit-identical (the update
     runs under a conditional) and records its step; a finite step then updates them."""
-    mesh = partitioning.make_mesh()
-    model = T5(TINY)
     opt = optimizers.make_optimizer('adamw', 1e-2)
-
-    def init_params(rng):
-        return model.init(rng, jnp.ones((1, 48), jnp.int32), jnp.ones((1, 8), jnp.int32))['params']
-
-    _, shardings = abstract_train_state(init_params, opt, mesh, partitioning.STANDARD_RULES,
-                                        jax.random.PRNGKey(0))
-    ds = train_data.host_dataset('doa_toy', LENGTHS, 'train', 8, seed=0)
-    batch = train_data.to_global(next(train_data.numpy_batches(ds)), mesh, 8)
-    state = init_train_state(init_params, opt, shardings, jax.random.PRNGKey(0))
+    mesh, model, shardings, state, batch = _one_device_step_setup(opt)
     before = jax.device_get((state.params, state.opt_state))
 
     def nan_loss(logits, b):

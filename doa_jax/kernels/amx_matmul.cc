@@ -1095,6 +1095,21 @@ ffi::Error CheckAttention(const char* name, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   return ffi::Error::Success();
 }
 
+// Typed views of FFI buffers, and a call of f with a value of the element type that bf16 (as
+// uint16_t bits) or float32 buffers hold.
+template <typename T>
+const T* In(const ffi::AnyBuffer& b) { return reinterpret_cast<const T*>(b.untyped_data()); }
+template <typename T>
+T* Out(ffi::Result<ffi::AnyBuffer>& b) { return reinterpret_cast<T*>(b->untyped_data()); }
+template <typename F>
+void ForElementType(ffi::DataType t, F&& f) {
+  if (t == ffi::DataType::BF16) {
+    f(uint16_t{});
+  } else {
+    f(float{});
+  }
+}
+
 ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                         ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer keep,
                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
@@ -1109,21 +1124,11 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     return ffi::Error::InvalidArgument("attention: out in q's dtype, lse float32 [B, H, Lq]");
   }
   const Par par{&pool, Helpers(pool)};
-  const float* bp = reinterpret_cast<const float*>(bias.untyped_data());
-  float* lp = reinterpret_cast<float*>(lse->untyped_data());
-  if (q.element_type() == ffi::DataType::BF16) {
-    using T = uint16_t;
-    AttentionForward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
-                     reinterpret_cast<const T*>(k.untyped_data()),
-                     reinterpret_cast<const T*>(v.untyped_data()), bp, kp,
-                     reinterpret_cast<T*>(out->untyped_data()), lp, round_weights != 0);
-  } else {
-    using T = float;
-    AttentionForward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
-                     reinterpret_cast<const T*>(k.untyped_data()),
-                     reinterpret_cast<const T*>(v.untyped_data()), bp, kp,
-                     reinterpret_cast<T*>(out->untyped_data()), lp, round_weights != 0);
-  }
+  ForElementType(q.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    AttentionForward(par, a, In<T>(q), In<T>(k), In<T>(v), In<float>(bias), kp, Out<T>(out),
+                     Out<float>(lse), round_weights != 0);
+  });
   return ffi::Error::Success();
 }
 
@@ -1147,28 +1152,12 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
         "attention_bwd: d_out, dq, dk, dv in q's dtype and shapes; lse, d_bias float32");
   }
   const Par par{&pool, Helpers(pool)};
-  const float* bp = reinterpret_cast<const float*>(bias.untyped_data());
-  const float* lp = reinterpret_cast<const float*>(lse.untyped_data());
-  float* gb = reinterpret_cast<float*>(d_bias->untyped_data());
-  if (t == ffi::DataType::BF16) {
-    using T = uint16_t;
-    AttentionBackward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
-                      reinterpret_cast<const T*>(k.untyped_data()),
-                      reinterpret_cast<const T*>(v.untyped_data()), bp, kp, lp,
-                      reinterpret_cast<const T*>(d_out.untyped_data()),
-                      reinterpret_cast<T*>(dq->untyped_data()),
-                      reinterpret_cast<T*>(dk->untyped_data()),
-                      reinterpret_cast<T*>(dv->untyped_data()), gb, round_weights != 0);
-  } else {
-    using T = float;
-    AttentionBackward(par, a, reinterpret_cast<const T*>(q.untyped_data()),
-                      reinterpret_cast<const T*>(k.untyped_data()),
-                      reinterpret_cast<const T*>(v.untyped_data()), bp, kp, lp,
-                      reinterpret_cast<const T*>(d_out.untyped_data()),
-                      reinterpret_cast<T*>(dq->untyped_data()),
-                      reinterpret_cast<T*>(dk->untyped_data()),
-                      reinterpret_cast<T*>(dv->untyped_data()), gb, round_weights != 0);
-  }
+  ForElementType(t, [&](auto zero) {
+    using T = decltype(zero);
+    AttentionBackward(par, a, In<T>(q), In<T>(k), In<T>(v), In<float>(bias), kp,
+                      In<float>(lse), In<T>(d_out), Out<T>(dq), Out<T>(dk), Out<T>(dv),
+                      Out<float>(d_bias), round_weights != 0);
+  });
   return ffi::Error::Success();
 }
 
@@ -1216,8 +1205,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaF32Pack, F32Pack,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("trans"));
 
-extern "C" int DoaAmxAvailable() { return RequestAmx() ? 1 : 0; }
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAttentionFwd, AttentionFwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -1245,3 +1232,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DoaAttentionBwd, AttentionBwd,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("round_weights"));
+
+extern "C" int DoaAmxAvailable() { return RequestAmx() ? 1 : 0; }
