@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import pytest
 
 from doa_jax.benchmark.__main__ import main
@@ -62,6 +63,8 @@ def test_decode_benchmark_records_the_cpu_path(tmp_path):
         assert main(['decode', '--model=t5_1_1_tiny', '--batch=2', '--input_len=8',
                      '--new_tokens=3', '--repeats=1', f'--dtype={dtype}', f'--json={out}']) == 0
         (r,) = json.loads(out.read_text())['results']
+        served = amx.available()[0] and jax.device_count() == 1
+        assert r['cpu_attention'] == ('kernel' if served else 'xla')
         if dtype == 'bfloat16':
             assert r['cpu_matmul'] == (amx.best_isa() or 'xla')
         else:

@@ -44,6 +44,14 @@ def kernel_label(cfg, decode: bool = False) -> str:
     return 'xla'
 
 
+def attention_label(cfg) -> str:
+    """The path the config's attention takes here (the JSON's `cpu_attention` field): 'kernel'
+    where doa_jax's CPU attention kernels run it (`amx.use_attention_kernels`), else 'xla'."""
+    from doa_jax.kernels import amx
+    serves = amx.use_attention_kernels(cfg.cpu_matmul, cfg.dtype, cfg.float32_attention_logits)
+    return 'kernel' if serves else 'xla'
+
+
 def write_json(path: str | None, payload: Any, indent: int = 1) -> None:
     """Writes `payload` to `path` (the --json flag) when one is given."""
     if path:

@@ -17,8 +17,9 @@ import sys
 import time
 from typing import Sequence
 
-from doa_jax.benchmark import (add_cpu_matmul_argument, add_price_arguments, kernel_label,
-                               price, standalone_main, torch_device_kind, write_json)
+from doa_jax.benchmark import (add_cpu_matmul_argument, add_price_arguments, attention_label,
+                               kernel_label, price, standalone_main, torch_device_kind,
+                               write_json)
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -105,6 +106,7 @@ def bench_ours(args, params=None) -> dict:
     assert np.asarray(out).shape == (args.batch, args.new_tokens)
     median = statistics.median(times)
     out = {'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg, decode=True),
+           'cpu_attention': attention_label(cfg),
            'median_s': median, 'compile_s': compile_s,
            'tokens_per_s': args.batch * args.new_tokens / median,
            'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}'}

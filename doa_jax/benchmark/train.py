@@ -18,8 +18,9 @@ import sys
 import time
 from typing import Sequence
 
-from doa_jax.benchmark import (add_cpu_matmul_argument, add_price_arguments, kernel_label,
-                               price, standalone_main, torch_device_kind, write_json)
+from doa_jax.benchmark import (add_cpu_matmul_argument, add_price_arguments, attention_label,
+                               kernel_label, price, standalone_main, torch_device_kind,
+                               write_json)
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -112,6 +113,7 @@ def bench_jax(args: argparse.Namespace) -> dict:
     out = _summary(times)
     med = out['median_s']
     out.update({'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg),
+                'cpu_attention': attention_label(cfg),
                 'compile_s': compile_s,
                 'target_tokens_per_s': b * t / med, 'tokens_per_s': b * (s + t) / med,
                 'tflops_per_s': flops_step / med / 1e12,

@@ -11,7 +11,9 @@ Rapids and later) and AVX512-BF16 dot products (`VDPBF16PS`: AMD Zen 4/5, Intel 
 
 `matmul(x, w)` is differentiable (the backward pass is two more kernel products), and
 `pack(w)` lays a weight out once in the tile order the kernel reads, so that a decode loop
-does not repack its weights at every step.
+does not repack its weights at every step. The same library holds attention kernels
+(`attention` over whole sequences, differentiable, and `decode_attention` for one decode step) and
+float32 decode products (`pack_f32`, `matmul_f32_packed`).
 
 Whether the kernels run, and on which instructions, is decided at trace time by
 `kernel_isa(mode, dtype)`: `'auto'` takes AMX where the processor has it, else AVX512-BF16, for
