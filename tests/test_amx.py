@@ -180,6 +180,17 @@ def test_decode_attention_refuses_mismatched_shapes():
         jax.block_until_ready(amx.decode_attention(q, k, k, jnp.zeros((2, 3, 4), jnp.float32)))
 
 
+def _ffi_calls(jaxpr, target):
+    """The ffi_call equations of `target` in a jaxpr and the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        if eqn.params.get('target_name') == target:
+            yield eqn
+        for param in eqn.params.values():
+            sub = getattr(param, 'jaxpr', param)
+            if hasattr(sub, 'eqns'):
+                yield from _ffi_calls(sub, target)
+
+
 def _sequence_attention_reference(q, k, v, bias, round_weights, keep=None):
     qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
     w = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', qf, kf) + bias, axis=-1)
@@ -252,6 +263,26 @@ def test_sequence_attention_broadcasts_its_bias_and_refuses_bad_shapes():
     g = jax.grad(lambda p: jnp.sum(amx.attention(q, k, k, p)))(pos)
     g_full = jax.grad(lambda p: jnp.sum(amx.attention(q, k, k, p)))(full)
     np.testing.assert_allclose(_f32(g), _f32(g_full.sum(0, keepdims=True)), rtol=1e-6, atol=1e-7)
+    # Broadcast over heads and queries too (read in place by the kernel), and a constant mask:
+    # no bias gradient is asked for, the others are unchanged.
+    for shape in ((2, 1, 5, 6), (2, 3, 1, 6), (1, 1, 1, 6)):
+        part = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        np.testing.assert_array_equal(
+                _f32(amx.attention(q, k, k, part)),
+                _f32(amx.attention(q, k, k, jnp.broadcast_to(part, (2, 3, 5, 6)))))
+    both = jax.grad(lambda q, p: jnp.sum(amx.attention(q, k, k, p)), (0, 1))(q, pos)
+    only_q = jax.grad(lambda q: jnp.sum(amx.attention(q, k, k, pos)))(q)
+    np.testing.assert_array_equal(_f32(only_q), _f32(both[0]))
+
+    def bias_grad_written(f, *args):   # the bias-gradient output of the backward kernel call
+        (call,) = _ffi_calls(jax.make_jaxpr(f)(*args).jaxpr, 'doa_attention_bwd')
+        return call.params['result_avals'][3].shape
+
+    assert bias_grad_written(jax.grad(lambda q: jnp.sum(amx.attention(q, k, k, pos))), q) == (1,)
+    assert bias_grad_written(jax.grad(lambda p: jnp.sum(amx.attention(q, k, k, p))),
+                             pos) == (2, 3, 5, 6)
+    with pytest.raises(ValueError, match=r'bias \(2, 3, 4, 6\) does not broadcast'):
+        amx.attention(q, k, k, jnp.zeros((2, 3, 4, 6)))
     with pytest.raises(ValueError, match=r'q \[B, Lq, H, D\] and k, v \[B, Lk, H, D\]'):
         amx.attention(q, k[:, :, :2], k[:, :, :2])
     with pytest.raises(ValueError, match='bf16 or float32'):

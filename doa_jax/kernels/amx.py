@@ -344,28 +344,45 @@ def _attention_call(target: str, outs, *args, round_weights: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, bias, keep, round_weights):
-    return _attention_fwd(q, k, v, bias, keep, round_weights)[0]
+    return _attention_forward(q, k, v, bias, keep, round_weights)[0]
 
 
-def _attention_fwd(q, k, v, bias, keep, round_weights):
+def _attention_forward(q, k, v, bias, keep, round_weights):
     b, lq, h, _ = q.shape
-    out, lse = _attention_call(
+    return _attention_call(
             _ATTENTION_FWD_TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype),
                                     jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
             q, k, v, bias, keep, round_weights=round_weights)
-    return out, (q, k, v, bias, keep, lse)
+
+
+def _attention_fwd(q, k, v, bias, keep, round_weights):
+    # Symbolic zeros tell whether the bias needs a gradient: a relative-position bias does, a
+    # padding mask does not, and then the kernel writes no (B, H, Lq, Lk) bias gradient at all.
+    args = [x.value for x in (q, k, v, bias, keep)]
+    out, lse = _attention_forward(*args, round_weights)
+    bias_grad = () if bias.perturbed else None
+    return out, (*args, lse, bias_grad)
 
 
 def _attention_bwd(round_weights, res, g):
-    q, k, v, bias, keep, lse = res
+    q, k, v, bias, keep, lse, bias_grad = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.zeros(q.shape, q.dtype)
+    b, lq, h, _ = q.shape
+    full = (b, h, lq, k.shape[1])
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    grads = _attention_call(_ATTENTION_BWD_TARGET, (like(q), like(k), like(v), like(bias)),
-                            q, k, v, bias, keep, lse, g.astype(q.dtype),
-                            round_weights=round_weights)
-    return (*grads, None)
+    d_bias_shape = full if bias_grad is not None else (1,)
+    dq, dk, dv, d_bias = _attention_call(
+            _ATTENTION_BWD_TARGET,
+            (like(q), like(k), like(v), jax.ShapeDtypeStruct(d_bias_shape, jnp.float32)),
+            q, k, v, bias, keep, lse, g.astype(q.dtype), round_weights=round_weights)
+    if bias_grad is None:
+        return dq, dk, dv, None, None
+    broadcast = tuple(a for a in range(3) if bias.shape[a] == 1 and full[a] != 1)
+    return dq, dk, dv, d_bias.sum(axis=broadcast, keepdims=True), None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
 def attention(q: Array, k: Array, v: Array, bias: Array | None = None, *,
@@ -375,7 +392,9 @@ def attention(q: Array, k: Array, v: Array, bias: Array | None = None, *,
 
     q [B, Lq, H, D], k and v [B, Lk, H, D] (the layout the projections write, so no head-major
     transposes), all bf16 or all float32; bias broadcastable to [B, H, Lq, Lk] (relative positions
-    and masks). Logits, softmax and products are float32; the result has q's dtype, [B, Lq, H, D].
+    and masks), read in place along broadcast axes; where the bias needs no gradient (a mask), the
+    backward pass computes none. Logits, softmax and products are float32; the result has q's
+    dtype, [B, Lq, H, D].
     `round_weights` (default: for bf16 inputs) rounds the softmax weights to bf16 before they
     weight v, as the model's XLA path does in bf16. `keep` applies dropout to the weights: scales
     broadcastable to [B, H, Lq, Lk], 0 where a weight is dropped and 1 / keep probability elsewhere
@@ -390,8 +409,13 @@ def attention(q: Array, k: Array, v: Array, bias: Array | None = None, *,
         raise ValueError(f'attention takes bf16 or float32 inputs, not {dtype.name}.')
     b, lq, h, _ = q.shape
     full = (b, h, lq, k.shape[1])
-    bias = jnp.zeros(full, jnp.float32) if bias is None else jnp.broadcast_to(
-            bias.astype(jnp.float32), full)
+    # The kernel reads a bias broadcast over batch rows, heads or queries in place (strides of
+    # 0); only the key axis is made full-sized.
+    bias = jnp.zeros((1,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    if bias.ndim != 4 or any(d not in (1, f) for d, f in zip(bias.shape, full)):
+        raise ValueError(f'attention: the bias {bias.shape} does not broadcast to {full}.')
+    bias = jnp.broadcast_to(bias, bias.shape[:3] + full[3:])
     keep = jnp.ones((1,), jnp.float32) if keep is None else jnp.broadcast_to(
             keep.astype(jnp.float32), full)
     if round_weights is None:

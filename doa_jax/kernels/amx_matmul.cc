@@ -776,13 +776,15 @@ ffi::Error F32Pack(ffi::ThreadPool pool, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
 
 // Training attention over whole sequences, forward and backward: out = softmax(q . k^T + bias) . v
 // per batch row b and head h, q [B, Lq, H, D], k and v [B, Lk, H, D] (bf16 or float32, the
-// layout the projections write, so no head-major transposes), bias float32 [B, H, Lq, Lk]. All
+// layout the projections write, so no head-major transposes), bias float32 [B, H, Lq, Lk], each
+// of its first three axes possibly 1 (broadcast; the gradient comes back full-sized). All
 // arithmetic is float32 (logits, softmax, products); with round_weights the softmax weights are
 // rounded to bf16 before they weight v, as the model's XLA path does in bf16. The forward pass
 // keeps only the log-normalizer per row (lse [B, H, Lq]); the backward pass recomputes the
-// weights from it. Dropout on the weights comes as float32 keep scales shaped like the bias (0,
-// or 1 / keep probability), drawn by the caller. One (b, h) pair is one work item: its q, k, v rows are gathered into float32
-// buffers that stay in L1/L2, and five small products run on register-blocked FMA loops.
+// weights from it, and writes a bias gradient only where the caller asks for one. Dropout on the
+// weights comes as float32 keep scales [B, H, Lq, Lk] (0, or 1 / keep probability), drawn by the
+// caller. One (b, h) pair is one work item: its q, k, v rows are gathered into float32 buffers
+// that stay in L1/L2, and five small products run on register-blocked FMA loops.
 
 // e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor polynomial for e^r,
 // scaled by 2^n (VSCALEFPS). Inputs below -104 give exactly 0, as e^x rounds to 0 there.
@@ -918,6 +920,12 @@ void ScatterHead(const float* src, int64_t L, int64_t H, int64_t D, T* x) {
 
 struct AttentionShape {
   int64_t B, H, Lq, Lk, D;
+  // Strides of the bias over batch rows, heads and query positions: 0 along an axis it is
+  // broadcast over (a relative-position bias shared by the batch, a padding mask shared by heads).
+  int64_t bias_b, bias_h, bias_q;
+  const float* BiasOf(const float* bias, int64_t item) const {
+    return bias + (item / H) * bias_b + (item % H) * bias_h;
+  }
 };
 
 // Scores s = q . k^T + bias of one item into s [Lq, Lk]; q and k rows float32 in qf, kf, with
@@ -930,8 +938,8 @@ void Scores(const AttentionShape& a, const float* qf, const float* kf, const flo
     for (int64_t j = 0; j < a.Lk; j += 16) {
       const __mmask16 m = HalfMask(a.Lk - j);
       float* row = s + i * a.Lk + j;
-      _mm512_mask_storeu_ps(row, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, row),
-                                                  _mm512_maskz_loadu_ps(m, bias + i * a.Lk + j)));
+      const __m512 b = _mm512_maskz_loadu_ps(m, bias + i * a.bias_q + j);
+      _mm512_mask_storeu_ps(row, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, row), b));
     }
   }
 }
@@ -953,7 +961,7 @@ void AttentionForward(const Par& par, const AttentionShape& a, const T* q, const
     GatherHead(q + (b * Lq * H + h) * D, Lq, H, D, qf);
     GatherHead(k + (b * Lk * H + h) * D, Lk, H, D, kf);
     GatherHead(v + (b * Lk * H + h) * D, Lk, H, D, vf);
-    Scores(a, qf, kf, bias + item * Lq * Lk, kt, s);
+    Scores(a, qf, kf, a.BiasOf(bias, item), kt, s);
     for (int64_t i = 0; i < Lq; ++i) {
       float* row = s + i * Lk;
       __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -1010,7 +1018,7 @@ void AttentionBackward(const Par& par, const AttentionShape& a, const T* q, cons
     GatherHead(k + k0, Lk, H, D, kf);
     GatherHead(v + k0, Lk, H, D, vf);
     GatherHead(d_out + q0, Lq, H, D, gf);
-    Scores(a, qf, kf, bias + item * Lq * Lk, kt, p);
+    Scores(a, qf, kf, a.BiasOf(bias, item), kt, p);
     for (int64_t i = 0; i < Lq; ++i) {
       const __m512 shift = _mm512_set1_ps(lse[item * Lq + i]);
       for (int64_t j = 0; j < Lk; j += 16) {
@@ -1021,7 +1029,7 @@ void AttentionBackward(const Par& par, const AttentionShape& a, const T* q, cons
     }
     TransposeF32(vf, Lk, D, kt);
     SmallGemm(gf, D, 1, kt, Lk, ds, Lk, Lq, D, Lk);  // d weights = d_out . v^T
-    float* db = d_bias + item * Lq * Lk;
+    float* db = d_bias ? d_bias + item * Lq * Lk : nullptr;
     for (int64_t i = 0; i < Lq; ++i) {
       float* pr = p + i * Lk;
       float* gr = ds + i * Lk;
@@ -1043,7 +1051,7 @@ void AttentionBackward(const Par& par, const AttentionShape& a, const T* q, cons
         const __m512 w = _mm512_maskz_loadu_ps(m, pr + j);
         const __m512 g = _mm512_mul_ps(w, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, gr + j), centre));
         _mm512_mask_storeu_ps(gr + j, m, g);
-        _mm512_mask_storeu_ps(db + i * Lk + j, m, g);
+        if (db) _mm512_mask_storeu_ps(db + i * Lk + j, m, g);
         // The weights that multiplied v in the forward pass: rounded, then dropped.
         __m512 used = round_weights ? RoundRowToBf16(w) : w;
         if (keep_row) used = Dropped(used, _mm512_maskz_loadu_ps(m, keep_row + j), round_weights);
@@ -1060,8 +1068,8 @@ void AttentionBackward(const Par& par, const AttentionShape& a, const T* q, cons
 }
 
 // Checks the operands of both passes: q [B, Lq, H, D]; k, v [B, Lk, H, D] in q's dtype (bf16 or
-// float32); bias float32 [B, H, Lq, Lk]; keep float32, bias-shaped dropout scales or one value
-// (no dropout; *keep_ptr stays null).
+// float32); bias float32 [B or 1, H or 1, Lq or 1, Lk]; keep float32, [B, H, Lq, Lk] dropout
+// scales or one value (no dropout; *keep_ptr stays null).
 ffi::Error CheckAttention(const char* name, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer bias, ffi::AnyBuffer keep, AttentionShape* shape,
                           const float** keep_ptr) {
@@ -1073,23 +1081,29 @@ ffi::Error CheckAttention(const char* name, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   }
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), bd = bias.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 4) {
-    return ffi::Error::InvalidArgument(std::string(name) +
-                                       ": q [B, Lq, H, D], k and v [B, Lk, H, D], bias [B, H, Lq, Lk]");
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": q [B, Lq, H, D], k and v [B, Lk, H, D], bias [B|1, H|1, Lq|1, Lk]");
   }
   *shape = {qd[0], qd[2], qd[1], kd[1], qd[3]};
   for (int i = 0; i < 4; ++i) {
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument(std::string(name) + ": k and v differ");
   }
-  if (kd[0] != shape->B || kd[2] != shape->H || kd[3] != shape->D || bd[0] != shape->B ||
-      bd[1] != shape->H || bd[2] != shape->Lq || bd[3] != shape->Lk) {
+  auto fits = [](int64_t dim, int64_t full) { return dim == full || dim == 1; };
+  if (kd[0] != shape->B || kd[2] != shape->H || kd[3] != shape->D || !fits(bd[0], shape->B) ||
+      !fits(bd[1], shape->H) || !fits(bd[2], shape->Lq) || bd[3] != shape->Lk) {
     return ffi::Error::InvalidArgument(std::string(name) + ": shapes of q, k/v and bias disagree");
   }
+  shape->bias_q = bd[2] == 1 ? 0 : shape->Lk;
+  shape->bias_h = bd[1] == 1 ? 0 : bd[2] * shape->Lk;
+  shape->bias_b = bd[0] == 1 ? 0 : bd[1] * bd[2] * shape->Lk;
+  const int64_t full = shape->B * shape->H * shape->Lq * shape->Lk;
   if (keep.element_type() != ffi::DataType::F32 ||
-      (keep.element_count() != 1 && keep.element_count() != bias.element_count())) {
+      (keep.element_count() != 1 && static_cast<int64_t>(keep.element_count()) != full)) {
     return ffi::Error::InvalidArgument(std::string(name) +
-                                       ": keep is float32, shaped as the bias or a single value");
+                                       ": keep is float32, [B, H, Lq, Lk] or a single value");
   }
-  if (keep.element_count() == bias.element_count()) {
+  // (With full == 1 the one value is a scale too; 1.0 keeps everything.)
+  if (static_cast<int64_t>(keep.element_count()) == full) {
     *keep_ptr = reinterpret_cast<const float*>(keep.untyped_data());
   }
   return ffi::Error::Success();
@@ -1151,12 +1165,19 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     return ffi::Error::InvalidArgument(
         "attention_bwd: d_out, dq, dk, dv in q's dtype and shapes; lse, d_bias float32");
   }
+  // d_bias is [B, H, Lq, Lk], or one value where the caller needs no bias gradient (a mask).
+  const int64_t full = a.B * a.H * a.Lq * a.Lk;
+  const int64_t bias_grads = static_cast<int64_t>(d_bias->element_count());
+  if (bias_grads != full && bias_grads != 1) {
+    return ffi::Error::InvalidArgument("attention_bwd: d_bias is [B, H, Lq, Lk] or one value");
+  }
+  float* gb = bias_grads == full ? Out<float>(d_bias) : nullptr;
   const Par par{&pool, Helpers(pool)};
   ForElementType(t, [&](auto zero) {
     using T = decltype(zero);
     AttentionBackward(par, a, In<T>(q), In<T>(k), In<T>(v), In<float>(bias), kp,
-                      In<float>(lse), In<T>(d_out), Out<T>(dq), Out<T>(dk), Out<T>(dv),
-                      Out<float>(d_bias), round_weights != 0);
+                      In<float>(lse), In<T>(d_out), Out<T>(dq), Out<T>(dk), Out<T>(dv), gb,
+                      round_weights != 0);
   });
   return ffi::Error::Success();
 }
