@@ -170,6 +170,32 @@ inline __mmask32 FirstBits(int64_t count) {
   return count >= 32 ? ~__mmask32{0} : count <= 0 ? 0 : ((__mmask32{1} << count) - 1);
 }
 
+// The lanes of a 16-wide register that hold the first `cols` columns (none at or below 0).
+inline __mmask16 HalfMask(int64_t cols) {
+  return cols >= 16 ? 0xFFFF : (cols <= 0 ? 0 : static_cast<__mmask16>((1u << cols) - 1));
+}
+
+// Stores the lanes of x under mask: float32 as they are, or rounded to bf16 (nearest even).
+inline void StoreRow(float* dst, __m512 x, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, x); }
+inline void StoreRow(uint16_t* dst, __m512 x, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(dst, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+}
+
+// Typed views of FFI buffers, and a call of f with a value of the element type that bf16 (as
+// uint16_t bits) or float32 buffers hold.
+template <typename T>
+const T* In(const ffi::AnyBuffer& b) { return reinterpret_cast<const T*>(b.untyped_data()); }
+template <typename T>
+T* Out(ffi::Result<ffi::AnyBuffer>& b) { return reinterpret_cast<T*>(b->untyped_data()); }
+template <typename F>
+void ForElementType(ffi::DataType t, F&& f) {
+  if (t == ffi::DataType::BF16) {
+    f(uint16_t{});
+  } else {
+    f(float{});
+  }
+}
+
 // op(a) [M, K] in tile order: for each 32-row block i and 32-wide K step t, two tiles (rows
 // i..i+15, then i+16..i+31), each 16 rows of 32 values: offset ((i/32 * kb + t) * 2 + h) * 512.
 void PackA(const Par& par, const uint16_t* a, int64_t m, int64_t k, bool trans, int64_t mp,
@@ -275,17 +301,6 @@ void PackB(const Par& par, const T* b, int64_t k, int64_t n, bool trans, int64_t
   });
 }
 
-// Rounds 16 floats to bf16 (nearest even) and stores them.
-inline void StoreBf16(uint16_t* dst, const float* src, int count) {
-  __m512 v = _mm512_loadu_ps(src);
-  __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-  if (count == 16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
-  } else {
-    _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << count) - 1), h);
-  }
-}
-
 // One 32x32 output block over `steps` K steps of 32: A's two tiles per step from `a`, B's from
 // `b` (both in tile order, 1 KiB per tile). The float32 sums go to `acc` (row stride ldc
 // floats); with `accumulate` they are added to what `acc` holds (K summed in chunks).
@@ -382,8 +397,8 @@ inline void WriteBlock(const float* acc, int64_t ldc, int rows, int cols, OutT* 
     OutT* dst = out + r * n;
     const float* src = acc + r * ldc;
     if constexpr (sizeof(OutT) == 2) {
-      StoreBf16(reinterpret_cast<uint16_t*>(dst), src, std::min(cols, 16));
-      if (cols > 16) StoreBf16(reinterpret_cast<uint16_t*>(dst) + 16, src + 16, cols - 16);
+      StoreRow(dst, _mm512_loadu_ps(src), HalfMask(cols));
+      if (cols > 16) StoreRow(dst + 16, _mm512_loadu_ps(src + 16), HalfMask(cols - 16));
     } else {
       std::memcpy(dst, src, cols * sizeof(float));
     }
@@ -478,10 +493,9 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   }
   const int64_t mp = RoundUp(m, 32), kp = RoundUp(k, 32), np = RoundUp(n, 32);
   const Par par{&pool, Helpers(pool)};
-  const uint16_t* b_ptr = reinterpret_cast<const uint16_t*>(b.untyped_data());
   uint16_t* a_tiles = Scratch<uint16_t, 0>(mp * kp);
-  PackA(par, reinterpret_cast<const uint16_t*>(a.untyped_data()), m, k, trans_a, mp, kp, a_tiles);
-  const uint16_t* b_tiles = b_ptr;
+  PackA(par, In<uint16_t>(a), m, k, trans_a, mp, kp, a_tiles);
+  const uint16_t* b_tiles = In<uint16_t>(b);
   if (b_packed) {
     if (static_cast<int64_t>(b.element_count()) != kp * np) {
       return ffi::Error::InvalidArgument("amx_matmul: packed b does not match the shapes");
@@ -493,25 +507,20 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
       return ffi::Error::InvalidArgument("amx_matmul: op(b) does not match op(a) and the output");
     }
     uint16_t* b_buf = Scratch<uint16_t, 1>(kp * np);
-    if (b_f32) {
-      PackB(par, reinterpret_cast<const float*>(b.untyped_data()), k, n, trans_b, kp, np, b_buf);
-    } else {
-      PackB(par, b_ptr, k, n, trans_b, kp, np, b_buf);
-    }
+    ForElementType(b.element_type(), [&](auto zero) {
+      PackB(par, In<decltype(zero)>(b), k, n, trans_b, kp, np, b_buf);
+    });
     b_tiles = b_buf;
   }
-  const bool amx = isa == kIsaAmx;
-  if (out->element_type() == ffi::DataType::BF16) {
-    auto* o = reinterpret_cast<uint16_t*>(out->untyped_data());
-    amx ? Multiply<true>(par, a_tiles, b_tiles, m, n, mp, np, kp, o)
-        : Multiply<false>(par, a_tiles, b_tiles, m, n, mp, np, kp, o);
-  } else if (out->element_type() == ffi::DataType::F32) {
-    auto* o = reinterpret_cast<float*>(out->untyped_data());
-    amx ? Multiply<true>(par, a_tiles, b_tiles, m, n, mp, np, kp, o)
-        : Multiply<false>(par, a_tiles, b_tiles, m, n, mp, np, kp, o);
-  } else {
+  if (out->element_type() != ffi::DataType::BF16 && out->element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("amx_matmul writes bf16 or f32");
   }
+  const bool amx = isa == kIsaAmx;
+  ForElementType(out->element_type(), [&](auto zero) {
+    auto* o = Out<decltype(zero)>(out);
+    amx ? Multiply<true>(par, a_tiles, b_tiles, m, n, mp, np, kp, o)
+        : Multiply<false>(par, a_tiles, b_tiles, m, n, mp, np, kp, o);
+  });
   return ffi::Error::Success();
 }
 
@@ -529,8 +538,7 @@ ffi::Error AmxPack(ffi::ThreadPool pool, ffi::AnyBuffer b, ffi::Result<ffi::AnyB
     return ffi::Error::InvalidArgument("amx_pack: output size does not match the operand");
   }
   const Par par{&pool, Helpers(pool)};
-  PackB(par, reinterpret_cast<const uint16_t*>(b.untyped_data()), k, n, trans, kp, np,
-        reinterpret_cast<uint16_t*>(out->untyped_data()));
+  PackB(par, In<uint16_t>(b), k, n, trans, kp, np, Out<uint16_t>(out));
   return ffi::Error::Success();
 }
 
@@ -642,18 +650,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
     return ffi::Error::InvalidArgument("decode_attention: shapes of q, k/v and bias disagree");
   }
   const Par par{&pool, Helpers(pool)};
-  const float* qp = reinterpret_cast<const float*>(q.untyped_data());
-  const float* bp = reinterpret_cast<const float*>(bias.untyped_data());
-  float* op = reinterpret_cast<float*>(out->untyped_data());
-  if (cache == ffi::DataType::BF16) {
-    AttendRows(par, qp, reinterpret_cast<const uint16_t*>(k.untyped_data()),
-               reinterpret_cast<const uint16_t*>(v.untyped_data()), bp, op, B, H, L, D,
-               round_weights != 0);
-  } else {
-    AttendRows(par, qp, reinterpret_cast<const float*>(k.untyped_data()),
-               reinterpret_cast<const float*>(v.untyped_data()), bp, op, B, H, L, D,
-               round_weights != 0);
-  }
+  ForElementType(cache, [&](auto zero) {
+    using T = decltype(zero);
+    AttendRows(par, In<float>(q), In<T>(k), In<T>(v), In<float>(bias), Out<float>(out), B, H, L,
+               D, round_weights != 0);
+  });
   return ffi::Error::Success();
 }
 
@@ -662,11 +663,6 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
 // K rows of 32 contiguous values ([N/32][K][32], N zero padded). Rows of a are read as they are.
 // 8 rows x 32 columns of sums live in 16 registers while a strip streams through (prefetched
 // ahead on the first pass: a decode step's weights come from memory once).
-// The lanes of a 16-wide register that hold the first `cols` columns (none at or below 0).
-inline __mmask16 HalfMask(int64_t cols) {
-  return cols >= 16 ? 0xFFFF : (cols <= 0 ? 0 : static_cast<__mmask16>((1u << cols) - 1));
-}
-
 void PackF32(const Par& par, const float* w, int64_t k, int64_t n, bool trans, int64_t np,
              float* dst) {
   ParallelFor(par.pool, par.helpers, np / 32, false, [=](int64_t s) {
@@ -724,9 +720,9 @@ ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer pack
   if (static_cast<int64_t>(packed.element_count()) != np * k) {
     return ffi::Error::InvalidArgument("f32_matmul: packed w does not match the shapes");
   }
-  const float* ap = reinterpret_cast<const float*>(a.untyped_data());
-  const float* wp = reinterpret_cast<const float*>(packed.untyped_data());
-  float* op = reinterpret_cast<float*>(out->untyped_data());
+  const float* ap = In<float>(a);
+  const float* wp = In<float>(packed);
+  float* op = Out<float>(out);
   const Par par{&pool, Helpers(pool)};
   const int64_t strips = np / 32;
   const bool small = m * n * k < (int64_t{1} << 21);
@@ -768,8 +764,7 @@ ffi::Error F32Pack(ffi::ThreadPool pool, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
     return ffi::Error::InvalidArgument("f32_pack: output size does not match the operand");
   }
   const Par par{&pool, Helpers(pool)};
-  PackF32(par, reinterpret_cast<const float*>(w.untyped_data()), k, n, trans, np,
-          reinterpret_cast<float*>(out->untyped_data()));
+  PackF32(par, In<float>(w), k, n, trans, np, Out<float>(out));
   return ffi::Error::Success();
 }
 
@@ -811,11 +806,6 @@ inline __m512 RoundRowToBf16(__m512 x) {
 inline __m512 Dropped(__m512 w, __m512 scale, bool round_weights) {
   const __m512 x = _mm512_mul_ps(w, scale);
   return round_weights ? RoundRowToBf16(x) : x;
-}
-
-inline void StoreRow(float* dst, __m512 x, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, x); }
-inline void StoreRow(uint16_t* dst, __m512 x, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(dst, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
 }
 
 // c[R rows, NV 16-wide vectors] (= or +=) A . B over kd: A(r, k) = a[r * ars + k * acs], B rows
@@ -1104,24 +1094,9 @@ ffi::Error CheckAttention(const char* name, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   }
   // (With full == 1 the one value is a scale too; 1.0 keeps everything.)
   if (static_cast<int64_t>(keep.element_count()) == full) {
-    *keep_ptr = reinterpret_cast<const float*>(keep.untyped_data());
+    *keep_ptr = In<float>(keep);
   }
   return ffi::Error::Success();
-}
-
-// Typed views of FFI buffers, and a call of f with a value of the element type that bf16 (as
-// uint16_t bits) or float32 buffers hold.
-template <typename T>
-const T* In(const ffi::AnyBuffer& b) { return reinterpret_cast<const T*>(b.untyped_data()); }
-template <typename T>
-T* Out(ffi::Result<ffi::AnyBuffer>& b) { return reinterpret_cast<T*>(b->untyped_data()); }
-template <typename F>
-void ForElementType(ffi::DataType t, F&& f) {
-  if (t == ffi::DataType::BF16) {
-    f(uint16_t{});
-  } else {
-    f(float{});
-  }
 }
 
 ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,

@@ -283,8 +283,7 @@ class MultiHeadAttention(nn.Module):
                 # The same draw as the dropout of the path below (same module, rng and shape).
                 keep = nn.Dropout(self.dropout_rate)(
                         jnp.ones((b, self.num_heads, lq, lk), jnp.float32), deterministic=False)
-            out = amx.attention(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
-                                bias, keep=keep)
+            out = amx.attention(q, k, v, bias, keep=keep)   # the projections' dtype
             return o_proj(out.reshape(b, lq, inner))
         if self.decode:
             # Decode caches are head-major (batch, heads, length, head_dim): the layout the
