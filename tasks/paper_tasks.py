@@ -6,16 +6,14 @@ data dir (DOA_DATA_DIR, see doa_jax.data.paper) when a split is read.
 
 from __future__ import annotations
 
-import os
-
 import seqio
 
 from doa_jax import metrics
 from doa_jax.data import paper
 from tasks.jsonl_task import register_budget_tasks, register_jsonl_task
 
-# BERTScore model for MultiPIT_gen: the paper's by default, DOA_BERTSCORE_MODEL (a name or a
-# local path) to override, DOA_BERTSCORE_LAYERS for models bert-score has no layer default for.
+# BERTScore model for MultiPIT_gen: the paper's by default, DOA_BERTSCORE_MODEL (a hub name or a
+# local directory) to override, DOA_BERTSCORE_LAYERS for the layer (doa_jax.metrics.paraphrase).
 METRIC_FNS = {
     'wlp': [metrics.wlp_metrics],
     'stanceosaurus': [metrics.stance_f1],
@@ -27,10 +25,8 @@ METRIC_FNS = {
 
 def _metric_fns(dataset: str):
     if dataset == 'multipit_gen':
-        layers = os.environ.get('DOA_BERTSCORE_LAYERS')
-        return [metrics.make_bert_ibleu(
-                os.environ.get('DOA_BERTSCORE_MODEL', metrics.PAPER_BERTSCORE_MODEL),
-                num_layers=int(layers) if layers else None)]
+        model, layers = metrics.bertscore_settings_from_env()
+        return [metrics.make_bert_ibleu(model, num_layers=layers)]
     return METRIC_FNS[dataset]
 
 

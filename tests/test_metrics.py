@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import random
 import re
 import string
+import sys
+import time
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -46,22 +51,71 @@ def _perturb_labels(targets, labels, rng):
         if r < 0.2:
             out.append(rng.choice(labels).lower())
         elif r < 0.3:
-            out.append('no idea')  # Outside the label set.
+            # Outside the label set.
+            out.append(rng.choice(['no idea', '', f'{t.lower()}.', 'maybe']))
         else:
             out.append(f' {t} ' if r < 0.4 else t)
     return out
 
 
-@pytest.mark.parametrize('folder,fn,labels', [
-        ('fever/fever_dev_all.json', metrics.fever_accuracy, metrics.FEVER_LABELS),
-        ('multipit_id/multipit_id_test_all.json', metrics.multipit_id_accuracy,
+# The paper's run_t5.py label-to-id tables: an unknown prediction becomes class id 0.
+PAPER_CLASS_0 = {'fever': 'REFUTES', 'multipit_id': 'NO', 'stanceosaurus': 'IRRELEVANT'}
+
+
+@pytest.mark.parametrize('task,folder,fn,labels', [
+        ('fever', 'fever/fever_dev_all.json', metrics.fever_accuracy, metrics.FEVER_LABELS),
+        ('multipit_id', 'multipit_id/multipit_id_test_all.json', metrics.multipit_id_accuracy,
          metrics.MULTIPIT_ID_LABELS)])
-def test_accuracy_matches_reference_and_unknown_is_wrong(data_dir, folder, fn, labels):
+def test_accuracy_paper_and_strict_match_reference(data_dir, task, folder, fn, labels):
     targets = [r['target'] for r in _records(data_dir / folder)]
     preds = _perturb_labels(targets, labels, random.Random(0))
-    want = 100 * sum(p.strip().upper() == t.upper() for t, p in zip(targets, preds)) / len(targets)
-    assert abs(fn(targets, preds)['accuracy'] - want) < TOL
-    assert fn(targets[:2], ['maybe', '']) == {'accuracy': 0.0}
+    pred = [p.strip().upper() for p in preds]
+    paper = [p if p in labels else PAPER_CLASS_0[task] for p in pred]
+    got = fn(targets, preds)
+    assert set(got) == {'accuracy', 'accuracy_strict'}
+    want = 100 * sum(p == t.upper() for t, p in zip(targets, paper)) / len(targets)
+    strict = 100 * sum(p == t.upper() for t, p in zip(targets, pred)) / len(targets)
+    assert abs(got['accuracy'] - want) < TOL and abs(got['accuracy_strict'] - strict) < TOL
+    assert got['accuracy'] > got['accuracy_strict']  # Some unknowns hit the class-0 gold label.
+
+
+def test_unknown_prediction_is_class_0_in_paper_accuracy_only():
+    one = lambda fn, t, p: fn([t], [p])
+    assert one(metrics.fever_accuracy, 'REFUTES', 'maybe') == {'accuracy': 100.0,
+                                                               'accuracy_strict': 0.0}
+    assert one(metrics.fever_accuracy, 'SUPPORTS', 'maybe') == {'accuracy': 0.0,
+                                                                'accuracy_strict': 0.0}
+    # `no.` is not a label after strip+upper (`NO.`), so the paper's code made it class 0 = NO.
+    assert one(metrics.multipit_id_accuracy, 'NO', 'no.') == {'accuracy': 100.0,
+                                                              'accuracy_strict': 0.0}
+    assert one(metrics.multipit_id_accuracy, 'YES', 'no.') == {'accuracy': 0.0,
+                                                               'accuracy_strict': 0.0}
+    assert one(metrics.multipit_id_accuracy, 'NO', ' no\n') == {'accuracy': 100.0,
+                                                                'accuracy_strict': 100.0}
+    assert one(metrics.multipit_id_accuracy, 'NO', '') == {'accuracy': 100.0,
+                                                           'accuracy_strict': 0.0}
+    # By hand: right (case), right (spaces), unknown on REFUTES (paper right), unknown on
+    # SUPPORTS (wrong), wrong label -> paper 3/5, strict 2/5.
+    got = metrics.fever_accuracy(['SUPPORTS', 'REFUTES', 'REFUTES', 'SUPPORTS', 'REFUTES'],
+                                 ['supports', ' Refutes ', 'maybe', 'SUPPORTS.', 'SUPPORTS'])
+    assert got == {'accuracy': 60.0, 'accuracy_strict': 40.0}
+
+
+def _ref_strict_f1(gold, pred, labels):
+    """Unknown predictions name no class: a miss for the gold class, no false positive."""
+    known = [p if p in labels else None for p in pred]
+    seen = sorted(set(gold) | {p for p in known if p})
+    f1s = []
+    for lab in seen:
+        tp = sum(g == p == lab for g, p in zip(gold, known))
+        fp = sum(p == lab and g != lab for g, p in zip(gold, known))
+        fn = sum(g == lab and p != lab for g, p in zip(gold, known))
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+    tp = sum(g == p for g, p in zip(gold, known))
+    prec, rec = tp / sum(p is not None for p in known), tp / len(gold)
+    return 100 * 2 * prec * rec / (prec + rec), 100 * sum(f1s) / len(f1s)
 
 
 def test_stance_f1_matches_reference(data_dir):
@@ -69,14 +123,27 @@ def test_stance_f1_matches_reference(data_dir):
     assert sorted(set(targets)) == ['Discussing', 'Irrelevant', 'Querying', 'Refuting', 'Supporting']
     preds = _perturb_labels(targets, metrics.STANCE_LABELS, random.Random(1))
     gold = [t.upper() for t in targets]
-    # The paper mapped an unparseable prediction to class id 0, IRRELEVANT.
-    pred = [p.strip().upper() if p.strip().upper() in metrics.STANCE_LABELS else 'IRRELEVANT'
-            for p in preds]
-    micro, macro = _ref_f1(gold, pred)
+    labels = ('IRRELEVANT', 'SUPPORTING', 'REFUTING', 'DISCUSSING', 'QUERYING')
+    pred = [p.strip().upper() for p in preds]
+    micro, macro = _ref_f1(gold, [p if p in labels else PAPER_CLASS_0['stanceosaurus']
+                                  for p in pred])
     got = metrics.stance_f1(targets, preds)
     assert abs(got['micro_f1'] - micro) < TOL and abs(got['macro_f1'] - macro) < TOL
+    micro, macro = _ref_strict_f1(gold, pred, labels)
+    assert abs(got['micro_f1_strict'] - micro) < TOL and abs(got['macro_f1_strict'] - macro) < TOL
+    assert got['micro_f1_strict'] < got['micro_f1']
     with pytest.raises(ValueError, match="target #1 is 'Maybe'"):
         metrics.stance_f1(['Supporting', 'Maybe'], ['x', 'y'])
+
+
+def test_stance_f1_small_case_by_hand():
+    got = metrics.stance_f1(['Supporting', 'Irrelevant', 'Refuting', 'Irrelevant'],
+                            ['supporting', 'huh', 'Irrelevant', 'Querying'])
+    # Paper: huh -> IRRELEVANT. F1 per class SUPPORTING 1, IRRELEVANT 1/2, REFUTING 0, QUERYING 0.
+    assert got['macro_f1'] == pytest.approx(37.5) and got['micro_f1'] == pytest.approx(50.0)
+    # Strict: huh names no class; IRRELEVANT has no hit (F1 0); micro P = 1/3, R = 1/4 -> 2/7.
+    assert got['macro_f1_strict'] == pytest.approx(25.0)
+    assert got['micro_f1_strict'] == pytest.approx(100 * 2 / 7)
 
 
 def _perturb_wlp(target, rng):
@@ -267,3 +334,124 @@ def test_bert_ibleu_matches_reference(data_dir, tiny_bert):
     assert abs(got['bert_ibleu'] / 100 - want) < TOL
     assert abs(got['bert_score'] / 100 - bs.mean()) < TOL
     assert abs(got['self_bleu'] / 100 - sb.mean()) < TOL
+    key = f'bert_ibleu[model={tiny_bert},layer=2]'  # Not the paper's model: the key says so.
+    assert got[key] == got['bert_ibleu'] and len(got) == 4
+
+
+def test_bert_ibleu_model_from_env_is_recorded(data_dir, tiny_bert, monkeypatch):
+    from tasks import paper_tasks
+    monkeypatch.setenv('DOA_BERTSCORE_MODEL', tiny_bert)
+    monkeypatch.setenv('DOA_BERTSCORE_LAYERS', '1')
+    fn, = paper_tasks._metric_fns('multipit_gen')
+    targets = [r['target'] for r in _records(data_dir / 'multipit/multipit_test_all.json', 5)]
+    got = fn(targets, [t.split(' ', 1)[-1] for t in targets])
+    assert got[f'bert_ibleu[model={tiny_bert},layer=1]'] == got['bert_ibleu']
+    monkeypatch.setenv('DOA_BERTSCORE_LAYERS', 'all')
+    with pytest.raises(ValueError, match='DOA_BERTSCORE_LAYERS'):
+        paper_tasks._metric_fns('multipit_gen')
+
+
+def _fails_fast(fn, exc, *messages):
+    start = time.perf_counter()
+    with pytest.raises(exc) as info:
+        fn()
+    assert time.perf_counter() - start < 3.0
+    for m in messages:
+        assert m in str(info.value)
+
+
+@pytest.mark.parametrize('offline', ['1', None])
+def test_missing_bertscore_model_fails_fast_and_says_how_to_fix(tmp_path, monkeypatch, offline):
+    from tasks import paper_tasks
+    if offline:
+        monkeypatch.setenv('HF_HUB_OFFLINE', offline)
+    else:  # Without network this is one failed request; with network, "no such model".
+        monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    targets, preds = ['a cat sat on the mat'], ['a cat sat on a mat']
+    monkeypatch.setenv('DOA_BERTSCORE_MODEL', 'doa-jax-test/no-such-model')
+    fn, = paper_tasks._metric_fns('multipit_gen')
+    _fails_fast(lambda: fn(targets, preds), FileNotFoundError, 'DOA_BERTSCORE_MODEL=/path/to/it',
+                "'doa-jax-test/no-such-model'", 'hf download doa-jax-test/no-such-model')
+    monkeypatch.setenv('DOA_BERTSCORE_MODEL', str(tmp_path))  # An empty directory.
+    fn, = paper_tasks._metric_fns('multipit_gen')
+    _fails_fast(lambda: fn(targets, preds), FileNotFoundError, 'DOA_BERTSCORE_MODEL',
+                'without config.json')
+    _fails_fast(lambda: metrics.bert_ibleu(targets, preds, model_type=str(tmp_path / 'nope' / 'x')),
+                FileNotFoundError, 'DOA_BERTSCORE_MODEL', 'neither an existing directory')
+
+
+def test_local_model_needs_a_layer(tiny_bert):
+    _fails_fast(lambda: metrics.bert_ibleu(['a b'], ['a b'], model_type=tiny_bert),
+                ValueError, 'DOA_BERTSCORE_LAYERS')
+
+
+def test_missing_bert_score_names_the_extra(tiny_bert, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'bert_score', None)  # As if not installed.
+    with pytest.raises(ImportError, match=re.escape("pip install 'doa_jax[bertscore]'")):
+        metrics.bert_ibleu(['a b'], ['a b'], model_type=tiny_bert, num_layers=2)
+
+
+@pytest.mark.parametrize('cuda', [True, False])
+def test_bertscore_device_and_paper_setting_keys(monkeypatch, cuda):
+    """With the scorer injected: the accelerator is used when torch sees one, and only the
+    paper's setting (its model, layer 40, idf) leaves the result without a model key."""
+    import importlib.machinery
+    import torch
+    from doa_jax.metrics import paraphrase
+    calls = []
+
+    def score(cands, refs, **kw):
+        calls.append(kw)
+        return None, None, torch.full((len(cands),), 0.5)
+
+    fake = types.ModuleType('bert_score')
+    fake.__spec__ = importlib.machinery.ModuleSpec('bert_score', None)
+    fake.score = score
+    monkeypatch.setitem(sys.modules, 'bert_score', fake)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
+    monkeypatch.setattr(paraphrase, 'resolve_bertscore_model', lambda m, n=None: paraphrase.
+                        BertScoreModel(m, '/cache/snapshot', n if n is not None else 40))
+    paper = metrics.PAPER_BERTSCORE_MODEL
+    got = metrics.bert_ibleu(['the cat sat'], ['a dog ran'])
+    assert calls[-1]['device'] == ('cuda' if cuda else 'cpu')
+    assert calls[-1]['model_type'] == '/cache/snapshot' and calls[-1]['num_layers'] == 40
+    assert set(got) == {'bert_ibleu', 'bert_score', 'self_bleu'}
+    # BERTScore 0.5 and selfBLEU 0 (+1e-5 each).
+    assert got['bert_ibleu'] == pytest.approx(100 / ((4 / 0.50001 + 1 / (1 - 1e-5)) / 5))
+    got = metrics.bert_ibleu(['a b'], ['a c'], num_layers=24)
+    assert got[f'bert_ibleu[model={paper},layer=24]'] == got['bert_ibleu']
+    got = metrics.bert_ibleu(['a b'], ['a c'], idf=False, device='cpu')
+    assert calls[-1]['device'] == 'cpu' and calls[-1]['idf'] is False
+    assert got[f'bert_ibleu[model={paper},layer=40,idf=off]'] == got['bert_ibleu']
+
+
+def test_self_bleu_emits_no_effective_order_warnings(data_dir, caplog):
+    sources = [r['source'] for r in _records(data_dir / 'multipit/multipit_test_all.json', 200)]
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        scores = metrics.self_bleu([s.split(' ', 1)[-1] for s in sources], sources)
+    assert len(scores) == 200 and scores.max() > 0
+    assert [r.getMessage() for r in caplog.records if r.name.startswith('sacrebleu')] == []
+    assert [str(w.message) for w in caught] == []
+
+
+def test_cached_hub_model_is_scored_offline(tiny_bert, tmp_path, monkeypatch):
+    """A hub name found in the local Hugging Face cache loads from its snapshot, no network."""
+    import shutil
+    from huggingface_hub import constants
+    repo = tmp_path / 'models--doa-jax-test--tiny-bert'
+    snapshot = repo / 'snapshots' / ('0' * 40)
+    shutil.copytree(tiny_bert, snapshot)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text('0' * 40)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    model = metrics.resolve_bertscore_model('doa-jax-test/tiny-bert', 2)
+    assert model.path == str(snapshot) and model.name == 'doa-jax-test/tiny-bert'
+    got = metrics.bert_ibleu(['a cat sat on the mat'], ['a cat sat on a mat'],
+                             model_type='doa-jax-test/tiny-bert', num_layers=2)
+    assert got['bert_ibleu[model=doa-jax-test/tiny-bert,layer=2]'] == got['bert_ibleu']
+    for weights in snapshot.glob('*.safetensors'):
+        weights.unlink()  # A snapshot without weights is not a usable copy.
+    _fails_fast(lambda: metrics.resolve_bertscore_model('doa-jax-test/tiny-bert', 2),
+                FileNotFoundError, 'not in the local Hugging Face cache', 'DOA_BERTSCORE_MODEL')
