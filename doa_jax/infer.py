@@ -7,6 +7,7 @@ The only place where gin binds the pseudo-labeling job; the logic is `doa_jax.ps
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -14,7 +15,7 @@ import gin
 
 from doa_jax import distributed, gin_utils, pseudo_label
 
-
+PROG = 'python -m doa_jax.infer'
 _REGISTERED: list[object] = []
 
 
@@ -25,22 +26,45 @@ def register_configurables() -> None:
         _REGISTERED.append(gin.external_configurable(pseudo_label.run_pseudo_labeling, 'infer'))
 
 
+def check_bindings(sources: gin_utils.GinSources) -> None:
+    """Fails before anything runs on an unbound job or a path that is not a string."""
+    gin_utils.check_entry_bindings('infer', sources)
+    gin_utils.check_path('infer.checkpoint_path', sources)
+    gin_utils.check_path('infer.output_dir', sources)
+
+
+def summary_line(result: pseudo_label.ShardResult, sources: gin_utils.GinSources) -> str:
+    """`infer: shard 0 done: ... examples; cost $...; output DIR`. The ledger is where
+    run_pseudo_labeling prices chunks: infer.cost_ledger_dir, else beside the output directory,
+    under the output directory's name."""
+    output_dir = os.path.abspath(gin_utils.bound_value('infer.output_dir', sources).value)
+    ledger = gin_utils.bound_value('infer.cost_ledger_dir', sources)
+    ledger_dir = ledger.value if ledger and ledger.value else os.path.dirname(output_dir)
+    why = 'stopped at the budget (infer.max_usd)' if result.stopped_by_budget else 'done'
+    text = (f'infer: shard {result.shard_id} {why}: {result.chunks_written} chunks written, '
+            f'{result.chunks_skipped} already complete, {result.examples_written} examples')
+    spent = gin_utils.ledger_spent_usd(ledger_dir, os.path.basename(output_dir), 'pseudo_label')
+    text += '; cost not metered (no ledger)' if spent is None else \
+        f'; cost ${spent[0]:.4f} in {spent[1]}'
+    return text + f'; output {output_dir}.'
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = gin_utils.parse_flags(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    args = gin_utils.parse_flags(argv, prog=PROG, example='gin_configs/runs/pseudo_label.gin',
+                                 description='Pseudo-label an unlabeled pool with a teacher.')
+    gin_utils.setup_logging()
     gin_utils.hide_gpus_from_tensorflow()
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     register_configurables()
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
-    gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
+    sources = gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
+    check_bindings(sources)
     gin_utils.CONFIGURABLE['import_task_modules']()
     result = _REGISTERED[0]()
-    logging.info('Pseudo-labeling shard %d: %d chunks written, %d skipped, %d examples.',
-                 result.shard_id, result.chunks_written, result.chunks_skipped,
-                 result.examples_written)
+    logging.info(summary_line(result, sources))
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(gin_utils.run_cli(main, PROG))

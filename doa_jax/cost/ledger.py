@@ -144,8 +144,8 @@ class Ledger:
                 try:
                     con.execute('PRAGMA journal_mode=WAL')
                     break
-                except sqlite3.OperationalError:
-                    if time.monotonic() > deadline:
+                except sqlite3.OperationalError as e:
+                    if _unwritable(e) or time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
             con.execute('PRAGMA synchronous=FULL')   # fsync each commit: survive power loss too
@@ -155,10 +155,20 @@ class Ledger:
                     if statement.strip():
                         con.execute(statement)
         except sqlite3.Error as e:
+            if _unwritable(e):
+                raise LedgerError(self._unwritable_message(e)) from e
             raise LedgerError(f'cannot open the cost ledger {self.path!r}: {e}. It must be on a '
                               f'writable local/POSIX file system (not a bucket mount).') from e
         self._con, self._pid = con, os.getpid()
         return con
+
+    def _unwritable_message(self, e: sqlite3.Error) -> str:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        return (f'cannot write the cost ledger {self.path!r} ({e}). Make it writable by the user '
+                f'running this job (e.g. chmod u+w {self.path} {self.path}-wal {self.path}-shm '
+                f'{folder}, or chown them), or run with a directory you can write (MODEL_DIR, '
+                f'STUDY_DIR, or the ledger= path of the cost meter); keep it on a local/POSIX '
+                f'file system, not a bucket mount.')
 
     def _connect_readonly(self) -> sqlite3.Connection:
         if not os.path.isfile(self.path):
@@ -186,8 +196,13 @@ class Ledger:
                               f'Ledger(path) to record costs.')
         with self._lock:
             con = self._connect()
-            with _transaction(con):
-                yield con
+            try:
+                with _transaction(con):
+                    yield con
+            except sqlite3.OperationalError as e:
+                if _unwritable(e):   # e.g. the file became read-only after it was opened
+                    raise LedgerError(self._unwritable_message(e)) from e
+                raise
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -430,6 +445,14 @@ class Ledger:
                 s.llm_usd += usd
         s._billable_overhead_hours = math.fsum(overhead_hours)
         return s
+
+
+def _unwritable(e: sqlite3.Error) -> bool:
+    """SQLITE_READONLY (a read-only file, its -wal/-shm, or its directory) or SQLITE_CANTOPEN."""
+    code = getattr(e, 'sqlite_errorcode', None)
+    if code is not None:
+        return (code & 0xff) in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN)
+    return 'readonly' in str(e) or 'unable to open' in str(e)
 
 
 @contextlib.contextmanager

@@ -64,6 +64,7 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument('--budgets', type=float, nargs='+', default=[100.0, 1000.0, 10000.0])
 
 
+PROG = 'python -m doa_jax.study'
 SUBCOMMANDS = {'report': (_report, lambda p: p.add_argument('study_dir')),
                'plan': (_plan, _add_plan)}
 
@@ -111,12 +112,15 @@ def register_configurables() -> None:
 
 def run_from_flags(argv: Sequence[str]) -> int:
     from doa_jax import gin_utils
-    args = gin_utils.parse_flags(argv)
+    args = gin_utils.parse_flags(argv, prog=PROG, example='gin_configs/studies/quickstart.gin',
+                                 description='Run a distill-or-annotate budget study.')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     gin_utils.hide_gpus_from_tensorflow()
     register_configurables()
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
-    gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
+    sources = gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
+    gin_utils.check_entry_bindings('study', sources)
+    gin_utils.check_path('study.study_dir', sources)
     out = _CONFIGURABLE['study']()
     print('\n'.join(['', 'Recommendation per budget:', *out['recommendations'], '',
                      f'Report: {out["report"]}'] +
@@ -127,7 +131,7 @@ def run_from_flags(argv: Sequence[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        parser = argparse.ArgumentParser(prog='python -m doa_jax.study')
+        parser = argparse.ArgumentParser(prog=PROG)
         sub = parser.add_subparsers(dest='cmd', required=True)
         for name, (fn, add) in SUBCOMMANDS.items():
             add(sub.add_parser(name))
@@ -144,4 +148,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from doa_jax.gin_utils import run_cli
+    sys.exit(run_cli(main, PROG))
