@@ -1,23 +1,24 @@
-"""Training FLOPs of an encoder-decoder and MFU against the device's peak (DESIGN.md)."""
+"""Training FLOPs of an encoder-decoder and MFU against the device's peak (DESIGN.md).
+
+Peaks come from the device catalog, the `devices` section of doa_jax/cost/prices.yaml, which also
+holds the prices: one table and one matching rule (`PriceTable.match_device`) for both.
+"""
 
 from __future__ import annotations
 
+import logging
+
 import jax
 
+from doa_jax.cost.prices import DEFAULT_PRICE_PATH, PriceTable, default_prices
 from doa_jax.models.config import T5Config
 
-# Peak dense bf16 FLOP/s per device kind (substring of jax's device_kind, lower-cased).
-PEAK_BF16_FLOPS = {
-    'h200': 989e12,
-    'h100': 989e12,
-    'a100': 312e12,
-    'v100': 125e12,
-    'tpu v4': 275e12,
-    'tpu v5 lite': 197e12,
-    'tpu v5e': 197e12,
-    'tpu v5p': 459e12,
-}
-DEFAULT_CPU_PEAK_FLOPS = 0.35e12   # XLA fp32 matmul peak measured on the 2-core test CPU
+log = logging.getLogger(__name__)
+
+# The catalog's CPU figure: an XLA fp32 matmul peak measured on the 2-core test CPU, not a vendor
+# number; training overrides it with the CPU_PEAK_FLOPS gin macro.
+DEFAULT_CPU_PEAK_FLOPS = default_prices().peak_flops('cpu')
+_warned_kinds: set[str] = set()
 
 
 def parameter_counts(config: T5Config) -> dict[str, int]:
@@ -46,18 +47,29 @@ def train_flops_per_sequence(config: T5Config, source_len: int, target_len: int)
     return float(dense + attention)
 
 
-def peak_flops_per_device(device: jax.Device | None = None, cpu_peak: float = DEFAULT_CPU_PEAK_FLOPS) -> float:
-    """Peak FLOP/s of one device; CPUs use `cpu_peak` (gin: CPU_PEAK_FLOPS)."""
+def peak_flops_per_device(device: jax.Device | None = None,
+                          cpu_peak: float = DEFAULT_CPU_PEAK_FLOPS,
+                          catalog: PriceTable | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of one device; CPUs use `cpu_peak` (gin: CPU_PEAK_FLOPS).
+
+    None, with a warning once per device kind, when the catalog has no peak for the device: MFU
+    is then unknown, which must not stop a run.
+    """
     device = device or jax.devices()[0]
     if device.platform == 'cpu':
         return cpu_peak
-    kind = device.device_kind.lower()
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key in kind:
-            return peak
-    raise ValueError(f'No peak FLOP/s known for device kind {device.device_kind!r}; add it to '
-                     'doa_jax.flops.PEAK_BF16_FLOPS.')
+    peak = (catalog or default_prices()).peak_flops(device.device_kind)
+    if peak is None and device.device_kind not in _warned_kinds:
+        _warned_kinds.add(device.device_kind)
+        log.warning('No peak FLOP/s known for device kind %r, so MFU is not reported. Add '
+                    '`peak_bf16_tflops` for it to the device catalog (%s, devices section; '
+                    'benchmarks also take --peak_flops).', device.device_kind, DEFAULT_PRICE_PATH)
+    return peak
 
 
-def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, peak_per_device: float) -> float:
+def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int,
+        peak_per_device: float | None) -> float | None:
+    """Model FLOPs utilisation; None (unknown) when the device's peak is unknown."""
+    if peak_per_device is None:
+        return None
     return flops_per_step / seconds_per_step / (num_devices * peak_per_device)

@@ -233,7 +233,7 @@ def evaluate(params, *, model_config: T5Config, mixture_or_task_name: str,
 
 
 def _interval_scalars(host: Mapping[str, Any], seconds: float, batch_size: int,
-                      flops_per_step: float, peak: float, mesh) -> dict[str, float]:
+                      flops_per_step: float, peak: float | None, mesh) -> dict[str, float]:
     n = max(float(host['num_steps']), 1.0)
     aux = metrics_from_aux(host)
     steps_per_s = n / max(seconds, 1e-9)
@@ -246,7 +246,9 @@ def _interval_scalars(host: Mapping[str, Any], seconds: float, batch_size: int,
         'timing/steps_per_second': steps_per_s,
         'timing/seqs_per_second': batch_size * steps_per_s,
         'timing/target_tokens_per_second': float(host['num_tokens']) / max(seconds, 1e-9),
-        'timing/mfu': mfu(flops_per_step, 1.0 / steps_per_s, mesh.size, peak),
+        # MFU is left out when the device kind has no peak in the catalog (warned once).
+        **({} if peak is None else
+           {'timing/mfu': mfu(flops_per_step, 1.0 / steps_per_s, mesh.size, peak)}),
     }
 
 

@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f'{"implementation":<22} {"s/step (median)":>16} {"first":>8} {"last":>8} '
           f'{"seqs/s":>8} {"tokens/s":>10} {"MFU":>7} {"$/1M tokens":>12} {"time/ours":>9}')
     for r in results:
-        mfu = f'{100 * r["mfu"]:.1f}%' if 'mfu' in r else '-'
+        mfu = f'{100 * r["mfu"]:.1f}%' if r.get('mfu') is not None else '-'   # None: no peak
         print(f'{r["impl"]:<22} {r["median_s"]:>16.4f} {r["first_s"]:>8.3f} {r["last_s"]:>8.3f} '
               f'{r["seqs_per_s"]:>8.2f} {r["tokens_per_s"]:>10.0f} {mfu:>7} '
               f'{format_usd(r["usd_per_1m_tokens"]):>12} {r["median_s"] / ours:>9.2f}')

@@ -11,7 +11,7 @@ from doa_jax.callbacks import TrainerCallback
 from doa_jax.cost.budget import BudgetExceededError, Estimate, check_budget
 from doa_jax.cost.ledger import Ledger
 from doa_jax.cost.meter import DeviceInfo, device_info, is_writer_process
-from doa_jax.cost.prices import PriceTable, device_cost_usd, load_prices
+from doa_jax.cost.prices import PriceError, PriceTable, device_cost_usd, load_prices
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,12 @@ class CostCallback(TrainerCallback):
             self.run_id = os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
         self.device = device_info(mesh)
         # Fails before any training if the device has no price: better than an unpriced run.
-        self.usd_per_device_hour = self.prices.usd_per_device_hour(
-            self.device.kind, self.device_price_fallback)
+        try:
+            self.usd_per_device_hour = self.prices.usd_per_device_hour(
+                self.device.kind, self.device_price_fallback)
+        except PriceError as e:
+            raise PriceError(f'CostCallback cannot price this run ({self.device.count} x '
+                             f'{self.device.kind!r}), so it stops before step 0. {e}') from None
         self.write = is_writer_process() if self._write_override is None else \
             self._write_override
         self._seq, self._other_seconds = 0, 0.0

@@ -1,4 +1,8 @@
-"""Price tables: $ per device-hour, $ per gold label, $ per 1K LLM tokens.
+"""Price tables: $ per device-hour, $ per gold label, $ per 1K LLM tokens; the device catalog.
+
+The `devices` section of prices.yaml is the project's one device catalog: per device kind, its
+$/device-hour and its peak dense bf16 FLOP/s, found by one matching rule (`match_device`). The cost
+meter reads the price, `doa_jax.flops` the peak (for MFU).
 
 Money is computed with `decimal.Decimal` from the table's literal figures, so the paper's quoted
 costs (e.g. 5K FEVER labels x $0.129 = $645) come out exactly instead of 645.0000000000001.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import importlib.resources
 import os
 import re
@@ -18,7 +23,14 @@ from typing import Any, Mapping
 import yaml
 
 DEFAULT_PRICE_FILE = 'prices.yaml'
+DEFAULT_PRICE_PATH = f'doa_jax/cost/{DEFAULT_PRICE_FILE}'
 _SECONDS_PER_HOUR = Decimal(3600)
+# The keys each kind of entry may have; anything else in a price file is an error (a misspelled
+# `usd_per_hour` must not silently leave the default price in place).
+_TOP_LEVEL_KEYS = ('devices', 'annotation', 'llm')
+_DEVICE_KEYS = ('usd_per_hour', 'peak_bf16_tflops', 'aliases', 'source', 'flops_source')
+_ANNOTATION_KEYS = ('usd_per_label', 'aliases', 'source')
+_LLM_KEYS = ('usd_per_1k_input', 'usd_per_1k_output', 'source')
 
 
 class PriceError(ValueError):
@@ -53,11 +65,19 @@ def normalize_name(name: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class DevicePrice:
+class DeviceEntry:
+    """One device kind of the catalog. Either figure may be unknown (None): an unpriced device
+    cannot be metered, a device without a peak gets no MFU."""
     name: str
-    usd_per_hour: Decimal
+    usd_per_hour: Decimal | None
+    peak_bf16_flops: float | None = None    # FLOP/s per jax device, dense bf16 (YAML: TFLOP/s)
     aliases: tuple[str, ...] = ()
-    source: str = ''
+    source: str = ''                        # where the price comes from
+    flops_source: str = ''                  # where the peak comes from
+
+    def matches(self, normalised_kind: str) -> bool:
+        return (normalize_device_kind(self.name) == normalised_kind
+                or any(re.search(a, normalised_kind) for a in self.aliases))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,37 +92,57 @@ class LLMPrice:
 class PriceTable:
     """All prices one study uses. Build with `load_prices()`; never mutate, use `with_overrides`."""
 
-    devices: tuple[DevicePrice, ...]
+    devices: tuple[DeviceEntry, ...]           # the device catalog, in matching order
     annotation: Mapping[str, Decimal]          # normalised task name or alias -> $ per label
     llm: Mapping[str, LLMPrice]                # normalised model name -> prices
     origin: str = '<default>'
 
     # ---- devices ----------------------------------------------------------------------------
-    def device_price(self, device_kind: str, fallback: str | None = None) -> DevicePrice:
-        """Price entry for a jax device kind; `fallback` names an entry to use when none matches."""
+    def match_device(self, device_kind: str) -> DeviceEntry | None:
+        """The catalog entry of a jax device kind, or None. The one matching rule: entries in
+        order, the first whose name or alias matches the normalised kind wins."""
         norm = normalize_device_kind(device_kind)
-        for entry in self.devices:
-            if normalize_device_kind(entry.name) == norm:
-                return entry
-            if any(re.search(a, norm) for a in entry.aliases):
-                return entry
+        return next((entry for entry in self.devices if entry.matches(norm)), None)
+
+    def peak_flops(self, device_kind: str) -> float | None:
+        """Peak dense bf16 FLOP/s of one device of this kind; None when the catalog lacks it."""
+        entry = self.match_device(device_kind)
+        return None if entry is None else entry.peak_bf16_flops
+
+    def device_price(self, device_kind: str, fallback: str | None = None) -> DeviceEntry:
+        """Priced entry for a jax device kind; `fallback` names an entry to use when the kind has
+        no entry or its entry has no price."""
+        entry = self.match_device(device_kind)
+        if entry is not None and entry.usd_per_hour is not None:
+            return entry
         if fallback is not None:
-            for entry in self.devices:
-                if entry.name == fallback or normalize_device_kind(entry.name) == \
-                        normalize_device_kind(fallback):
-                    return entry
-            raise PriceError(f'fallback device price {fallback!r} is not in the price table '
-                             f'({self.origin}); known: {", ".join(d.name for d in self.devices)}.')
+            chosen = next((e for e in self.devices if e.name == fallback or
+                           normalize_device_kind(e.name) == normalize_device_kind(fallback)), None)
+            if chosen is None or chosen.usd_per_hour is None:
+                why = 'is not in the price table' if chosen is None else 'has no usd_per_hour in'
+                raise PriceError(f'fallback device price {fallback!r} {why} ({self.origin}); '
+                                 f'priced entries: {self._priced_names()}.')
+            return chosen
+        norm = normalize_device_kind(device_kind)
+        if entry is None:
+            what, key = f'no entry of {self.origin} matches it', device_kind
+        else:
+            what, key = f'its entry {entry.name!r} in {self.origin} has no usd_per_hour', entry.name
         raise PriceError(
-            f'No price for device kind {device_kind!r} (normalised {norm!r}) in {self.origin}. '
-            f'Known entries: {", ".join(d.name for d in self.devices)}. Fix: add it to a price '
-            f'YAML (devices: {{"{device_kind}": {{usd_per_hour: X}}}}) and pass it as '
-            f'prices= (gin: --gin.CostCallback.prices="\'my_prices.yaml\'"), or pass '
-            f'fallback="A100" (gin: --gin.CostCallback.device_price_fallback="\'A100\'") to '
-            f'price it like a known device.')
+            f'No price for device kind {device_kind!r} (normalised {norm!r}): {what}. Priced '
+            f'entries: {self._priced_names()}. Fix: write a price YAML shaped like '
+            f'{DEFAULT_PRICE_PATH} with `devices: {{"{key}": {{usd_per_hour: <$ per '
+            f'device-hour>}}}}` and pass it (training: --gin.CostCallback.prices='
+            f'"\'my_prices.yaml\'"; benchmark CLIs: --prices=my_prices.yaml; Python: '
+            f'load_prices("my_prices.yaml")), or price it like a known device: fallback="A100" '
+            f'(training: --gin.CostCallback.device_price_fallback="\'A100\'"; benchmark CLIs: '
+            f'--device_price_fallback=A100).')
 
     def usd_per_device_hour(self, device_kind: str, fallback: str | None = None) -> Decimal:
         return self.device_price(device_kind, fallback).usd_per_hour
+
+    def _priced_names(self) -> str:
+        return ', '.join(d.name for d in self.devices if d.usd_per_hour is not None)
 
     # ---- labels and tokens ------------------------------------------------------------------
     def usd_per_label(self, task: str) -> Decimal:
@@ -130,15 +170,38 @@ class PriceTable:
                        llm: Mapping[str, Any] | None = None,
                        origin: str = '<python overrides>') -> 'PriceTable':
         """A new table; each value is a number (the main price) or a mapping like the YAML's."""
-        raw = {'devices': {k: _entry_dict(v, 'usd_per_hour') for k, v in (devices or {}).items()},
-               'annotation': {k: _entry_dict(v, 'usd_per_label')
-                              for k, v in (annotation or {}).items()},
+        raw = {'devices': dict(devices or {}), 'annotation': dict(annotation or {}),
                'llm': dict(llm or {})}
         return _merge(self, raw, origin)
 
 
-def _entry_dict(v: Any, main_key: str) -> dict:
-    return dict(v) if isinstance(v, Mapping) else {main_key: v}
+def _entry_dict(v: Any, main_key: str, where: str) -> dict:
+    """An entry as a mapping; a bare number is its main price (`A100: 2.5`)."""
+    if isinstance(v, Mapping):
+        return dict(v)
+    if v is None or isinstance(v, (list, tuple)):
+        raise PriceError(f'{where}: expected a mapping (e.g. {{{main_key}: X}}) or a number, '
+                         f'got {v!r}.')
+    return {main_key: v}
+
+
+def _check_keys(entry: Mapping, valid: tuple[str, ...], where: str) -> None:
+    unknown = [str(k) for k in entry if k not in valid]
+    if not unknown:
+        return
+    hints = [f'{k!r} -> {m[0]!r}?' for k in unknown
+             if (m := difflib.get_close_matches(k, valid, n=1, cutoff=0.6))]
+    raise PriceError(f'{where}: unknown key(s) {", ".join(map(repr, unknown))}'
+                     f'{" (did you mean " + ", ".join(hints) + ")" if hints else ""}; '
+                     f'valid keys: {", ".join(valid)}.')
+
+
+def _section(raw: Mapping, key: str, origin: str) -> Mapping:
+    section = raw.get(key) or {}
+    if not isinstance(section, Mapping):
+        raise PriceError(f'{origin}: `{key}` must be a mapping of entry name -> fields, got '
+                         f'{type(section).__name__}.')
+    return section
 
 
 def _field(entry: Mapping, key: str, where: str) -> Decimal:
@@ -149,50 +212,77 @@ def _field(entry: Mapping, key: str, where: str) -> Decimal:
     except PriceError as e:
         raise PriceError(f'{where}.{key}: {e}') from None
     if value < 0:
-        raise PriceError(f'{where}.{key}: a price cannot be negative ({value}).')
+        raise PriceError(f'{where}.{key}: cannot be negative ({value}).')
     return value
+
+
+def _aliases(entry: Mapping, where: str, default: tuple[str, ...], regex: bool) -> tuple[str, ...]:
+    aliases = entry.get('aliases', default)
+    if isinstance(aliases, str):
+        aliases = [aliases]
+    if not isinstance(aliases, (list, tuple)) or not all(isinstance(a, str) for a in aliases):
+        raise PriceError(f'{where}.aliases: expected a list of strings, got {aliases!r}.')
+    for a in aliases if regex else ():
+        try:
+            re.compile(a)
+        except re.error as e:
+            raise PriceError(f'{where}.aliases: bad regular expression {a!r}: {e}') from None
+    return tuple(aliases)
+
+
+def _device_entry(name: str, entry: Any, old: DeviceEntry | None, origin: str) -> DeviceEntry:
+    """A YAML device entry, on top of the entry of the same name when there is one."""
+    where = f'{origin}: devices.{name}'
+    entry = _entry_dict(entry, 'usd_per_hour', where)
+    _check_keys(entry, _DEVICE_KEYS, where)
+    if old is None and 'usd_per_hour' not in entry and 'peak_bf16_tflops' not in entry:
+        raise PriceError(f'{where}: a new device entry needs `usd_per_hour` and/or '
+                         f'`peak_bf16_tflops` (got keys {sorted(entry)}).')
+    price = (_field(entry, 'usd_per_hour', where) if 'usd_per_hour' in entry
+             else old.usd_per_hour if old else None)
+    peak = old.peak_bf16_flops if old else None
+    if 'peak_bf16_tflops' in entry:
+        tflops = _field(entry, 'peak_bf16_tflops', where)
+        if tflops == 0:
+            raise PriceError(f'{where}.peak_bf16_tflops: must be positive; leave it out when '
+                             f'the peak is unknown.')
+        peak = float(tflops) * 1e12
+    source = entry.get('source', 'user override' if 'usd_per_hour' in entry
+                       else old.source if old else '')
+    flops_source = entry.get('flops_source', 'user override' if 'peak_bf16_tflops' in entry
+                             else old.flops_source if old else '')
+    return DeviceEntry(name, price, peak, _aliases(entry, where, old.aliases if old else (), True),
+                       str(source).strip(), str(flops_source).strip())
 
 
 def _merge(base: PriceTable | None, raw: Mapping, origin: str) -> PriceTable:
     """Apply a YAML-shaped dict on top of `base` (entries with the same name are updated)."""
-    unknown = set(raw) - {'devices', 'annotation', 'llm'}
-    if unknown:
-        raise PriceError(f'{origin}: unknown top-level key(s) {sorted(unknown)}; expected '
-                         f'devices, annotation, llm.')
+    _check_keys(raw, _TOP_LEVEL_KEYS, f'{origin}: top level')
     devices = {d.name: d for d in (base.devices if base else ())}
     order = [d.name for d in (base.devices if base else ())]
     added: list[str] = []
-    for name, entry in (raw.get('devices') or {}).items():
-        entry = _entry_dict(entry, 'usd_per_hour')
-        where = f'{origin}: devices.{name}'
-        old = devices.get(name)
-        price = (_field(entry, 'usd_per_hour', where) if 'usd_per_hour' in entry or old is None
-                 else old.usd_per_hour)
-        aliases = tuple(entry.get('aliases', old.aliases if old else ()))
-        for a in aliases:
-            try:
-                re.compile(a)
-            except re.error as e:
-                raise PriceError(f'{where}.aliases: bad regular expression {a!r}: {e}') from None
-        source = entry.get('source', 'user override' if 'usd_per_hour' in entry else
-                           (old.source if old else ''))
-        devices[name] = DevicePrice(name, price, aliases, str(source).strip())
-        if old is None:
+    for name, entry in _section(raw, 'devices', origin).items():
+        name = str(name)
+        if name not in devices:
             added.append(name)
+        devices[name] = _device_entry(name, entry, devices.get(name), origin)
     annotation = dict(base.annotation) if base else {}
-    for name, entry in (raw.get('annotation') or {}).items():
-        entry = _entry_dict(entry, 'usd_per_label')
-        price = _field(entry, 'usd_per_label', f'{origin}: annotation.{name}')
-        for key in [name, *entry.get('aliases', ())]:
+    for name, entry in _section(raw, 'annotation', origin).items():
+        where = f'{origin}: annotation.{name}'
+        entry = _entry_dict(entry, 'usd_per_label', where)
+        _check_keys(entry, _ANNOTATION_KEYS, where)
+        price = _field(entry, 'usd_per_label', where)
+        for key in [str(name), *_aliases(entry, where, (), False)]:
             annotation[normalize_name(key)] = price
     llm = dict(base.llm) if base else {}
-    for name, entry in (raw.get('llm') or {}).items():
+    for name, entry in _section(raw, 'llm', origin).items():
         where = f'{origin}: llm.{name}'
         if not isinstance(entry, Mapping):
             raise PriceError(f'{where}: expected a mapping with usd_per_1k_input and '
                              f'usd_per_1k_output, got {entry!r}.')
-        llm[normalize_name(name)] = LLMPrice(
-            name, _field(entry, 'usd_per_1k_input', where),
+        _check_keys(entry, _LLM_KEYS, where)
+        llm[normalize_name(str(name))] = LLMPrice(
+            str(name), _field(entry, 'usd_per_1k_input', where),
             _field(entry, 'usd_per_1k_output', where), str(entry.get('source', '')).strip())
     # A user's new entries are tried before the defaults: they are usually more specific.
     order = added + order if base is not None else order + added
@@ -214,8 +304,7 @@ def _read_yaml(text: str, origin: str) -> Mapping:
 def default_prices() -> PriceTable:
     """The packaged table: the paper's A100 price and labelled assumptions for everything else."""
     text = importlib.resources.files(__package__).joinpath(DEFAULT_PRICE_FILE).read_text()
-    return _merge(None, _read_yaml(text, f'doa_jax/cost/{DEFAULT_PRICE_FILE}'),
-                  f'doa_jax/cost/{DEFAULT_PRICE_FILE}')
+    return _merge(None, _read_yaml(text, DEFAULT_PRICE_PATH), DEFAULT_PRICE_PATH)
 
 
 def load_prices(path: str | os.PathLike | None = None, replace: bool = False) -> PriceTable:
@@ -225,7 +314,7 @@ def load_prices(path: str | os.PathLike | None = None, replace: bool = False) ->
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise PriceError(f'price file {path!r} does not exist; pass an existing YAML file '
-                         f'(layout: see doa_jax/cost/{DEFAULT_PRICE_FILE}).')
+                         f'(layout: see {DEFAULT_PRICE_PATH}).')
     with open(path) as f:
         raw = _read_yaml(f.read(), path)
     return _merge(None if replace else default_prices(), copy.deepcopy(dict(raw)), path)
