@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from doa_jax import ops as ops_lib
 from doa_jax.losses import first_argmax
 from doa_jax.models.config import T5Config
-from doa_jax.models.layers import pack_for_decode, uses_decode_layouts
 from doa_jax.models.scan import unscan_params
 from doa_jax.models.t5 import T5
 
@@ -51,41 +51,34 @@ def cast_matmul_params(params: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def decode_config(config: T5Config) -> T5Config:
+    """The config decoding runs: unscanned layers, no remat (decoding never differentiates)."""
+    return config.replace(scan_layers=False, remat_policy=None)
+
+
 def prepare_params(params: Any, config: T5Config) -> tuple[Any, T5Config]:
     """Params and config as decoding runs them: unboxed, unscanned, matmul weights in the compute
     dtype, no remat. Idempotent, so callers may prepare once and place the result themselves."""
     params = nn.unbox(params)
     if config.scan_layers:
         params = unscan_params(params, config)
-        config = config.replace(scan_layers=False)
     if jnp.dtype(config.dtype) != jnp.float32:
         params = cast_matmul_params(params, config.dtype)
-    # Remat only matters for gradients; decoding never differentiates.
-    return params, config.replace(remat_policy=None)
+    return params, decode_config(config)
 
 
-def pack_once(params: Any, config: T5Config) -> Any:
-    """Prepared params (see `prepare_params`) plus, where decoding runs on doa_jax's CPU kernels,
-    every weight's kernel layout, computed here once: `generate` then skips the per-call layout
-    (for t5_1_1_small ~20 ms a batch, plus the casts). Unchanged elsewhere."""
-    if not uses_decode_layouts(config.cpu_matmul, config.dtype):
-        return params
-    return jax.jit(functools.partial(pack_for_decode, tied_head=config.logits_via_embedding,
-                                     dtype=config.dtype))(params)
-
-
-def _first_step(model: T5, params, encoded, encoder_input_tokens, max_decode_length):
+def _first_step(model: T5, weights, encoded, encoder_input_tokens, max_decode_length):
     batch = encoder_input_tokens.shape[0]
     start = jnp.zeros((batch, 1), jnp.int32)
     logits, variables = model.apply(
-            {'params': params}, encoded, encoder_input_tokens, start, decode=True,
+            weights, encoded, encoder_input_tokens, start, decode=True,
             max_decode_length=max_decode_length, mutable=['cache'], method=T5.decode)
     return logits[:, 0], variables['cache']
 
 
-def _next_step(model: T5, params, cache, encoder_input_tokens, tokens, max_decode_length):
+def _next_step(model: T5, weights, cache, encoder_input_tokens, tokens, max_decode_length):
     logits, variables = model.apply(
-            {'params': params, 'cache': cache}, None, encoder_input_tokens, tokens[:, None],
+            {**weights, 'cache': cache}, None, encoder_input_tokens, tokens[:, None],
             decode=True, max_decode_length=max_decode_length, mutable=['cache'], method=T5.decode)
     return logits[:, 0], variables['cache']
 
@@ -98,7 +91,7 @@ def _filter_logits(logits: Array, temperature: float, top_k: int) -> Array:
     return logits
 
 
-def _sampling_decode(params, config: T5Config, encoder_input_tokens: Array, *,
+def _sampling_decode(weights, config: T5Config, encoder_input_tokens: Array, *,
                      max_decode_length: int, eos_id: int, temperature: float, top_k: int,
                      rng: Array | None) -> tuple[Array, Array, Array]:
     """Greedy (temperature == 0) or sampled decoding; returns (tokens, scores, steps_run)."""
@@ -107,7 +100,7 @@ def _sampling_decode(params, config: T5Config, encoder_input_tokens: Array, *,
     if not greedy and rng is None:
         raise ValueError('Sampling (temperature > 0) needs an `rng` key.')
     batch = encoder_input_tokens.shape[0]
-    encoded = model.apply({'params': params}, encoder_input_tokens, method=T5.encode)
+    encoded = model.apply(weights, encoder_input_tokens, method=T5.encode)
 
     def choose(logits, step):
         logits = logits.astype(jnp.float32)
@@ -121,7 +114,7 @@ def _sampling_decode(params, config: T5Config, encoder_input_tokens: Array, *,
         chosen = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
         return token, chosen - jax.nn.logsumexp(logits, axis=-1)
 
-    logits, cache = _first_step(model, params, encoded, encoder_input_tokens, max_decode_length)
+    logits, cache = _first_step(model, weights, encoded, encoder_input_tokens, max_decode_length)
     token, logp = choose(logits, 0)
     out = jnp.zeros((batch, max_decode_length), jnp.int32).at[:, 0].set(token)
     ended = token == eos_id
@@ -133,7 +126,7 @@ def _sampling_decode(params, config: T5Config, encoder_input_tokens: Array, *,
 
     def body(state):
         step, token, out, ended, score, cache = state
-        logits, cache = _next_step(model, params, cache, encoder_input_tokens, token,
+        logits, cache = _next_step(model, weights, cache, encoder_input_tokens, token,
                                    max_decode_length)
         new, logp = choose(logits, step)
         new = jnp.where(ended, 0, new)
@@ -168,7 +161,7 @@ def _gather_beams(tree, beam_indices: Array, batch: int, beams: int, only_self_a
     return jax.tree_util.tree_map_with_path(gather, tree)
 
 
-def _beam_decode(params, config: T5Config, encoder_input_tokens: Array, *, max_decode_length: int,
+def _beam_decode(weights, config: T5Config, encoder_input_tokens: Array, *, max_decode_length: int,
                  eos_id: int, num_beams: int, alpha: float) -> tuple[Array, Array, Array]:
     """Beam search; returns (best tokens, best scores, steps_run).
 
@@ -183,12 +176,12 @@ def _beam_decode(params, config: T5Config, encoder_input_tokens: Array, *, max_d
     batch, src_len = encoder_input_tokens.shape
     k, length = num_beams, max_decode_length
     # Encode each input once, then give every beam its copy of the encoder outputs.
-    encoded = model.apply({'params': params}, encoder_input_tokens, method=T5.encode)
+    encoded = model.apply(weights, encoder_input_tokens, method=T5.encode)
     encoded = jnp.repeat(encoded, k, axis=0)
     expanded = jnp.repeat(encoder_input_tokens, k, axis=0)
     vocab = config.vocab_size
 
-    logits, cache = _first_step(model, params, encoded, expanded, length)
+    logits, cache = _first_step(model, weights, encoded, expanded, length)
     # Only beam 0 of each row is live before the first expansion.
     alive_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (batch, 1))
     alive_seq = jnp.zeros((batch, k, length), jnp.int32)
@@ -234,7 +227,7 @@ def _beam_decode(params, config: T5Config, encoder_input_tokens: Array, *, max_d
 
     def body(state):
         step, alive_logp, alive_seq, fin_seq, fin_score, tokens, cache = state
-        logits, cache = _next_step(model, params, cache, expanded, tokens.reshape(-1), length)
+        logits, cache = _next_step(model, weights, cache, expanded, tokens.reshape(-1), length)
         alive_logp, alive_seq, fin_seq, fin_score, parent, tokens = expand(
                 step, logits, alive_logp, alive_seq, fin_seq, fin_score)
         cache = _gather_beams(cache, parent, batch, k, only_self_attention=True)
@@ -257,29 +250,32 @@ def _beam_decode(params, config: T5Config, encoder_input_tokens: Array, *, max_d
 def generate(params: Any, config: T5Config, encoder_input_tokens: Array, *, max_decode_length: int,
              method: str = 'greedy', num_beams: int = 4, length_penalty: float = 0.6,
              temperature: float = 1.0, top_k: int = 0, rng: Array | None = None, eos_id: int = 1,
-             return_scores: bool = True, return_steps: bool = False):
-    """Decodes a batch; traceable, so callers may wrap it in `jax.jit` (see `Decoder`).
+             return_scores: bool = True, return_steps: bool = False,
+             prepared: Any | None = None):
+    """Decodes a batch; the traceable core of `Decoder`, which is how the project decodes (jitted,
+    length-bucketed, weights prepared once).
 
     method: 'greedy'; 'sample' (temperature, top_k; temperature 0 is greedy); 'beam' (num_beams,
-    GNMT `length_penalty` alpha). Returns tokens (batch, max_decode_length) [, scores] [, steps].
+    GNMT `length_penalty` alpha). `prepared`: the weights laid out for the config's matmul
+    backend (`ops.prepare_weights`), when the caller made them once; otherwise they are made here,
+    once per call. Returns tokens (batch, max_decode_length) [, scores] [, steps].
     """
     if method not in METHODS:
         raise ValueError(f'Unknown decoding method {method!r}; choose one of {METHODS}.')
     if max_decode_length < 1:
         raise ValueError(f'max_decode_length must be >= 1, got {max_decode_length}.')
     params, config = prepare_params(params, config)
-    if uses_decode_layouts(config.cpu_matmul, config.dtype):
-        # Lay every weight out for the CPU kernels once per call, not once per decode step
-        # (a no-op for params that `pack_once` already laid out).
-        params = pack_for_decode(params, config.logits_via_embedding, config.dtype)
+    if prepared is None:
+        prepared = ops_lib.prepare_weights(params, config)
+    weights = {'params': params, ops_lib.PREPARED: prepared}
     encoder_input_tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
     if method == 'beam':
-        tokens, scores, steps = _beam_decode(params, config, encoder_input_tokens,
+        tokens, scores, steps = _beam_decode(weights, config, encoder_input_tokens,
                                              max_decode_length=max_decode_length, eos_id=eos_id,
                                              num_beams=num_beams, alpha=length_penalty)
     else:
         tokens, scores, steps = _sampling_decode(
-                params, config, encoder_input_tokens, max_decode_length=max_decode_length,
+                weights, config, encoder_input_tokens, max_decode_length=max_decode_length,
                 eos_id=eos_id, temperature=0.0 if method == 'greedy' else temperature,
                 top_k=top_k, rng=rng)
     out = (tokens,)
@@ -305,30 +301,73 @@ DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
 
 
 class Decoder:
-    """A jitted decoder over fixed shapes: inputs padded to length buckets, batches to `batch_size`.
+    """The one way doa_jax decodes: jitted, inputs padded to length buckets and batches to
+    `batch_size`, weights prepared once per set of parameters.
 
-    A stream of batches therefore compiles once per bucket (`compile_count` counts traces).
-    `jit_kwargs` (e.g. `in_shardings`/`out_shardings` over a mesh) go to `jax.jit` unchanged.
+    Trainer evaluation, pseudo-labeling, serving and the benchmarks all decode through it, so a
+    stream of batches compiles once per bucket (`compile_count` counts traces) and the weights are
+    cast, unscanned and laid out for the matmul backend once (`prepare`), not per batch.
+
+    - `Decoder(config, params, ...)` then `decoder(rows)`: host inputs (lists of ids or a padded
+      array), padded here; returns numpy tokens and scores.
+    - `decoder.decode_batch(tokens)`: an already padded (possibly sharded, global) array of a
+      fixed shape; returns device arrays. `load(params)` swaps in new parameters (a trainer's
+      evaluation does this every time) without recompiling.
+    `jit_kwargs` (e.g. `in_shardings`/`out_shardings` over a mesh) go to `jax.jit` unchanged; the
+    jitted function takes (weights, tokens, rng), weights as `prepare` returns them. It may also
+    be a function of the first weights that returns those kwargs (to shard like the weights).
     """
 
-    def __init__(self, config: T5Config, params: Any, *, max_decode_length: int,
+    def __init__(self, config: T5Config, params: Any | None = None, *, max_decode_length: int,
                  batch_size: int, length_buckets: Sequence[int] = DEFAULT_BUCKETS,
-                 method: str = 'greedy', eos_id: int = 1, jit_kwargs: dict | None = None,
-                 **generate_kwargs):
+                 method: str = 'greedy', eos_id: int = 1,
+                 jit_kwargs: dict | Callable[[Any], dict] | None = None, **generate_kwargs):
+        if method not in METHODS:
+            raise ValueError(f'Unknown decoding method {method!r}; choose one of {METHODS}.')
+        if batch_size < 1:
+            raise ValueError(f'Decoder batch_size must be >= 1, got {batch_size}.')
         self.config, self.batch_size = config, batch_size
+        self.max_decode_length = max_decode_length
         self.buckets = tuple(sorted(length_buckets))
-        self.params, self._config = prepare_params(params, config)
-        self.params = pack_once(self.params, self._config)
+        self._config = decode_config(config)
         self.compile_count = 0
-        self._method = method
+        self.weights = None
 
-        def run(params, tokens, rng):
+        def run(weights, tokens, rng):
             self.compile_count += 1   # runs only while tracing, i.e. once per new shape
-            return generate(params, self._config, tokens, max_decode_length=max_decode_length,
-                            method=method, eos_id=eos_id, rng=rng, return_scores=True,
+            return generate(weights['params'], self._config, tokens,
+                            max_decode_length=max_decode_length, method=method, eos_id=eos_id,
+                            rng=rng, return_scores=True, prepared=weights[ops_lib.PREPARED],
                             **generate_kwargs)
 
-        self._run = jax.jit(run, **(jit_kwargs or {}))
+        self._fn, self._jit_kwargs, self._jitted = run, jit_kwargs, None
+        if params is not None:
+            self.load(params)
+
+    def _run(self, weights, tokens, rng):
+        return self._jit(weights)(weights, tokens, rng)
+
+    def _jit(self, weights):
+        if self._jitted is None:   # one jitted function for the decoder's life
+            kwargs = self._jit_kwargs(weights) if callable(self._jit_kwargs) else self._jit_kwargs
+            self._jitted = jax.jit(self._fn, **(kwargs or {}))
+        return self._jitted
+
+    def prepare(self, params: Any) -> dict:
+        """{'params': unscanned params with matmul weights in the compute dtype, 'prepared': the
+        weights laid out for the matmul backend}: what the jitted decode reads."""
+        params, config = prepare_params(params, self.config)
+        return {'params': params, ops_lib.PREPARED: ops_lib.prepare_weights(params, config)}
+
+    def load(self, params: Any) -> 'Decoder':
+        self.weights = self.prepare(params)
+        return self
+
+    def _weights(self):
+        if self.weights is None:
+            raise ValueError('This Decoder has no parameters yet; pass params to Decoder(...) or '
+                             'call decoder.load(params).')
+        return self.weights
 
     def bucket_for(self, length: int) -> int:
         for b in self.buckets:
@@ -337,6 +376,17 @@ class Decoder:
         raise ValueError(f'Input of {length} tokens exceeds the largest length bucket '
                          f'{self.buckets[-1]}; add a bucket or truncate inputs '
                          '(TASK_FEATURE_LENGTHS["inputs"]).')
+
+    def lower(self, weights: Any, encoder_input_tokens: Any, rng: Any = None):
+        """The jitted decode lowered for these (possibly abstract) weights and tokens."""
+        return self._jit(weights).lower(weights, encoder_input_tokens,
+                                        jax.random.PRNGKey(0) if rng is None else rng)
+
+    def decode_batch(self, encoder_input_tokens: Array, rng: Array | None = None
+                     ) -> tuple[Array, Array]:
+        """Decodes an already padded (batch, length) array as it is (device arrays back)."""
+        return self._run(self._weights(), encoder_input_tokens,
+                         jax.random.PRNGKey(0) if rng is None else rng)
 
     def __call__(self, inputs: Sequence[Sequence[int]] | np.ndarray,
                  rng: Array | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -351,8 +401,6 @@ class Decoder:
         padded = np.zeros((self.batch_size, bucket), np.int32)
         for i, r in enumerate(rows):
             padded[i, :len(r)] = r
-        if rng is None:
-            rng = jax.random.PRNGKey(0)
-        tokens, scores = self._run(self.params, padded, rng)
+        tokens, scores = self.decode_batch(padded, rng)
         n = len(rows)
         return np.asarray(tokens)[:n], np.asarray(scores)[:n]

@@ -40,17 +40,17 @@ _RECORDED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'seq
 
 def get_model_config(name: str, dropout_rate: float = 0.0, activation_dtype: str = 'bfloat16',
                      scan_layers: bool = False, remat_policy: str | None = None,
-                     cpu_matmul: str = 'auto') -> T5Config:
+                     attention_impl: str = 'auto', matmul_impl: str = 'auto') -> T5Config:
     """A named T5 config with the run's overrides (gin: MODEL_CONFIG via get_model_config.*).
 
-    cpu_matmul: 'auto' (doa_jax's CPU kernels on a single CPU device that runs them: AMX, else
-      AVX512-BF16), 'amx', 'avx512_bf16', or 'xla'.
+    attention_impl / matmul_impl: the op backends (see `doa_jax.ops`); 'auto' picks per platform.
     """
     if activation_dtype not in _DTYPES:
         raise ValueError(f'get_model_config.activation_dtype={activation_dtype!r}; choose one of '
                          f'{sorted(_DTYPES)}.')
     return get_config(name, dropout_rate=dropout_rate, dtype=_DTYPES[activation_dtype],
-                      scan_layers=scan_layers, remat_policy=remat_policy, cpu_matmul=cpu_matmul)
+                      scan_layers=scan_layers, remat_policy=remat_policy,
+                      attention_impl=attention_impl, matmul_impl=matmul_impl)
 
 
 def import_task_modules(module: str | Sequence[str] | None = 'tasks',

@@ -239,16 +239,16 @@ class TeacherLabeler:
         rows = NamedSharding(self.mesh, PartitionSpec(partitioning.DATA_AXIS))
         matrix = partitioning.batch_sharding(self.mesh)
         buckets = [b for b in decoding.DEFAULT_BUCKETS if b < max_input_length]
-        # Where decoding runs on doa_jax's CPU kernels the decoder also gets every weight's kernel
-        # layout, made once here (placed where its weight is); elsewhere these are the same arrays.
-        decoder_params = decoding.pack_once(self.params, config)
+        # The decoder prepares this one placed copy once (where the matmul backend lays weights
+        # out, their layouts are made here and placed where their weights are).
         self.decoder = decoding.Decoder(
-                config, decoder_params, max_decode_length=max_decode_length,
-                batch_size=batch_size, length_buckets=buckets + [max_input_length],
-                method=method, eos_id=eos_id, num_beams=num_beams,
-                jit_kwargs={'in_shardings': (jax.tree.map(lambda x: x.sharding, decoder_params),
-                                             matrix, None),
-                            'out_shardings': (matrix, rows)})
+                config, self.params, max_decode_length=max_decode_length, batch_size=batch_size,
+                length_buckets=buckets + [max_input_length], method=method, eos_id=eos_id,
+                num_beams=num_beams,
+                jit_kwargs=lambda weights: {
+                        'in_shardings': (jax.tree.map(lambda x: x.sharding, weights), matrix,
+                                         None),
+                        'out_shardings': (matrix, rows)})
 
         def topk(p, enc, targets):
             dec_in = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f'trained with.')
     params = load_params(args.checkpoint, config)
     generate = make_generate_fn(config, params, vocab, args.max_input_length,
-                                args.max_decode_length)
+                                args.max_decode_length, batch_size=args.max_batch)
     server = ChatServer(Batcher(generate, args.max_batch, args.batch_wait_ms), args.model,
                         args.host, args.port, args.test_faults, args.max_decode_length)
     print(f'serving {args.model} at {server.url}', flush=True)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from doa_jax import partitioning, train_data
+from doa_jax import decoding, partitioning, train_data
 from doa_jax.callbacks import CallbackList, TrainerCallback
 from doa_jax.checkpointing import RunCheckpointer
 from doa_jax.flops import DEFAULT_CPU_PEAK_FLOPS, mfu, peak_flops_per_device, train_flops_per_sequence
@@ -262,7 +262,11 @@ class _Evaluator:
         self.decode_metrics, self.max_decode_length, self.seed = (decode_metrics,
                                                                   max_decode_length, seed)
         self.step = make_eval_step(apply_fn, loss_fn, mesh, rules, loss_normalizing_factor=lnf)
-        self._warned = False
+        # One jitted decoder for every evaluation: eval batches have one shape, so it compiles
+        # once; each evaluation only swaps in the current parameters.
+        self.decoder = (decoding.Decoder(config, max_decode_length=max_decode_length,
+                                         batch_size=batch_size)
+                        if decode_metrics else None)
 
     def _batches(self):
         counter = train_data.OverlongCounter()
@@ -307,21 +311,13 @@ class _Evaluator:
 
     def task_metrics(self, params, batches) -> dict[str, float]:
         """Greedy-decodes the eval inputs and scores them with the task's metric functions."""
-        try:
-            from doa_jax import decoding
-        except ImportError:
-            if not self._warned:
-                logging.warning('doa_jax.decoding is not available; decode-based task metrics '
-                                'are skipped.')
-                self._warned = True
-            return {}
+        self.decoder.load(params)
         task = train_data.get_task(self.task_name)
         vocab = task.output_features['targets'].vocabulary
         targets, predictions = [], []
         for b in batches:
             enc = train_data.to_global({**b}, self.mesh, self.batch_size)['encoder_input_tokens']
-            tokens, _ = decoding.generate(params, self.config, enc,
-                                          max_decode_length=self.max_decode_length)
+            tokens, _ = self.decoder.decode_batch(enc)
             tokens = np.asarray(jax.device_get(
                     multihost_utils.process_allgather(tokens, tiled=True)))
             gold = np.asarray(jax.device_get(multihost_utils.process_allgather(

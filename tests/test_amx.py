@@ -1,6 +1,6 @@
-"""CPU bf16 kernels (doa_jax.kernels.amx), on each instruction path this CPU has (AMX tiles,
-AVX512-BF16): products, gradients, packed weights, decode attention, the model on them, and the
-trace-time choice between them and XLA's dot."""
+"""CPU kernels (doa_jax.kernels.amx), on each instruction path this CPU has (AMX tiles,
+AVX512-BF16): products, gradients, packed weights, decode attention, and the model on them as the
+`cpu_kernels` op backend against the `xla` reference."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from doa_jax import decoding
+from doa_jax import decoding, ops
 from doa_jax.kernels import amx
 from doa_jax.models import get_config
-from doa_jax.models.layers import PACKED_ATTEND, PACKED_KERNEL, pack_for_decode
 from doa_jax.models.t5 import T5
 
 AVAILABLE, WHY = amx.available()
@@ -293,10 +292,11 @@ def test_sequence_attention_broadcasts_its_bias_and_refuses_bad_shapes():
 @pytest.mark.parametrize('dropout', [0.0, 0.3])
 @pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
 def test_float32_model_with_kernel_attention_equals_xla(name, dropout):
-    """In float32 only the attention changes between cpu_matmul='auto' and 'xla' (the matmuls
-    stay XLA's): the logits and every gradient agree to float32 rounding, with dropout too (the
-    kernel path draws the same masks from the same rng)."""
-    cfg = get_config(name, dtype=jnp.float32, dropout_rate=dropout)
+    """In float32 only the attention changes between the cpu_kernels backend and the xla
+    reference (float32 products take XLA's dot on both): the logits and every gradient agree to
+    float32 rounding, with dropout too (both backends draw the same masks from the same rng)."""
+    cfg = get_config(name, dtype=jnp.float32, dropout_rate=dropout, attention_impl='cpu_kernels',
+                     matmul_impl='cpu_kernels')
     enc, dec = _model_inputs(cfg, seed=3)
     params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(3), enc, dec)['params'])
 
@@ -308,35 +308,13 @@ def test_float32_model_with_kernel_attention_equals_xla(name, dropout):
         return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
     (_, la), ga = run(cfg)
-    (_, lx), gx = run(cfg.replace(cpu_matmul='xla'))
+    (_, lx), gx = run(cfg.replace(attention_impl='xla', matmul_impl='xla'))
     np.testing.assert_allclose(_f32(la), _f32(lx), atol=1e-5)
     for a, x in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gx)):
         np.testing.assert_allclose(_f32(a), _f32(x), atol=1e-5 * np.abs(_f32(x)).max() + 1e-7)
     # Every attention of the model (encoder self, decoder self and cross) is one kernel call.
     jaxpr = str(jax.make_jaxpr(lambda p: T5(cfg).apply({'params': p}, enc, dec, dec))(params))
     assert jaxpr.count('doa_attention_fwd') == cfg.num_encoder_layers + 2 * cfg.num_decoder_layers
-
-
-def test_choice_between_the_kernels_and_xla():
-    assert amx.kernel_isa('xla', jnp.bfloat16) is None
-    assert amx.kernel_isa('auto', jnp.float32) is None
-    single = jax.device_count() == 1
-    assert amx.kernel_isa('auto', jnp.bfloat16) == (amx.best_isa() if single else None)
-    assert amx.use_kernels('auto', jnp.bfloat16) == (AVAILABLE and single)
-    # AMX first: 'auto' takes the vector path only where the tiles cannot run.
-    if amx.available('amx')[0]:
-        assert amx.best_isa() == 'amx'
-    elif amx.available('avx512_bf16')[0]:
-        assert amx.best_isa() == 'avx512_bf16'
-    for isa in amx.ISAS:
-        with pytest.raises(ValueError, match=f'cpu_matmul="{isa}" cannot run here: the compute '
-                                             'dtype is float32'):
-            amx.kernel_isa(isa, jnp.float32)
-        if single and not amx.available(isa)[0]:
-            with pytest.raises(ValueError, match='lacks|compiler|refused'):
-                amx.kernel_isa(isa, jnp.bfloat16)
-    with pytest.raises(ValueError, match="Unknown cpu_matmul 'mkl'"):
-        amx.kernel_isa('mkl', jnp.bfloat16)
 
 
 def _model_inputs(cfg, seed=0):
@@ -347,11 +325,15 @@ def _model_inputs(cfg, seed=0):
     return enc, dec
 
 
-@pytest.mark.parametrize('isa', ISAS)
+CPU = dict(attention_impl='cpu_kernels', matmul_impl='cpu_kernels')
+XLA = dict(attention_impl='xla', matmul_impl='xla')
+
+
+@needs_kernels
 @pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
-def test_model_on_the_kernels_matches_xla_forward_and_gradients(name, isa):
-    amx_cfg = get_config(name, dtype=jnp.bfloat16, cpu_matmul=isa)
-    xla_cfg = amx_cfg.replace(cpu_matmul='xla')
+def test_model_on_the_kernels_matches_xla_forward_and_gradients(name):
+    amx_cfg = get_config(name, dtype=jnp.bfloat16, **CPU)
+    xla_cfg = amx_cfg.replace(**XLA)
     enc, dec = _model_inputs(amx_cfg)
     params = nn.unbox(T5(xla_cfg).init(jax.random.PRNGKey(0), enc, dec)['params'])
 
@@ -367,19 +349,19 @@ def test_model_on_the_kernels_matches_xla_forward_and_gradients(name, isa):
         np.testing.assert_allclose(_f32(a), _f32(x), atol=0.05 * np.abs(_f32(x)).max() + 1e-6)
 
 
-@pytest.mark.parametrize('isa', ISAS)
+@needs_kernels
 @pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
-def test_decoding_on_packed_weights_agrees_with_teacher_forcing(name, isa):
-    cfg = get_config(name, dtype=jnp.bfloat16, cpu_matmul=isa)
+def test_decoding_on_prepared_weights_agrees_with_teacher_forcing(name):
+    cfg = get_config(name, dtype=jnp.bfloat16, **CPU)
     enc, dec = _model_inputs(cfg, seed=1)
     params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(1), enc, dec)['params'])
-    prepared, prepared_cfg = decoding.prepare_params(params, cfg)
-    packed = pack_for_decode(prepared, cfg.logits_via_embedding)
-    layer = packed['decoder']['layers_0']['mlp']['wo']
-    assert set(layer) == {'kernel', PACKED_KERNEL}
-    assert (PACKED_ATTEND in packed['token_embedder']) == cfg.logits_via_embedding
-    tokens, scores = jax.jit(lambda p: decoding.generate(p, cfg, enc, max_decode_length=6))(params)
-    tokens = np.asarray(tokens)
+    decoder = decoding.Decoder(cfg, params, max_decode_length=6, batch_size=3)
+    prepared = decoder.weights[ops.PREPARED]
+    # The layouts live beside the parameters, at their paths; the parameter tree is untouched.
+    assert jax.tree.structure(decoder.weights['params']) == jax.tree.structure(params)
+    assert prepared['decoder']['layers_0']['mlp']['wo']['kernel'].dtype == jnp.bfloat16
+    assert ('embedding' in prepared.get('token_embedder', {})) == cfg.logits_via_embedding
+    tokens, scores = decoder(enc)
     # The score of each decoded sequence, recomputed by a teacher-forced pass on the same kernels.
     dec_in = np.concatenate([np.zeros((3, 1), np.int32), tokens[:, :-1]], axis=1)
     logits = T5(cfg).apply({'params': params}, enc, dec_in)
@@ -387,28 +369,23 @@ def test_decoding_on_packed_weights_agrees_with_teacher_forcing(name, isa):
     alive = np.cumsum(tokens == 1, axis=1) - (tokens == 1) == 0
     np.testing.assert_allclose(np.asarray(scores), (logp * alive).sum(1),
                                rtol=2e-2, atol=2e-2)
-    # The kernels' decode caches are bf16 in the projections' (batch, length, heads, head_dim)
-    # layout, and every attention of a step is one decode_attention call.
-    _, cache = jax.eval_shape(lambda p: decoding._first_step(
-            T5(prepared_cfg), p, jnp.zeros((3, 19, cfg.emb_dim), cfg.dtype),
-            enc, 6), packed)
-    self_key = cache['decoder']['layers_0']['self_attention']['cached_key']
-    cross_key = cache['decoder']['layers_0']['encoder_decoder_attention']['cached_key']
-    assert self_key.shape == (3, 6, cfg.num_heads, cfg.head_dim) and self_key.dtype == jnp.bfloat16
-    assert cross_key.shape == (3, 19, cfg.num_heads, cfg.head_dim)
-    text = str(jax.make_jaxpr(lambda p: decoding.generate(p, cfg, enc, max_decode_length=6))(
-            params))
+    # Every product of a decode step reads its prepared layout, and every attention of a step is
+    # one decode_attention call.
+    text = str(jax.make_jaxpr(lambda w: decoding.generate(
+            w['params'], cfg, enc, max_decode_length=6, prepared=w[ops.PREPARED]))(
+            decoder.weights))
     assert text.count('target_name=doa_decode_attention') == 2 * 2 * cfg.num_decoder_layers
+    assert 'target_name=doa_amx_pack' not in text
 
 
-@pytest.mark.parametrize('isa', ISAS)
-def test_decoder_lays_weights_out_once_with_the_same_result(isa):
-    cfg = get_config('t5_1_1_tiny', dtype=jnp.bfloat16, cpu_matmul=isa)
+@needs_kernels
+def test_decoder_lays_weights_out_once_with_the_same_result():
+    cfg = get_config('t5_1_1_tiny', dtype=jnp.bfloat16, **CPU)
     enc, dec = _model_inputs(cfg, seed=2)
     params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(2), enc, dec)['params'])
     decoder = decoding.Decoder(cfg, params, max_decode_length=5, batch_size=3)
-    assert PACKED_KERNEL in decoder.params['decoder']['layers_0']['mlp']['wo']
     tokens, scores = decoder(enc)
+    # generate without prepared weights lays them out inside the call: the same products.
     ref_tokens, ref_scores = jax.jit(lambda p: decoding.generate(p, cfg, enc, max_decode_length=5))(
             params)
     np.testing.assert_array_equal(tokens, np.asarray(ref_tokens))
@@ -417,7 +394,7 @@ def test_decoder_lays_weights_out_once_with_the_same_result(isa):
 
 @needs_kernels
 def test_every_dense_kernel_runs_on_the_kernels_and_none_under_xla():
-    cfg = get_config('t5_1_1_tiny', dtype=jnp.bfloat16, cpu_matmul=amx.best_isa())
+    cfg = get_config('t5_1_1_tiny', dtype=jnp.bfloat16, **CPU)
     enc, dec = _model_inputs(cfg)
     params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(0), enc, dec)['params'])
     kernels = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -428,7 +405,7 @@ def test_every_dense_kernel_runs_on_the_kernels_and_none_under_xla():
         return text.count('target_name=doa_amx_matmul')
 
     assert custom_calls(cfg) == len(kernels)
-    assert custom_calls(cfg.replace(cpu_matmul='xla')) == 0
+    assert custom_calls(cfg.replace(**XLA)) == 0
 
 
 @needs_kernels
@@ -450,24 +427,25 @@ def test_f32_products_on_packed_strips_equal_numpy(m, k, n, transpose):
 @needs_kernels
 @pytest.mark.parametrize('name', ['t5_1_1_tiny', 't5_tiny'])
 def test_float32_decoding_on_the_kernels_equals_xla(name):
-    cfg = get_config(name, dtype=jnp.float32)
+    cfg = get_config(name, dtype=jnp.float32, **CPU)
     enc, dec = _model_inputs(cfg, seed=3)
     params = nn.unbox(T5(cfg).init(jax.random.PRNGKey(3), enc, dec)['params'])
     decoder = decoding.Decoder(cfg, params, max_decode_length=7, batch_size=3)
-    packed = decoder.params['decoder']['layers_0']['mlp']['wo'][PACKED_KERNEL]
-    assert packed.dtype == jnp.float32
-    assert (PACKED_ATTEND in decoder.params['token_embedder']) == cfg.logits_via_embedding
-    text = str(jax.make_jaxpr(lambda p: decoding.generate(p, cfg, enc, max_decode_length=7))(
-            decoder.params))
+    prepared = decoder.weights[ops.PREPARED]
+    assert prepared['decoder']['layers_0']['mlp']['wo']['kernel'].dtype == jnp.float32
+    assert ('embedding' in prepared.get('token_embedder', {})) == cfg.logits_via_embedding
+    text = str(jax.make_jaxpr(lambda w: decoding.generate(
+            w['params'], cfg, enc, max_decode_length=7, prepared=w[ops.PREPARED]))(
+            decoder.weights))
     assert 'target_name=doa_f32_matmul' in text and 'target_name=doa_decode_attention' in text
     tokens, scores = decoder(enc)
     for method in ('greedy', 'beam'):
         ours = jax.jit(lambda p: decoding.generate(p, cfg, enc, max_decode_length=7,
                                                    method=method))(params)
-        ref = jax.jit(lambda p: decoding.generate(p, cfg.replace(cpu_matmul='xla'), enc,
+        ref = jax.jit(lambda p: decoding.generate(p, cfg.replace(**XLA), enc,
                                                   max_decode_length=7, method=method))(params)
         np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(ref[0]))
         np.testing.assert_allclose(np.asarray(ours[1]), np.asarray(ref[1]), rtol=1e-5, atol=1e-4)
-    greedy = jax.jit(lambda p: decoding.generate(p, cfg.replace(cpu_matmul='xla'), enc,
+    greedy = jax.jit(lambda p: decoding.generate(p, cfg.replace(**XLA), enc,
                                                  max_decode_length=7))(params)
     np.testing.assert_array_equal(tokens, np.asarray(greedy[0]))

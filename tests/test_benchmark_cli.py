@@ -55,18 +55,23 @@ def test_train_benchmark_hf_dtypes_picks_hf_precisions_and_rejects_unknown(tmp_p
         main(args + ['--hf_dtypes=float16'])
 
 
-def test_decode_benchmark_records_the_cpu_path(tmp_path):
-    from doa_jax.kernels import amx
+def test_decode_benchmark_records_the_op_backends(tmp_path):
+    """The JSON names the backends that served the run: the ones asked for, and for 'auto' the
+    concrete one it resolved to here."""
+    from doa_jax import ops
 
     out = tmp_path / 'decode.json'
-    for dtype in ('float32', 'bfloat16'):
-        assert main(['decode', '--model=t5_1_1_tiny', '--batch=2', '--input_len=8',
-                     '--new_tokens=3', '--repeats=1', f'--dtype={dtype}', f'--json={out}']) == 0
+    base = ['decode', '--model=t5_1_1_tiny', '--batch=2', '--input_len=8', '--new_tokens=3',
+            '--repeats=1', f'--json={out}']
+    for dtype, attention, matmul in (('float32', 'xla', 'xla'),
+                                     ('bfloat16', 'dot_product_attention', 'xla'),
+                                     ('bfloat16', 'auto', 'auto')):
+        assert main(base + [f'--dtype={dtype}', f'--attention_impl={attention}',
+                            f'--matmul_impl={matmul}']) == 0
         (r,) = json.loads(out.read_text())['results']
-        served = amx.available()[0] and jax.device_count() == 1
-        assert r['cpu_attention'] == ('kernel' if served else 'xla')
-        if dtype == 'bfloat16':
-            assert r['cpu_matmul'] == (amx.best_isa() or 'xla')
+        if attention == 'auto':
+            assert r['attention_impl'] in ops.ATTENTION_IMPLS[1:]
+            assert r['matmul_impl'] in ops.MATMUL_IMPLS[1:]
         else:
-            assert r['cpu_matmul'] == ('f32_avx512' if amx.available('avx512_bf16')[0] or
-                                       amx.available('amx')[0] else 'xla')
+            assert (r['attention_impl'], r['matmul_impl']) == (attention, matmul)
+        assert r['tokens_per_s'] > 0

@@ -16,6 +16,7 @@ from doa_jax.models.t5 import T5
 from tests.hf_reference import build_hf_t5, state_dict_numpy
 
 VOCAB = 300
+XLA = dict(attention_impl='xla', matmul_impl='xla')
 SRC_LEN = 23   # distinctive, so the cross-K/V check can recognise encoder-shaped operands
 MAX_LEN = 12
 
@@ -24,7 +25,8 @@ def _reference(ff, tied, d_kv):
     # HF generate sizes its cache by num_layers, so keep encoder and decoder depths equal here.
     ref = build_hf_t5(tied=tied, feed_forward_proj=ff, vocab_size=VOCAB, d_model=32, d_kv=d_kv,
                       d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4)
-    cfg = config_from_hf(ref.config.to_dict(), dtype=jnp.float32)
+    # The parity tests pin the reference backend: every other backend is tested against it.
+    cfg = config_from_hf(ref.config.to_dict(), dtype=jnp.float32).replace(**XLA)
     return ref, cfg, params_from_hf_state_dict(state_dict_numpy(ref), cfg)
 
 
@@ -87,10 +89,11 @@ def test_cached_steps_equal_teacher_forced_forward():
     tokens = np.asarray(decoding.generate(params, cfg, enc, max_decode_length=MAX_LEN,
                                           return_scores=False))
     encoded = model.apply({'params': params}, enc, method=T5.encode)
-    logits, cache = decoding._first_step(model, params, encoded, jnp.asarray(enc), MAX_LEN)
+    weights = {'params': params}
+    logits, cache = decoding._first_step(model, weights, encoded, jnp.asarray(enc), MAX_LEN)
     step_logits = [logits]
     for i in range(1, MAX_LEN):
-        logits, cache = decoding._next_step(model, params, cache, jnp.asarray(enc),
+        logits, cache = decoding._next_step(model, weights, cache, jnp.asarray(enc),
                                             jnp.asarray(tokens[:, i - 1]), MAX_LEN)
         step_logits.append(logits)
     cached = np.stack([np.asarray(x) for x in step_logits], axis=1)
@@ -118,10 +121,10 @@ def _while_bodies(jaxpr):
             yield from _while_bodies(sub)
 
 
-@pytest.mark.parametrize('cpu_matmul', ['auto', 'xla'])
+@pytest.mark.parametrize('impl', ['auto', 'xla', 'dot_product_attention'])
 @pytest.mark.parametrize('method', ['greedy', 'beam'])
-def test_cross_attention_kv_projected_once_not_per_step(method, cpu_matmul):
-    cfg, params, enc = _tiny(cpu_matmul=cpu_matmul)
+def test_cross_attention_kv_projected_once_not_per_step(method, impl):
+    cfg, params, enc = _tiny(attention_impl=impl, matmul_impl='auto' if impl == 'auto' else 'xla')
     closed = jax.make_jaxpr(lambda p, e: decoding.generate(
             p, cfg, e, max_decode_length=MAX_LEN, method=method, num_beams=2))(params, enc)
     # (batch, source length, emb), or its rows flattened as the CPU kernels take them.

@@ -284,8 +284,22 @@ def test_overlong_examples_truncated_with_count_or_fail():
         next(train_data.numpy_batches(ds))
 
 
+class _LookupDecoder:
+    """A stand-in for the evaluator's `decoding.Decoder` that answers from the toy task's own
+    examples (every `wrong_every`-th answer wrong)."""
+
+    def __init__(self, wrong_every: int = 0):
+        self.generate = _toy_lookup_generate(wrong_every)
+
+    def load(self, params):
+        return self
+
+    def decode_batch(self, enc):
+        return self.generate(None, None, enc, max_decode_length=8)
+
+
 def _toy_lookup_generate(wrong_every: int = 0):
-    """A stand-in for doa_jax.decoding.generate that answers from the toy task's own examples."""
+    """Greedy answers looked up in the toy task's own examples."""
     vocab = tasks.toy.VOCABULARY
     answers = {e['inputs']: e['targets'] for s in ('train', 'validation')
                for e in tasks.toy.toy_examples(s)}
@@ -307,8 +321,7 @@ def _toy_lookup_generate(wrong_every: int = 0):
     return generate
 
 
-def test_decode_based_task_metrics_use_generate_and_task_metric(monkeypatch):
-    from doa_jax import decoding
+def test_decode_based_task_metrics_use_the_decoder_and_task_metric():
     mesh = partitioning.make_mesh()
     model = T5(TINY)
     ev = trainer._Evaluator(TINY, model_apply_fn(model), losses.cross_entropy_loss(), mesh,
@@ -317,8 +330,30 @@ def test_decode_based_task_metrics_use_generate_and_task_metric(monkeypatch):
     batches = list(ev._batches())
     assert len(batches) == 2      # 16 validation examples, batch 8
     for wrong_every, expected in ((0, 100.0), (2, 50.0)):
-        monkeypatch.setattr(decoding, 'generate', _toy_lookup_generate(wrong_every))
+        ev.decoder = _LookupDecoder(wrong_every)
         assert ev.task_metrics(None, batches) == {'task/accuracy': expected}
+
+
+def test_repeated_evaluations_compile_the_decoder_once():
+    """The evaluator decodes through one jitted `decoding.Decoder`: new parameters at every
+    evaluation, one compilation for the eval batches' one shape, none after that."""
+    mesh = partitioning.make_mesh()
+    model = T5(TINY)
+    ev = trainer._Evaluator(TINY, model_apply_fn(model), losses.cross_entropy_loss(), mesh,
+                            partitioning.STANDARD_RULES, 'doa_toy', LENGTHS, 'validation', 8, None,
+                            True, 8, None, 0)
+    batches = list(ev._batches())
+    enc = jnp.ones((1, LENGTHS['inputs']), jnp.int32)
+    predictions = []
+    with jax.set_mesh(mesh):
+        for seed in range(3):
+            params = model.init(jax.random.PRNGKey(seed), enc, enc[:, :4])['params']
+            ev.task_metrics(params, batches)
+            enc_global = train_data.to_global(batches[0], mesh, 8)['encoder_input_tokens']
+            predictions.append(np.asarray(ev.decoder.decode_batch(enc_global)[0]))
+    assert ev.decoder.compile_count == 1
+    # The parameters did change between evaluations (otherwise one compile proves nothing).
+    assert not np.array_equal(predictions[0], predictions[1])
 
 
 def test_eval_warns_when_gold_is_truncated(caplog):

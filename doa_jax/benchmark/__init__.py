@@ -24,32 +24,22 @@ def parse_mesh(text: str, default_data: int = -1) -> tuple[int, int]:
     return axes.get('data', default_data), axes.get('model', 1)
 
 
-def add_cpu_matmul_argument(parser: argparse.ArgumentParser) -> None:
-    from doa_jax.kernels import amx
-    parser.add_argument('--cpu_matmul', default='auto', choices=amx.MODES,
-                        help="CPU matmuls: 'auto' takes doa_jax's bf16 kernels (AMX, else "
-                             "AVX512-BF16) where they run; 'xla' keeps XLA's dot")
+def add_impl_arguments(parser: argparse.ArgumentParser) -> None:
+    """--attention_impl / --matmul_impl: the op backends (`doa_jax.ops`), as in T5Config."""
+    from doa_jax import ops
+    parser.add_argument('--attention_impl', default='auto', choices=ops.ATTENTION_IMPLS,
+                        help="attention backend; 'auto' picks per platform (CPU kernels on one "
+                             "CPU device where they run, dot_product_attention on GPU, else xla)")
+    parser.add_argument('--matmul_impl', default='auto', choices=ops.MATMUL_IMPLS,
+                        help="dense products; 'auto': CPU kernels where they run, else xla")
 
 
-def kernel_label(cfg, decode: bool = False) -> str:
-    """The CPU matmul path the config's products run on here (the JSON's `cpu_matmul` field):
-    the bf16 kernels' instruction path ('amx' or 'avx512_bf16'); for a float32 `decode`, 'f32_avx512'
-    where decode steps multiply on doa_jax's float32 kernel; else 'xla'."""
-    from doa_jax.kernels import amx
-    isa = amx.kernel_isa(cfg.cpu_matmul, cfg.dtype)
-    if isa:
-        return isa
-    if decode and amx.use_f32_decode_kernels(cfg.cpu_matmul, cfg.dtype):
-        return 'f32_avx512'
-    return 'xla'
-
-
-def attention_label(cfg) -> str:
-    """The path the config's attention takes here (the JSON's `cpu_attention` field): 'kernel'
-    where doa_jax's CPU attention kernels run it (`amx.use_attention_kernels`), else 'xla'."""
-    from doa_jax.kernels import amx
-    serves = amx.use_attention_kernels(cfg.cpu_matmul, cfg.dtype, cfg.float32_attention_logits)
-    return 'kernel' if serves else 'xla'
+def impl_labels(cfg) -> dict[str, str]:
+    """The backends the config's ops resolve to here (the JSON's `attention_impl` and
+    `matmul_impl`), e.g. {'attention_impl': 'cpu_kernels', 'matmul_impl': 'xla'}."""
+    from doa_jax import ops
+    resolved = ops.for_config(cfg)
+    return {'attention_impl': resolved.attention_impl, 'matmul_impl': resolved.matmul_impl}
 
 
 def write_json(path: str | None, payload: Any, indent: int = 1) -> None:

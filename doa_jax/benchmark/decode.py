@@ -4,7 +4,7 @@ Both sides decode the same random-weight model (ours is converted from the HF mo
 `--hf` is given), the same batch of random inputs, exactly `--new_tokens` new tokens per row (EOS is
 disabled, so no row stops early), with the same CPU thread count. Compilation is timed separately
 and excluded from tokens/s, and so is each side's one-time weight preparation (HF: the model in
-the dtype; ours: `decoding.prepare_params` and `decoding.pack_once`, as `decoding.Decoder` does).
+the dtype; ours: `decoding.Decoder` preparing its weights).
 Also runnable as `python -m doa_jax.benchmark.decode ...`.
 """
 
@@ -17,9 +17,8 @@ import sys
 import time
 from typing import Sequence
 
-from doa_jax.benchmark import (add_cpu_matmul_argument, add_price_arguments, attention_label,
-                               kernel_label, price, standalone_main, torch_device_kind,
-                               write_json)
+from doa_jax.benchmark import (add_impl_arguments, add_price_arguments, impl_labels, price,
+                               standalone_main, torch_device_kind, write_json)
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -31,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--new_tokens', type=int, default=32)
     parser.add_argument('--dtype', default='float32', choices=DTYPES,
                         help='activation dtype (HF: the whole model in this dtype)')
-    add_cpu_matmul_argument(parser)
+    add_impl_arguments(parser)
     parser.add_argument('--method', default='greedy', choices=('greedy', 'beam'))
     parser.add_argument('--num_beams', type=int, default=4)
     parser.add_argument('--repeats', type=int, default=3, help='timed runs (after one warm-up)')
@@ -79,35 +78,31 @@ def bench_ours(args, params=None) -> dict:
     from doa_jax.models.t5 import T5
 
     cfg = get_config(args.model, dtype=jnp.float32 if args.dtype == 'float32' else jnp.bfloat16,
-                     cpu_matmul=args.cpu_matmul)
+                     attention_impl=args.attention_impl, matmul_impl=args.matmul_impl)
     enc = _inputs(args, cfg.vocab_size)
     if params is None:
         tokens = jnp.ones((1, 4), jnp.int32)
         params = jax.jit(lambda r: T5(cfg).init(r, tokens, tokens)['params'])(
                 jax.random.PRNGKey(0))
-    # Weights prepared once before timing, as `decoding.Decoder` and pseudo-labeling hold them
-    # (cast to the compute dtype, laid out for the CPU kernels where they run), just as the HF
-    # side converts its model to the dtype before timing.
-    params, prepared_cfg = decoding.prepare_params(params, cfg)
-    params = decoding.pack_once(params, prepared_cfg)
-    # eos_id=-1: no row ever ends, so exactly `new_tokens` tokens are produced.
-    run = jax.jit(lambda p, e: decoding.generate(
-            p, prepared_cfg, e, max_decode_length=args.new_tokens, method=args.method,
-            num_beams=args.num_beams, eos_id=-1, return_scores=False))
+    # The project's one decode path; its weights are prepared once before timing (cast to the
+    # compute dtype, laid out for the matmul backend), as the HF side converts its model to the
+    # dtype before timing. eos_id=-1: no row ever ends, so exactly `new_tokens` come out.
+    decoder = decoding.Decoder(cfg, params, max_decode_length=args.new_tokens,
+                               batch_size=args.batch, length_buckets=(args.input_len,),
+                               method=args.method, num_beams=args.num_beams, eos_id=-1)
+    weights, rng = jax.block_until_ready(decoder.weights), jax.random.PRNGKey(0)
     t0 = time.perf_counter()
-    compiled = run.lower(params, enc).compile()
+    compiled = decoder.lower(weights, enc, rng).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(params, enc))   # warm-up
+    jax.block_until_ready(compiled(weights, enc, rng))   # warm-up
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(params, enc))
+        out, _ = jax.block_until_ready(compiled(weights, enc, rng))
         times.append(time.perf_counter() - t0)
     assert np.asarray(out).shape == (args.batch, args.new_tokens)
     median = statistics.median(times)
-    out = {'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg, decode=True),
-           'cpu_attention': attention_label(cfg),
-           'median_s': median, 'compile_s': compile_s,
+    out = {'impl': f'doa_jax {args.dtype}', **impl_labels(cfg), 'median_s': median, 'compile_s': compile_s,
            'tokens_per_s': args.batch * args.new_tokens / median,
            'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}'}
     return price(out, device_kind=jax.devices()[0].device_kind, device_count=1, batch=args.batch,

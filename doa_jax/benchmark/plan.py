@@ -91,9 +91,7 @@ def _train_plan(model, opt, mesh, shapes, shardings, args) -> dict[str, Any]:
             'compile_seconds': round(time.perf_counter() - t0, 2)}
 
 
-# Logical axes of the decode cache leaves, by rank: the head-major (batch, heads, length, kv)
-# layout and the flat (batch, length, joined_kv) one.
-CACHE_AXES = ('batch', 'heads', 'length', 'kv')   # the decode caches' logical axes
+CACHE_AXES = ('batch', 'length', 'heads', 'kv')   # the decode caches' logical axes
 
 
 def _kv_cache_bytes(config, param_shapes, mesh, batch: int, input_len: int,
@@ -130,9 +128,9 @@ def _kv_cache_bytes(config, param_shapes, mesh, batch: int, input_len: int,
 
 
 def _decode_plan(config, mesh, args) -> dict[str, Any]:
-    """Compiles greedy `decoding.generate` as pseudo-labeling runs it (`TeacherLabeler`): the
-    teacher laid out by STANDARD_RULES (weights over model, replicated over data; FSDP is
-    train-only), the batch over data."""
+    """Compiles greedy decoding through `decoding.Decoder` as pseudo-labeling runs it
+    (`TeacherLabeler`): the teacher laid out by STANDARD_RULES (weights over model, replicated
+    over data; FSDP is train-only), the batch over data."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -153,16 +151,15 @@ def _decode_plan(config, mesh, args) -> dict[str, Any]:
     matrix = partitioning.batch_sharding(mesh)
     tokens = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=matrix)
 
-    def decode(params, encoder_input_tokens):
-        with nn.logical_axis_rules(rules):
-            return decoding.generate(params, config, encoder_input_tokens, max_decode_length=t,
-                                     method='greedy')
-
-    step = jax.jit(decode, out_shardings=(
-            matrix, NamedSharding(mesh, PartitionSpec(partitioning.DATA_AXIS))))
+    decoder = decoding.Decoder(config, max_decode_length=t, batch_size=b,
+                               length_buckets=(s,), method='greedy', jit_kwargs={
+                                       'out_shardings': (matrix, NamedSharding(
+                                               mesh, PartitionSpec(partitioning.DATA_AXIS)))})
+    weights = jax.eval_shape(decoder.prepare, _with_shardings(shapes, shardings))
+    weights['params'] = _with_shardings(shapes, shardings)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = step.lower(_with_shardings(shapes, shardings), tokens).compile()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        compiled = decoder.lower(weights, tokens).compile()
     compile_s = round(time.perf_counter() - t0, 2)
     mem = compiled.memory_analysis()
     params = _sharded_bytes(shapes, shardings)

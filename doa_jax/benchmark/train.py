@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Sequence
 
-from doa_jax.benchmark import (add_cpu_matmul_argument, add_price_arguments, attention_label,
-                               kernel_label, price, standalone_main, torch_device_kind,
+from doa_jax.benchmark import (add_impl_arguments, add_price_arguments, impl_labels,
+                               price, standalone_main, torch_device_kind,
                                write_json)
 
 DTYPES = ('float32', 'bfloat16')
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--optimizer', default='adamw', choices=('adamw', 'adafactor'))
     parser.add_argument('--learning_rate', type=float, default=3e-5)
     parser.add_argument('--dtype', default='bfloat16', choices=DTYPES, help='activation dtype')
-    add_cpu_matmul_argument(parser)
+    add_impl_arguments(parser)
     parser.add_argument('--mesh_model', type=int, default=1, help='model-parallel axis size')
     parser.add_argument('--fsdp', action='store_true')
     parser.add_argument('--remat', default=None, choices=(None, 'full', 'minimal'))
@@ -70,7 +70,7 @@ def bench_jax(args: argparse.Namespace) -> dict:
     from doa_jax.train_step import make_train_step, model_apply_fn, zero_metrics
 
     cfg = get_config(args.config, dtype=getattr(jnp, args.dtype), remat_policy=args.remat,
-                     cpu_matmul=args.cpu_matmul)
+                     attention_impl=args.attention_impl, matmul_impl=args.matmul_impl)
     model = T5(cfg)
     mesh = partitioning.make_mesh(partitioning.MeshConfig(model=args.mesh_model, fsdp=args.fsdp))
     partitioning.check_batch_size(args.batch_size, mesh, '--batch_size')
@@ -112,9 +112,7 @@ def bench_jax(args: argparse.Namespace) -> dict:
     peak = args.peak_flops or flops.peak_flops_per_device()
     out = _summary(times)
     med = out['median_s']
-    out.update({'impl': f'doa_jax {args.dtype}', 'cpu_matmul': kernel_label(cfg),
-                'cpu_attention': attention_label(cfg),
-                'compile_s': compile_s,
+    out.update({'impl': f'doa_jax {args.dtype}', **impl_labels(cfg), 'compile_s': compile_s,
                 'target_tokens_per_s': b * t / med, 'tokens_per_s': b * (s + t) / med,
                 'tflops_per_s': flops_step / med / 1e12,
                 'mfu': flops.mfu(flops_step, med, mesh.size, peak),

@@ -15,12 +15,9 @@ does not repack its weights at every step. The same library holds attention kern
 (`attention` over whole sequences, differentiable, and `decode_attention` for one decode step) and
 float32 decode products (`pack_f32`, `matmul_f32_packed`).
 
-Whether the kernels run, and on which instructions, is decided at trace time by
-`kernel_isa(mode, dtype)`: `'auto'` takes AMX where the processor has it, else AVX512-BF16, for
-bf16 compute on a single CPU device where the library builds; `'amx'` and `'avx512_bf16'` insist on
-one path (and raise, naming the reason, where it cannot run); `'xla'` never uses the kernels. The
-kernels are single-device: on a multi-device mesh `'auto'` keeps XLA's dot, which the SPMD
-partitioner can split.
+Where the kernels serve the model is decided in `doa_jax.ops` (`matmul_impl` /
+`attention_impl` = 'cpu_kernels', or 'auto' on a single CPU device where `available()` holds); the
+instruction path is `best_isa()`: AMX where the processor has it, else AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ import numpy as np
 
 Array = jax.Array
 
-MODES = ('auto', 'amx', 'avx512_bf16', 'xla')
 # Instruction paths, best first, and the `isa` attribute the kernel takes for each.
 ISAS = ('amx', 'avx512_bf16')
 _ISA_CODE = {'amx': 1, 'avx512_bf16': 2}
@@ -160,42 +156,6 @@ def best_isa() -> str | None:
     return next((isa for isa in ISAS if _isa_available(isa)[0]), None)
 
 
-def kernel_isa(mode: str, dtype) -> str | None:
-    """Trace-time choice for a matmul in `dtype`: the kernels' instruction path ('amx' or
-    'avx512_bf16'), or None for XLA's dot."""
-    if mode not in MODES:
-        raise ValueError(f'Unknown cpu_matmul {mode!r}; choose one of {MODES}.')
-    if mode == 'xla':
-        return None
-    reasons = []
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        reasons.append(f'the compute dtype is {jnp.dtype(dtype).name}, not bfloat16')
-    if jax.default_backend() != 'cpu':
-        reasons.append(f'the backend is {jax.default_backend()}, not cpu')
-    if jax.device_count() != 1:
-        reasons.append(f'there are {jax.device_count()} devices (the kernels are single-device)')
-    if not reasons:
-        if mode == 'auto':
-            isa = best_isa()
-            if isa is not None:
-                return isa
-            reasons.append(available()[1])
-        else:
-            ok, why = available(mode)
-            if ok:
-                return mode
-            reasons.append(why)
-    if mode != 'auto':
-        raise ValueError(f'cpu_matmul="{mode}" cannot run here: ' + '; '.join(reasons)
-                         + '. Use cpu_matmul="auto" to fall back to XLA\'s dot.')
-    return None
-
-
-def use_kernels(mode: str, dtype) -> bool:
-    """Whether a matmul in `dtype` under `mode` runs on these kernels (see `kernel_isa`)."""
-    return kernel_isa(mode, dtype) is not None
-
-
 def _round_up(x: int, m: int = _ROW_MULTIPLE) -> int:
     return -(-x // m) * m
 
@@ -288,24 +248,6 @@ def decode_attention(q: Array, k: Array, v: Array, bias: Array, *,
                 bias.astype(jnp.float32), round_weights=np.int64(round_weights))
 
 
-def _serves(mode: str) -> bool:
-    """Whether `cpu_matmul=mode` lets the kernels run here: not 'xla', a single CPU device, and
-    the library loads."""
-    if mode not in MODES:
-        raise ValueError(f'Unknown cpu_matmul {mode!r}; choose one of {MODES}.')
-    if mode == 'xla' or jax.default_backend() != 'cpu' or jax.device_count() != 1:
-        return False
-    return _load()[0] is not None
-
-
-def use_f32_decode_kernels(mode: str, dtype) -> bool:
-    """Whether float32 decoding under `cpu_matmul=mode` multiplies its weights with
-    `matmul_f32_packed` (weights laid out once by `pack_f32`): wherever the kernels run (see
-    `_serves`). A decode step multiplies a few rows by every weight, where XLA's float32 dot is far
-    from the memory-bound limit."""
-    return jnp.dtype(dtype) == jnp.float32 and _serves(mode)
-
-
 def pack_f32(w: Array, *, transpose: bool = False) -> Array:
     """w[K, N] (or w[N, K] with `transpose`) as float32 32-column strips for `matmul_f32_packed`:
     a flat array of Np * K values (N padded to a multiple of 32)."""
@@ -325,15 +267,6 @@ def matmul_f32_packed(x: Array, packed: Array, features: int) -> Array:
     call = jax.ffi.ffi_call(_F32_TARGET, jax.ShapeDtypeStruct((x2.shape[0], features),
                                                               jnp.float32))
     return call(x2, packed).reshape(*lead, features)
-
-
-def use_attention_kernels(mode: str, dtype, float32_logits: bool = True) -> bool:
-    """Whether attention in `dtype` (bf16 or float32) under `cpu_matmul=mode` runs on these
-    kernels: `decode_attention` in a decode step, `attention` (forward and backward) over whole
-    sequences; wherever the kernels run (see `_serves`). The kernels compute logits in float32, so
-    a model with float32_logits=False keeps XLA."""
-    dtypes = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-    return float32_logits and jnp.dtype(dtype) in dtypes and _serves(mode)
 
 
 def _attention_call(target: str, outs, *args, round_weights: bool):

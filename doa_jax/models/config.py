@@ -33,11 +33,20 @@ class T5Config:
     scan_layers: bool = False
     # None, 'full' (recompute everything) or 'minimal' (save matmul outputs without batch dims).
     remat_policy: str | None = None
-    # CPU matmul implementation (doa_jax.kernels.amx): 'auto' takes doa_jax's bf16 kernels for
-    # bf16 compute on a single CPU device (AMX tiles where the processor has them, else
-    # AVX512-BF16), and its decode kernels (attention; float32 decode steps) wherever they load;
-    # 'amx' or 'avx512_bf16' insist on one bf16 path; 'xla' keeps XLA's ops throughout.
-    cpu_matmul: str = 'auto'
+    # Which implementation serves attention and dense products (doa_jax.ops): attention_impl is
+    # 'auto', 'xla' (the reference), 'dot_product_attention' (jax.nn.dot_product_attention; cuDNN
+    # flash attention on NVIDIA GPUs) or 'cpu_kernels'; matmul_impl is 'auto', 'xla' or
+    # 'cpu_kernels'. 'auto' takes the CPU kernels on a single CPU device where they run,
+    # dot_product_attention on GPUs, else xla.
+    attention_impl: str = 'auto'
+    matmul_impl: str = 'auto'
+
+    def __post_init__(self):
+        from doa_jax.ops import ATTENTION_IMPLS, MATMUL_IMPLS
+        for field, value, choices in (('attention_impl', self.attention_impl, ATTENTION_IMPLS),
+                                      ('matmul_impl', self.matmul_impl, MATMUL_IMPLS)):
+            if value not in choices:
+                raise ValueError(f'Unknown {field} {value!r}; choose one of {choices}.')
 
     def replace(self, **kwargs) -> 'T5Config':
         return dataclasses.replace(self, **kwargs)

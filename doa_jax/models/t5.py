@@ -20,8 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from doa_jax import ops as ops_lib
 from doa_jax.models.config import T5Config
-from doa_jax.models.layers import (MASK_BIAS, Dense, Embed, MlpBlock, MultiHeadAttention,
+from doa_jax.models.layers import (Dense, Embed, MlpBlock, MultiHeadAttention,
                                    RelativePositionBiases, RMSNorm, constrain)
 
 Array = jax.Array
@@ -39,10 +40,9 @@ def _dropout(x: Array, rate: float, deterministic: bool) -> Array:
     return x
 
 
-def padding_bias(query_valid: Array, key_valid: Array) -> Array:
-    """(batch, 1, q, k) additive bias that masks pairs where either side is padding."""
-    valid = query_valid[:, None, :, None] & key_valid[:, None, None, :]
-    return jnp.where(valid, 0.0, MASK_BIAS).astype(jnp.float32)
+def padding_mask(query_valid: Array, key_valid: Array) -> Array:
+    """(batch, 1, q, k) boolean mask: True where neither side is padding."""
+    return query_valid[:, None, :, None] & key_valid[:, None, None, :]
 
 
 class EncoderLayer(nn.Module):
@@ -50,16 +50,17 @@ class EncoderLayer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array) -> tuple[Array, None]:
+    def __call__(self, x: Array, bias: Array, mask: Array) -> tuple[Array, None]:
         cfg = self.config
+        ops = ops_lib.for_config(cfg)
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_attention_layer_norm')(x)
         h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate,
                                cfg.float32_attention_logits, self.deterministic,
-                               matmul=cfg.cpu_matmul, name='attention')(h, h, bias)
+                               ops=ops, name='attention')(h, h, bias, mask)
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
         h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dtype, cfg.dropout_rate,
-                     self.deterministic, matmul=cfg.cpu_matmul, name='mlp')(h)
+                     self.deterministic, ops=ops, name='mlp')(h)
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
         return constrain(x, ('batch', 'length', 'embed')), None
 
@@ -70,23 +71,25 @@ class DecoderLayer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, encoded: Array | None, self_bias: Array, cross_bias: Array,
-                 decode_position: Array | None = None,
+    def __call__(self, x: Array, encoded: Array | None, self_bias: Array, self_mask: Array,
+                 cross_mask: Array, decode_position: Array | None = None,
                  max_decode_length: int | None = None) -> tuple[Array, None]:
         cfg = self.config
+        ops = ops_lib.for_config(cfg)
         attn = lambda name, is_cross: MultiHeadAttention(
                 cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate,
                 cfg.float32_attention_logits, self.deterministic, self.decode, is_cross,
-                matmul=cfg.cpu_matmul, name=name)
+                ops=ops, name=name)
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_self_attention_layer_norm')(x)
-        h = attn('self_attention', False)(h, h, self_bias, decode_position, max_decode_length)
+        h = attn('self_attention', False)(h, h, self_bias, self_mask, decode_position,
+                                          max_decode_length)
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_cross_attention_layer_norm')(x)
-        h = attn('encoder_decoder_attention', True)(h, encoded, cross_bias)
+        h = attn('encoder_decoder_attention', True)(h, encoded, None, cross_mask)
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
         h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dtype, cfg.dropout_rate,
-                     self.deterministic, matmul=cfg.cpu_matmul, name='mlp')(h)
+                     self.deterministic, ops=ops, name='mlp')(h)
         x = x + _dropout(h, cfg.dropout_rate, self.deterministic)
         return constrain(x, ('batch', 'length', 'embed')), None
 
@@ -122,16 +125,16 @@ class Encoder(nn.Module):
                                           bidirectional=True, dtype=jnp.float32,
                                           name='relpos_bias')(positions, positions)
         valid = encoder_input_tokens > 0
-        bias = pos_bias + padding_bias(valid, valid)
+        mask = padding_mask(valid, valid)
         x = self.shared_embedding(encoder_input_tokens)
         x = _dropout(x, cfg.dropout_rate, deterministic)
         x = constrain(x, ('batch', 'length', 'embed'))
-        layer = _wrap_layer(EncoderLayer, cfg, 1, cfg.num_encoder_layers)
+        layer = _wrap_layer(EncoderLayer, cfg, 2, cfg.num_encoder_layers)
         if cfg.scan_layers:
-            x, _ = layer(cfg, deterministic, name='layers')(x, bias)
+            x, _ = layer(cfg, deterministic, name='layers')(x, pos_bias, mask)
         else:
             for i in range(cfg.num_encoder_layers):
-                x, _ = layer(cfg, deterministic, name=f'layers_{i}')(x, bias)
+                x, _ = layer(cfg, deterministic, name=f'layers_{i}')(x, pos_bias, mask)
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='encoder_norm')(x)
         return _dropout(x, cfg.dropout_rate, deterministic)
 
@@ -162,35 +165,35 @@ class Decoder(nn.Module):
             step.value = decode_position + 1
             key_positions = jnp.arange(max_decode_length)
             self_bias = relpos(decode_position[None], key_positions)
-            causal = key_positions[None, None, None, :] <= decode_position
-            self_bias = self_bias + jnp.where(causal, 0.0, MASK_BIAS)
-            cross_bias = jnp.where(encoder_valid[:, None, None, :], 0.0, MASK_BIAS)
+            self_mask = key_positions[None, None, None, :] <= decode_position
+            cross_mask = encoder_valid[:, None, None, :]
         else:
             positions = jnp.arange(length)
             self_bias = relpos(positions, positions)
             causal = positions[None, :] <= positions[:, None]
             valid = decoder_valid if decoder_valid is not None else jnp.ones((batch, length), bool)
-            mask = causal[None, None] & valid[:, None, :, None] & valid[:, None, None, :]
-            self_bias = self_bias + jnp.where(mask, 0.0, MASK_BIAS)
-            cross_bias = padding_bias(valid, encoder_valid)
+            self_mask = causal[None, None] & padding_mask(valid, valid)
+            cross_mask = padding_mask(valid, encoder_valid)
 
         x = self.shared_embedding(decoder_input_tokens)
         x = _dropout(x, cfg.dropout_rate, deterministic)
         x = constrain(x, ('batch', 'length', 'embed'))
-        layer = _wrap_layer(DecoderLayer, cfg, 3, cfg.num_decoder_layers)
+        layer = _wrap_layer(DecoderLayer, cfg, 4, cfg.num_decoder_layers)
         if cfg.scan_layers:
-            x, _ = layer(cfg, deterministic, name='layers')(x, encoded, self_bias, cross_bias)
+            x, _ = layer(cfg, deterministic, name='layers')(x, encoded, self_bias, self_mask,
+                                                            cross_mask)
         else:
             for i in range(cfg.num_decoder_layers):
                 x, _ = layer(cfg, deterministic, decode, name=f'layers_{i}')(
-                        x, encoded, self_bias, cross_bias, decode_position, max_decode_length)
+                        x, encoded, self_bias, self_mask, cross_mask, decode_position,
+                        max_decode_length)
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name='decoder_norm')(x)
         x = _dropout(x, cfg.dropout_rate, deterministic)
         if cfg.logits_via_embedding:
             logits = self.shared_embedding.attend(x * (x.shape[-1] ** -0.5))
         else:
             logits = Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=cfg.dtype,
-                           matmul=cfg.cpu_matmul, name='logits_dense')(x)
+                           ops=ops_lib.for_config(cfg), name='logits_dense')(x)
         return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
@@ -201,7 +204,8 @@ class T5(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype, cfg.cpu_matmul)
+        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype,
+                                    ops_lib.for_config(cfg))
         self.encoder = Encoder(cfg, self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
 

@@ -1,7 +1,7 @@
-"""A batched greedy generate function over doa_jax.decoding (the model's cached decoding).
+"""A batched greedy generate function over `doa_jax.decoding.Decoder` (the model's cached decoding).
 
-Batches are padded to power-of-two sizes and input lengths so a server compiles a handful of
-shapes, not one per request mix."""
+Batches are padded to the server's batch size and inputs to power-of-two length buckets, so a
+server compiles one program per bucket, not one per request mix."""
 
 from __future__ import annotations
 
@@ -37,20 +37,18 @@ def load_params(checkpoint: str, config: T5Config, seed: int = 0) -> Any:
 
 
 def make_generate_fn(config: T5Config, params: Any, vocabulary: seqio.Vocabulary,
-                     max_input_length: int = 512, max_decode_length: int = 32):
-    """prompts, max_tokens -> [(text, prompt_tokens, completion_tokens)]; greedy decoding."""
-    greedy = jax.jit(lambda params, enc: decoding.generate(
-            params, config, enc, max_decode_length=max_decode_length, eos_id=EOS_ID,
-            return_scores=False))
+                     max_input_length: int = 512, max_decode_length: int = 32,
+                     batch_size: int = 16):
+    """prompts, max_tokens -> [(text, prompt_tokens, completion_tokens)]; greedy decoding of up to
+    `batch_size` prompts per call."""
+    buckets = sorted({min(1 << n, max_input_length) for n in range(5, max_input_length.bit_length() + 1)}
+                     | {max_input_length})
+    decoder = decoding.Decoder(config, params, max_decode_length=max_decode_length,
+                               batch_size=batch_size, length_buckets=buckets, eos_id=EOS_ID)
 
     def generate(prompts: Sequence[str], max_tokens: Sequence[int]) -> list[tuple[str, int, int]]:
         ids = [list(vocabulary.encode(p))[-(max_input_length - 1):] + [EOS_ID] for p in prompts]
-        length = max(32, 1 << (max(map(len, ids)) - 1).bit_length())
-        rows = 1 << (len(ids) - 1).bit_length()
-        enc = np.zeros((rows, length), np.int32)
-        for i, x in enumerate(ids):
-            enc[i, :len(x)] = x
-        out = np.asarray(greedy(params, jnp.asarray(enc)))
+        out, _ = decoder(ids)
         results = []
         for i, x in enumerate(ids):
             toks = out[i, :max(1, min(max_tokens[i], max_decode_length))].tolist()
@@ -60,4 +58,5 @@ def make_generate_fn(config: T5Config, params: Any, vocabulary: seqio.Vocabulary
             results.append((text, len(x), len(toks)))
         return results
 
+    generate.decoder = decoder
     return generate
