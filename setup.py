@@ -50,6 +50,7 @@ setup(
         'test': [
             'pytest>=8',
             'pytest-timeout>=2.3',
+            'pytest-xdist>=3.5',
             'torch==2.13.0',
             'transformers>=4.45',
             BERT_SCORE,

@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     'pseudo_label': ('doa_jax.benchmark.pseudo_label',
                      'pseudo-labels/s and $ per 1K pseudo-labels for a teacher on a mesh'),
     'plan': ('doa_jax.benchmark.plan', 'per-device memory of the train step on a mesh (fake CPU devices)'),
+    'gpu_check': ('doa_jax.benchmark.gpu_check',
+                  'the GPU proof in one run: accelerator tests, train and decode vs HF'),
 }
 
 

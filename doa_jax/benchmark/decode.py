@@ -115,8 +115,10 @@ def bench_hf(args, model) -> dict:
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
     dtype = torch.float32 if args.dtype == 'float32' else torch.bfloat16
-    model = model.to(dtype)
-    enc = torch.tensor(_inputs(args, model.config.vocab_size), dtype=torch.long)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    model = model.to(device=device, dtype=dtype)
+    enc = torch.tensor(_inputs(args, model.config.vocab_size), dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
     kwargs = dict(input_ids=enc, attention_mask=torch.ones_like(enc),
                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                   num_beams=args.num_beams if args.method == 'beam' else 1)
@@ -124,8 +126,10 @@ def bench_hf(args, model) -> dict:
         model.generate(**kwargs)   # warm-up
         times = []
         for _ in range(args.repeats):
+            sync()
             t0 = time.perf_counter()
             out = model.generate(**kwargs)
+            sync()
             times.append(time.perf_counter() - t0)
     assert out.shape[1] == args.new_tokens + 1
     median = statistics.median(times)
