@@ -26,6 +26,9 @@ def pseudo_labeled_task(infer_output_dir: str, eval_task: str | None = None,
                                  completed_only=True, with_topk=with_topk,
                                  topk_mismatch=topk_mismatch, gold_task=gold_task,
                                  overwrite=True)
+    # The teacher labeled the inputs of EVAL_TASK's dataset: that task's measured lengths apply.
+    from doa_jax.data import lengths
+    lengths.inherit(name, eval_task)
     return name
 
 

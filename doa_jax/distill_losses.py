@@ -123,7 +123,7 @@ def online_teacher_kd_loss(teacher_params, teacher_config, temperature: float = 
     """
     from flax import linen as nn
 
-    from doa_jax.models.t5 import T5
+    from doa_jax.models.t5 import T5, packing_inputs
 
     base = token_kd_loss(temperature=temperature, alpha=alpha, z_loss=z_loss)
     model, params = T5(teacher_config), nn.unbox(teacher_params)
@@ -132,7 +132,7 @@ def online_teacher_kd_loss(teacher_params, teacher_config, temperature: float = 
         check_same_vocab(teacher_config.vocab_size, logits.shape[-1])
         teacher_logits = jax.lax.stop_gradient(model.apply(
                 {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
-                batch['decoder_target_tokens']))
+                batch['decoder_target_tokens'], **packing_inputs(batch)))
         return base(logits, {**batch, TEACHER_LOGITS: teacher_logits})
 
     return loss

@@ -555,3 +555,11 @@ def hide_gpus_from_tensorflow() -> None:
     """seqio imports TensorFlow; it must not reserve accelerator memory that JAX needs."""
     import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')
+
+
+def macro_value(name: str, default: Any = None) -> Any:
+    """The value of the gin macro `name` (as the loaded files and flags set it), else `default`."""
+    try:
+        return gin.query_parameter(f'{name}/macro.value')
+    except ValueError:
+        return default

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import gin
 
-from doa_jax import distributed, gin_utils, pseudo_label
+from doa_jax import compilation_cache, distributed, gin_utils, pseudo_label
 
 PROG = 'python -m doa_jax.infer'
 _REGISTERED: list[object] = []
@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
     sources = gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
     check_bindings(sources)
+    # Before anything compiles: <INFER_OUTPUT_DIR>/../compilation_cache by default.
+    compilation_cache.configure(gin_utils.macro_value('COMPILATION_CACHE_DIR'),
+                                gin_utils.bound_value('infer.output_dir', sources).value)
     gin_utils.CONFIGURABLE['import_task_modules']()
     result = _REGISTERED[0]()
     logging.info(summary_line(result, sources))

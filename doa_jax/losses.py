@@ -50,11 +50,29 @@ def normalized_loss_weights(batch: Batch, loss_normalizing_factor: float | str |
         if factor == NUM_TOTAL_TARGET_TOKENS:
             return weights / float(targets.size)
         if factor == AVERAGE_PER_SEQUENCE:
+            segments = batch.get('decoder_segment_ids')
+            if segments is not None:
+                return _average_per_packed_sequence(weights, segments)
             per_seq = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
             return weights / per_seq / float(targets.shape[0])
         raise ValueError(f'Unknown loss_normalizing_factor {factor!r} (gin: '
                          f'LOSS_NORMALIZING_FACTOR); use a number, None, or one of {_NAMED_FACTORS}.')
     return weights / float(factor)
+
+
+def _average_per_packed_sequence(weights: Array, segments: Array) -> Array:
+    """AVERAGE_PER_SEQUENCE over packed rows: each example (a row's segment) averaged over its
+    own tokens, then the examples over the batch; equal to the unpacked rows' weights."""
+    rows, length = segments.shape
+    # One id per (row, segment) pair; segment ids run 0 (padding) .. length.
+    ids = (jnp.arange(rows)[:, None] * (length + 1) + segments).reshape(-1)
+    n = rows * (length + 1)
+    per_seq = jax.ops.segment_sum(weights.reshape(-1), ids, num_segments=n)
+    tokens = jax.ops.segment_sum((segments > 0).astype(jnp.float32).reshape(-1), ids,
+                                 num_segments=n)
+    num_sequences = jnp.maximum(jnp.sum(tokens > 0), 1).astype(jnp.float32)
+    own = jnp.maximum(per_seq[ids].reshape(rows, length), 1.0)
+    return jnp.where(segments > 0, weights / own / num_sequences, 0.0)
 
 
 def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float,

@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Sequence
 
-from doa_jax import distributed, gin_utils
+from doa_jax import compilation_cache, distributed, gin_utils
 
 PROG = 'python -m doa_jax.train'
 
@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
     sources = gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
     check_bindings(sources)
+    # Before anything compiles: sibling runs share <MODEL_DIR>/../compilation_cache by default.
+    compilation_cache.configure(gin_utils.macro_value('COMPILATION_CACHE_DIR'),
+                                gin_utils.bound_value('train.model_dir', sources).value)
     summary = gin_utils.RunSummary()
     result = gin_utils.run_configured_training(['-m', 'doa_jax.train', *argv], summary)
     logging.info(summary.line(result))

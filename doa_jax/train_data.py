@@ -9,6 +9,11 @@ A task whose examples carry the teacher's stored top-k (`TEACHER_FEATURES`, each
 k); see `tasks.jsonl_task.register_pseudo_labeled_task(with_topk=True)`) keeps them: they are cut
 and padded to the target length beside `decoder_target_tokens` and travel in the batch, sharded
 over the data axis like the other features, for offline token-level KD.
+
+`pack=True` packs several examples into each row as t5x trains by default
+(`seqio.EncDecFeatureConverter(pack=True)`): the batches then also carry `SEGMENT_FEATURES`, which
+the model uses to keep each example's attention to itself. Evaluation reads unpacked rows (one
+input per row, as decoding needs).
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from doa_jax import partitioning
 
 FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
             'decoder_loss_weights')
+# The packing features the model reads. seqio also writes encoder_positions/decoder_positions; they
+# stay on the host, since for seqio's consecutive positions the model's shared relative-position
+# bias is already each example's own (doa_jax.models.t5).
+SEGMENT_FEATURES = ('encoder_segment_ids', 'decoder_segment_ids')
 # Optional per-target-token features (offline KD); names as doa_jax.distill_losses reads them.
 TEACHER_FEATURES = {'teacher_topk_ids': tf.int32, 'teacher_topk_logprobs': tf.float32}
 OVERLONG_MODES = ('truncate', 'error')
@@ -93,9 +102,10 @@ def _limit_lengths(ds: tf.data.Dataset, lengths: Mapping[str, int], mode: str,
 
 def host_dataset(task_name: str, feature_lengths: Mapping[str, int], split: str, global_batch: int,
                  *, seed: int, shuffle: bool = True, repeat: bool = True, skip_batches: int = 0,
-                 overlong: str = 'truncate',
-                 counter: OverlongCounter | None = None) -> tf.data.Dataset:
-    """This host's batches (numpy-ready) of EncDecFeatureConverter features, `skip_batches` skipped."""
+                 overlong: str = 'truncate', counter: OverlongCounter | None = None,
+                 pack: bool = False) -> tf.data.Dataset:
+    """This host's batches (numpy-ready) of EncDecFeatureConverter features, `skip_batches` skipped;
+    with `pack`, each row packs as many examples as fit (t5x's default for training)."""
     if overlong not in OVERLONG_MODES:
         raise ValueError(f'OVERLONG={overlong!r}; choose one of {OVERLONG_MODES}.')
     n_hosts = jax.process_count()
@@ -109,7 +119,11 @@ def host_dataset(task_name: str, feature_lengths: Mapping[str, int], split: str,
     teacher = _teacher_features(ds, task_name)
     lengths = {**feature_lengths, **{k: feature_lengths['targets'] for k in teacher}}
     ds = _limit_lengths(ds, lengths, overlong, counter or OverlongCounter(), task_name)
-    converter = seqio.EncDecFeatureConverter(pack=False, passthrough_features=teacher or None)
+    if pack and teacher:
+        raise ValueError(f'Task {task_name!r} carries the teacher\'s top-k ({sorted(teacher)}), '
+                         'which seqio cannot pack; train it unpacked (gin: PACK=False, as '
+                         'runs/distill_kd_offline.gin does).')
+    converter = seqio.EncDecFeatureConverter(pack=pack, passthrough_features=teacher or None)
     ds = converter(ds, lengths)
     ds = ds.batch(global_batch // n_hosts, drop_remainder=repeat)
     if skip_batches:
@@ -148,7 +162,8 @@ def check_teacher_ids(batch: Mapping[str, np.ndarray], vocab_size: int) -> None:
 
 def to_global(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
               global_batch: int | None = None) -> dict[str, jax.Array]:
-    """Assembles each host's numpy batch (FEATURES, and TEACHER_FEATURES when present) into global
+    """Assembles each host's numpy batch (FEATURES; SEGMENT_FEATURES and TEACHER_FEATURES when
+    present) into global
     arrays sharded over the data axis (batch dimension only).
 
     This is the hot loop's one intended host-to-device transfer, so it is allowed explicitly
@@ -156,8 +171,9 @@ def to_global(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
     """
     sharding = partitioning.batch_sharding(mesh)
     out = {}
+    optional = (*SEGMENT_FEATURES, *TEACHER_FEATURES)
     with jax.transfer_guard('allow'):
-        for key in (*FEATURES, *(k for k in TEACHER_FEATURES if k in local)):
+        for key in (*FEATURES, *(k for k in optional if k in local)):
             x = np.asarray(local[key])
             shape = None if global_batch is None else (global_batch,) + x.shape[1:]
             out[key] = jax.make_array_from_process_local_data(sharding, x, shape)
@@ -166,9 +182,11 @@ def to_global(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
 
 def numpy_batches(ds: tf.data.Dataset,
                   vocab_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Host batches of FEATURES plus any TEACHER_FEATURES; with `vocab_size`, teacher ids are
-    checked against the student's vocabulary on the host (before each batch reaches a device)."""
-    keys = [*FEATURES, *(k for k in TEACHER_FEATURES if k in ds.element_spec)]
+    """Host batches of FEATURES plus any SEGMENT_FEATURES and TEACHER_FEATURES; with `vocab_size`,
+    teacher ids are checked against the student's vocabulary on the host (before each batch
+    reaches a device)."""
+    keys = [*FEATURES, *(k for k in (*SEGMENT_FEATURES, *TEACHER_FEATURES)
+                         if k in ds.element_spec)]
     for batch in ds.as_numpy_iterator():
         out = {k: batch[k] for k in keys}
         if vocab_size is not None:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from doa_jax import partitioning
 from doa_jax.losses import LossFn, normalized_loss_weights
+from doa_jax.models.t5 import packing_inputs
 from doa_jax.train_state import TrainState
 
 Array = jax.Array
@@ -35,13 +36,15 @@ def zero_metrics() -> dict[str, Array]:
 
 
 def model_apply_fn(model: nn.Module) -> ApplyFn:
-    """Teacher-forced forward pass of a T5 module on EncDecFeatureConverter features."""
+    """Teacher-forced forward pass of a T5 module on EncDecFeatureConverter features; a packed
+    batch's segment ids keep each example's attention to itself."""
 
     def apply(params, batch, dropout_rng):
         rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
         return model.apply({'params': params}, batch['encoder_input_tokens'],
                            batch['decoder_input_tokens'], batch['decoder_target_tokens'],
-                           enable_dropout=dropout_rng is not None, rngs=rngs)
+                           enable_dropout=dropout_rng is not None, rngs=rngs,
+                           **packing_inputs(batch))
 
     return apply
 

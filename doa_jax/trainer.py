@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from doa_jax import decoding, partitioning, train_data
 from doa_jax.callbacks import CallbackList, TrainerCallback
 from doa_jax.checkpointing import RunCheckpointer
+from doa_jax.data import lengths as feature_lengths
 from doa_jax.flops import DEFAULT_CPU_PEAK_FLOPS, mfu, peak_flops_per_device, train_flops_per_sequence
 from doa_jax.losses import LossFn, cross_entropy_loss, metrics_from_aux
 from doa_jax.metrics_writer import TrainMetricsWriter
@@ -67,7 +68,7 @@ def _check_microbatches(batch_size: int, num_microbatches: int, mesh) -> None:
 
 
 def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
-          task_feature_lengths: Mapping[str, int], train_steps: int, batch_size: int,
+          task_feature_lengths: Mapping[str, int] | None, train_steps: int, batch_size: int,
           optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
           eval_loss_fn: LossFn | None = None,
           mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
@@ -80,7 +81,8 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
           overlong: str = 'truncate', cpu_peak_flops: float = DEFAULT_CPU_PEAK_FLOPS,
           transfer_guard: bool = True, show_progress: bool = True,
           callbacks: Sequence[TrainerCallback] = (),
-          extra_callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+          extra_callbacks: Sequence[TrainerCallback] = (), pack: bool = False,
+          default_feature_lengths: Mapping[str, int] | None = None) -> TrainResult:
     """Trains `model_config` on a seqio task; resumes from MODEL_DIR's latest checkpoint if any.
 
     `shuffle=False` streams each host's shard in order (for debugging and the multi-process test).
@@ -88,6 +90,10 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
     point (e.g. the run record) so that binding one never drops the other. `eval_loss_fn` (default:
     `loss_fn`) is the teacher-forced eval loss: offline token-level KD trains on stored teacher
     top-k that the gold eval split does not have, so its run file evaluates cross entropy.
+
+    `pack=True` packs several training examples into each row, as t5x does (the run configs'
+    PACK); evaluation stays unpacked. `task_feature_lengths=None` takes the lengths measured
+    for the task and its vocabulary (`doa_jax.data.lengths`), else `default_feature_lengths`.
     """
     callbacks = CallbackList([*callbacks, *extra_callbacks])
     optimizer = optimizer or optax.adafactor(1e-3, decay_rate=0.8)
@@ -98,6 +104,8 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
     param_rules = partitioning.param_rules(mesh_config.fsdp)
     act_rules = partitioning.STANDARD_RULES
     train_data.get_task(mixture_or_task_name)   # fail fast, listing the registered tasks
+    task_feature_lengths = feature_lengths.resolve(mixture_or_task_name, task_feature_lengths,
+                                                   default_feature_lengths)
     os.makedirs(model_dir, exist_ok=True)
 
     model = T5(model_config)
@@ -132,8 +140,7 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
     counter = train_data.OverlongCounter()
     ds = train_data.host_dataset(mixture_or_task_name, task_feature_lengths, 'train', batch_size,
                                  seed=random_seed, shuffle=shuffle, skip_batches=skip,
-                                 overlong=overlong,
-                                 counter=counter)
+                                 overlong=overlong, counter=counter, pack=pack)
     batches = train_data.numpy_batches(ds, vocab_size=model_config.vocab_size)
     metrics = jax.device_put(zero_metrics(), partitioning.replicated(mesh))
     writer = TrainMetricsWriter(model_dir, train_steps, start_step, show_progress)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import seqio
 
 from doa_jax import metrics
-from doa_jax.data import paper
+from doa_jax.data import lengths, paper
 from tasks.jsonl_task import register_budget_tasks, register_jsonl_task
 
 # BERTScore model for MultiPIT_gen: the paper's by default, DOA_BERTSCORE_MODEL (a hub name or a
@@ -20,6 +20,36 @@ METRIC_FNS = {
     'fever': [metrics.fever_accuracy],
     'multipit_id': [metrics.multipit_id_accuracy],
     'nq': [metrics.squad],
+}
+
+
+# Feature lengths measured from each dataset's data (p99.9 of the tokens per input and target,
+# "<task>: " prefix and EOS included, rounded up to a multiple of 8), per vocabulary key
+# (doa_jax.data.lengths.vocabulary_key). A run with TASK_FEATURE_LENGTHS = None takes them for its
+# task and the budget slices and pool derived from it. Measured over the released files in
+# ../shared/data (WLP: train + test; the other five: their evaluation file only, since their
+# train files are not public) with the byte vocabulary, the only one available offline there:
+#
+#   python -m doa_jax.data lengths --vocabulary=byte --data_dir=../shared/data/distill_or_annotate
+#
+# A SentencePiece vocabulary (the T5 model) has no entry until that command is run with
+# --vocabulary=/path/to/sentencepiece.model and its lines are pasted under the key it prints;
+# until then runs take DEFAULT_FEATURE_LENGTHS.
+FEATURE_LENGTHS: dict[str, dict[str, dict[str, int]]] = {
+    'byte': {
+        # max 1716 / 2790, mean 82.3 / 114.5 over 17833 examples (train + validation)
+        'wlp': {'inputs': 480, 'targets': 784},
+        # max 1360 / 11, mean 385.4 / 10.9 over 4750 (validation)
+        'stanceosaurus': {'inputs': 1080, 'targets': 16},
+        # max 220 / 9, mean 58.1 / 8.5 over 10444 (validation)
+        'fever': {'inputs': 184, 'targets': 16},
+        # max 269 / 4, mean 152.1 / 3.5 over 11530 (validation)
+        'multipit_id': {'inputs': 248, 'targets': 8},
+        # max 147 / 137, mean 70.2 / 60.2 over 6120 (validation)
+        'multipit_gen': {'inputs': 136, 'targets': 128},
+        # max 106 / 52, mean 53.9 / 14.4 over 2837 (validation)
+        'nq': {'inputs': 112, 'targets': 48},
+    },
 }
 
 
@@ -47,9 +77,12 @@ def register_paper_tasks(vocabulary: seqio.Vocabulary | None = None, overwrite: 
         register_jsonl_task(name, files, spec.prefix, fns, vocabulary=vocabulary,
                             labels=spec.labels, allow_empty_target=spec.allow_empty_target,
                             overwrite=overwrite)
-        names.append(name)
-        names += register_budget_tasks(name, files, spec.prefix, spec.budget_sizes, fns,
-                                       seed=seed, vocabulary=vocabulary, labels=spec.labels,
-                                       allow_empty_target=spec.allow_empty_target,
-                                       overwrite=overwrite)
+        derived = register_budget_tasks(name, files, spec.prefix, spec.budget_sizes, fns,
+                                        seed=seed, vocabulary=vocabulary, labels=spec.labels,
+                                        allow_empty_target=spec.allow_empty_target,
+                                        overwrite=overwrite)
+        for key, measured in FEATURE_LENGTHS.items():
+            if dataset in measured:
+                lengths.record([name, *derived], key, measured[dataset])
+        names += [name, *derived]
     return names

@@ -6,6 +6,11 @@ Each step is timed separately to show whether the speed holds over many steps (o
 turning denormal can slow fp32 training down). `--hf` runs HF PyTorch T5 on the same config,
 batch, lengths, optimizer and thread count, in fp32 and bf16 autocast, and prints the ratios.
 
+The batch is synthetic (every token real) unless `--task` names a seqio task: then it is that
+task's first training batch at --source_len/--target_len, packed with `--pack` as the run configs
+train. Either way the result reports `nonpad_token_share`, the share of the batch's input and
+target positions that hold real tokens (the rest is padding the step computes for nothing).
+
 Also runnable as `python -m doa_jax.benchmark.train ...`.
 """
 
@@ -49,7 +54,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads for PyTorch (default: os.cpu_count())')
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
+    parser.add_argument('--task', default=None,
+                        help='time a batch of this seqio task (its train split) instead of '
+                             'synthetic tokens')
+    parser.add_argument('--task_module', default='tasks', help='module that registers --task')
+    parser.add_argument('--vocabulary', default=None,
+                        help="--task's vocabulary: 'byte' or a SentencePiece model path")
+    parser.add_argument('--pack', action='store_true',
+                        help='pack several --task examples per row (as the run configs train)')
     add_price_arguments(parser)
+
+
+def nonpad_token_share(batch) -> float:
+    """Real (non-padding) tokens over all positions, inputs and targets together."""
+    import numpy as np
+    enc, dec = np.asarray(batch['encoder_input_tokens']), np.asarray(batch['decoder_target_tokens'])
+    return float(((enc > 0).sum() + (dec > 0).sum()) / (enc.size + dec.size))
+
+
+def _task_batch(args: argparse.Namespace) -> dict:
+    """The first training batch of `args.task` (numpy), packed with `args.pack`."""
+    import importlib
+
+    from doa_jax import train_data
+    from doa_jax.data.vocabulary import set_default_vocabulary
+    if args.vocabulary:
+        set_default_vocabulary(args.vocabulary)
+    importlib.import_module(args.task_module)
+    lengths = {'inputs': args.source_len, 'targets': args.target_len}
+    ds = train_data.host_dataset(args.task, lengths, 'train', args.batch_size, seed=0,
+                                 pack=args.pack)
+    return next(train_data.numpy_batches(ds))
 
 
 def _summary(times: list[float]) -> dict[str, float]:
@@ -86,11 +121,18 @@ def bench_jax(args: argparse.Namespace) -> dict:
         state = init_train_state(init_params, opt, shardings, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     b, s, t = args.batch_size, args.source_len, args.target_len
-    targets = rng.integers(2, cfg.vocab_size, size=(b, t), dtype=np.int32)
-    host = {'encoder_input_tokens': rng.integers(2, cfg.vocab_size, size=(b, s), dtype=np.int32),
-            'decoder_target_tokens': targets,
-            'decoder_input_tokens': np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1),
-            'decoder_loss_weights': np.ones((b, t), np.int32)}
+    if args.task:
+        host = _task_batch(args)
+    else:
+        if args.pack:
+            raise SystemExit('--pack packs the examples of a --task; synthetic rows are full.')
+        targets = rng.integers(2, cfg.vocab_size, size=(b, t), dtype=np.int32)
+        host = {'encoder_input_tokens': rng.integers(2, cfg.vocab_size, size=(b, s),
+                                                     dtype=np.int32),
+                'decoder_target_tokens': targets,
+                'decoder_input_tokens': np.concatenate([np.zeros((b, 1), np.int32),
+                                                        targets[:, :-1]], 1),
+                'decoder_loss_weights': np.ones((b, t), np.int32)}
     batch = jax.device_put(host, partitioning.batch_sharding(mesh))
     step = make_train_step(model_apply_fn(model), losses.cross_entropy_loss(), opt, mesh,
                            partitioning.STANDARD_RULES, shardings, use_dropout=False)
@@ -117,6 +159,8 @@ def bench_jax(args: argparse.Namespace) -> dict:
                 'tflops_per_s': flops_step / med / 1e12,
                 'mfu': flops.mfu(flops_step, med, mesh.size, peak),
                 'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}',
+                'batch_source': f'task {args.task}' if args.task else 'synthetic',
+                'packed': bool(args.pack), 'nonpad_token_share': nonpad_token_share(host),
                 'final_loss': float(metrics['loss']) / max(float(metrics['num_steps']), 1)})
     return price(out, device_kind=jax.devices()[0].device_kind, device_count=mesh.size, batch=b,
                  args=args)
@@ -192,6 +236,8 @@ def run(args: argparse.Namespace) -> list[dict]:
               f'{format_usd(r["usd_per_1m_tokens"]):>12} {r["median_s"] / ours:>9.2f}')
     print(f'$/1M tokens: (source + target) tokens at the price table\'s $/device-hour for each '
           f'device kind ({", ".join(sorted({r["device_kind"] for r in results}))}).')
+    print(f'non-padding tokens: {100 * results[0]["nonpad_token_share"]:.1f}% of the '
+          f'{results[0]["batch_source"]} batch{" (packed)" if args.pack else ""}')
     if 'compile_s' in results[0]:
         print(f'compilation: {results[0]["compile_s"]:.1f} s')
     write_json(args.json, {'args': vars(args), 'results': results})

@@ -145,16 +145,19 @@ class RelativePositionBiases(nn.Module):
 
     @nn.compact
     def __call__(self, query_positions: Array, key_positions: Array) -> Array:
-        """Returns a (1, heads, q, k) additive bias for the given absolute positions."""
+        """The additive bias for absolute positions: (1, heads, q, k) for positions shared by
+        every row ((q,) and (k,)), (batch, heads, q, k) for per-row positions ((batch, q) and
+        (batch, k))."""
         table = _param(self, 'rel_embedding',
                        nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
                        (self.num_heads, self.num_buckets), ('heads', 'relpos_buckets'))
-        rel = key_positions[None, :] - query_positions[:, None]
+        rel = key_positions[..., None, :] - query_positions[..., :, None]
         buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets,
                                            self.max_distance)
-        # (heads, q, k): a gather, cheaper than a one-hot matmul for these sizes.
+        # (heads, [batch,] q, k): a gather, cheaper than a one-hot matmul for these sizes.
         bias = jnp.take(table, buckets, axis=1)
-        return bias[None].astype(self.dtype)
+        bias = bias[None] if rel.ndim == 2 else jnp.moveaxis(bias, 0, 1)
+        return bias.astype(self.dtype)
 
 
 class MultiHeadAttention(nn.Module):

@@ -9,7 +9,18 @@ With `scan_layers=True`, `layers_{i}` become one `layers` subtree with a leading
 (logical name 'layers'); `scan.py` converts between the two layouts.
 
 Batches follow t5x's EncDecFeatureConverter: encoder_input_tokens, decoder_input_tokens,
-decoder_target_tokens (pad id 0).
+decoder_target_tokens (pad id 0), and for packed rows (several examples per row, as t5x trains by
+default) encoder_segment_ids / decoder_segment_ids (1, 2, ... per example, 0 on padding) and
+encoder_positions / decoder_positions (each token's position within its example). Packed rows
+attend only within their own example: encoder self-attention, causal decoder self-attention and
+cross-attention (decoder segment == encoder segment) are all masked by segment.
+
+The relative-position bias of a packed row: an example's tokens sit at consecutive row offsets,
+so for every pair that attends (same example) the row offsets differ exactly as the positions
+within the example do, and the bias built from row offsets, (1, heads, q, k) and shared by all
+rows, is each example's own. Per-token `*_positions`, when passed, build a (batch, heads, q, k)
+bias instead (for rows whose positions are not consecutive offsets); the trainer passes segment
+ids only.
 """
 
 from __future__ import annotations
@@ -43,6 +54,25 @@ def _dropout(x: Array, rate: float, deterministic: bool) -> Array:
 def padding_mask(query_valid: Array, key_valid: Array) -> Array:
     """(batch, 1, q, k) boolean mask: True where neither side is padding."""
     return query_valid[:, None, :, None] & key_valid[:, None, None, :]
+
+
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+    """(batch, 1, q, k) boolean mask: True where query and key belong to the same packed
+    example (segment ids; 0 marks padding and attends nowhere)."""
+    same = query_segments[:, None, :, None] == key_segments[:, None, None, :]
+    return same & (query_segments > 0)[:, None, :, None]
+
+
+# Packing features of a batch (seqio.EncDecFeatureConverter(pack=True)), by their model argument.
+PACKING_FEATURES = ('encoder_segment_ids', 'decoder_segment_ids', 'encoder_positions',
+                    'decoder_positions')
+
+
+def packing_inputs(batch: Any, positions: bool = False) -> dict[str, Array]:
+    """The keyword arguments of `T5.__call__` that `batch` carries for packed rows: the segment
+    ids, and with `positions` also the per-token positions (see the module docstring)."""
+    keys = PACKING_FEATURES if positions else PACKING_FEATURES[:2]
+    return {k: batch[k] for k in keys if k in batch}
 
 
 class EncoderLayer(nn.Module):
@@ -116,16 +146,20 @@ class Encoder(nn.Module):
     shared_embedding: nn.Module
 
     @nn.compact
-    def __call__(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
+    def __call__(self, encoder_input_tokens: Array, enable_dropout: bool = False,
+                 segment_ids: Array | None = None, positions: Array | None = None) -> Array:
         cfg = self.config
         deterministic = not enable_dropout
-        positions = jnp.arange(encoder_input_tokens.shape[1])
+        if positions is None:
+            positions = jnp.arange(encoder_input_tokens.shape[1])
         pos_bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
                                           cfg.relative_attention_max_distance, cfg.num_heads,
                                           bidirectional=True, dtype=jnp.float32,
                                           name='relpos_bias')(positions, positions)
         valid = encoder_input_tokens > 0
         mask = padding_mask(valid, valid)
+        if segment_ids is not None:
+            mask = mask & segment_mask(segment_ids, segment_ids)
         x = self.shared_embedding(encoder_input_tokens)
         x = _dropout(x, cfg.dropout_rate, deterministic)
         x = constrain(x, ('batch', 'length', 'embed'))
@@ -146,7 +180,10 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, encoded: Array | None, encoder_valid: Array, decoder_input_tokens: Array,
                  decoder_valid: Array | None = None, enable_dropout: bool = False,
-                 decode: bool = False, max_decode_length: int | None = None) -> Array:
+                 decode: bool = False, max_decode_length: int | None = None, *,
+                 encoder_segment_ids: Array | None = None,
+                 decoder_segment_ids: Array | None = None,
+                 positions: Array | None = None) -> Array:
         cfg = self.config
         deterministic = not enable_dropout
         relpos = RelativePositionBiases(cfg.relative_attention_num_buckets,
@@ -156,6 +193,9 @@ class Decoder(nn.Module):
         batch, length = decoder_input_tokens.shape
         decode_position = None
         if decode:
+            if decoder_segment_ids is not None or positions is not None:
+                raise ValueError('Cached decoding runs on unpacked rows (one input per row); '
+                                 'pass no segment ids or positions.')
             if cfg.scan_layers:
                 raise ValueError('Cached decoding runs on the unscanned layout; convert the '
                                  'parameters with doa_jax.models.scan.unscan_params and use '
@@ -168,12 +208,17 @@ class Decoder(nn.Module):
             self_mask = key_positions[None, None, None, :] <= decode_position
             cross_mask = encoder_valid[:, None, None, :]
         else:
-            positions = jnp.arange(length)
-            self_bias = relpos(positions, positions)
-            causal = positions[None, :] <= positions[:, None]
+            offsets = jnp.arange(length)
+            self_bias = relpos(offsets if positions is None else positions,
+                               offsets if positions is None else positions)
+            # Causal by row offset: within a packed example, offsets and positions agree.
+            causal = offsets[None, :] <= offsets[:, None]
             valid = decoder_valid if decoder_valid is not None else jnp.ones((batch, length), bool)
             self_mask = causal[None, None] & padding_mask(valid, valid)
             cross_mask = padding_mask(valid, encoder_valid)
+            if decoder_segment_ids is not None:
+                self_mask = self_mask & segment_mask(decoder_segment_ids, decoder_segment_ids)
+                cross_mask = cross_mask & segment_mask(decoder_segment_ids, encoder_segment_ids)
 
         x = self.shared_embedding(decoder_input_tokens)
         x = _dropout(x, cfg.dropout_rate, deterministic)
@@ -209,21 +254,42 @@ class T5(nn.Module):
         self.encoder = Encoder(cfg, self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
 
-    def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
-        return self.encoder(encoder_input_tokens, enable_dropout)
+    def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False,
+               encoder_segment_ids: Array | None = None,
+               encoder_positions: Array | None = None) -> Array:
+        return self.encoder(encoder_input_tokens, enable_dropout, encoder_segment_ids,
+                            encoder_positions)
 
     def decode(self, encoded: Array | None, encoder_input_tokens: Array,
                decoder_input_tokens: Array, decoder_target_tokens: Array | None = None,
                enable_dropout: bool = False, decode: bool = False,
-               max_decode_length: int | None = None) -> Array:
+               max_decode_length: int | None = None, *,
+               encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None,
+               decoder_positions: Array | None = None) -> Array:
         """Decoder logits (float32). `decode=True` runs one cached step (see decoding.py)."""
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError('Packed rows need both encoder_segment_ids and decoder_segment_ids '
+                             '(cross-attention matches a decoder segment to its encoder segment).')
         decoder_valid = None if decoder_target_tokens is None else decoder_target_tokens > 0
         return self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens,
-                            decoder_valid, enable_dropout, decode, max_decode_length)
+                            decoder_valid, enable_dropout, decode, max_decode_length,
+                            encoder_segment_ids=encoder_segment_ids,
+                            decoder_segment_ids=decoder_segment_ids, positions=decoder_positions)
 
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  decoder_target_tokens: Array | None = None,
-                 enable_dropout: bool = False) -> Array:
-        encoded = self.encode(encoder_input_tokens, enable_dropout)
+                 enable_dropout: bool = False, *,
+                 encoder_segment_ids: Array | None = None,
+                 decoder_segment_ids: Array | None = None,
+                 encoder_positions: Array | None = None,
+                 decoder_positions: Array | None = None) -> Array:
+        """Teacher-forced logits; the segment ids (and optionally positions) of packed rows keep
+        each example to itself (module docstring)."""
+        encoded = self.encode(encoder_input_tokens, enable_dropout, encoder_segment_ids,
+                              encoder_positions)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
-                           decoder_target_tokens, enable_dropout)
+                           decoder_target_tokens, enable_dropout,
+                           encoder_segment_ids=encoder_segment_ids,
+                           decoder_segment_ids=decoder_segment_ids,
+                           decoder_positions=decoder_positions)
