@@ -5,7 +5,8 @@
 
 or with plain files: --labeled_file=few_shot.jsonl --unlabeled_file=pool.jsonl --labels=yes,no.
 The key comes from OPENAI_API_KEY. Exit status 3 means the budget stopped the run (re-run with a
-larger --budget_usd to continue; cached answers are not paid again).
+larger --budget_usd to continue; cached answers are not paid again); 1 means the endpoint failed
+(e.g. --max_connection_failures connection failures in a row).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Sequence
 from doa_jax.cost.ledger import LEDGER_FILENAME, Ledger
 from doa_jax.cost.prices import load_prices
 from doa_jax import llm
+from doa_jax.llm.annotate import REASK_MODES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--num_shards', type=int, default=1)
     p.add_argument('--concurrency', type=int, default=4)
     p.add_argument('--max_retries', type=int, default=6, help='per request, on 429/5xx/timeouts')
+    p.add_argument('--max_connection_failures', type=int, default=5,
+                   help='connection failures in a row that stop the whole run (0: never)')
     p.add_argument('--max_invalid_retries', type=int, default=2, help='re-asks per bad answer')
+    p.add_argument('--reask', choices=REASK_MODES, default='prompt',
+                   help='how an unparseable answer is re-asked: prompt (add a correction naming '
+                   'the labels), temperature (ask again at --reask_temperature) or same (only '
+                   'useful at --temperature > 0); a request identical to one already sent is '
+                   'never re-sent at temperature 0')
+    p.add_argument('--reask_temperature', type=float, default=0.7)
     p.add_argument('--timeout_s', type=float, default=60.0)
     p.add_argument('--keep_invalid', action='store_true', help='write unparseable answers into '
                    'the shards too (default: <output_dir>.invalid.jsonl)')
@@ -85,23 +95,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool = pool[:args.limit] if args.limit else pool
     out = os.path.abspath(args.output_dir)
     client = llm.ChatClient(args.base_url, args.model, os.environ.get('OPENAI_API_KEY'),
-                            args.timeout_s, args.max_retries)
+                            args.timeout_s, args.max_retries,
+                            max_connection_failures=args.max_connection_failures)
     cache = llm.ResponseCache(args.cache_path or out + '.cache.sqlite')
     ledger = Ledger(args.ledger or os.path.join(os.path.dirname(out), LEDGER_FILENAME))
-    summary = llm.annotate(
-            pool, shots, client=client, cache=cache, ledger=ledger,
-            prices=load_prices(args.prices), run_id=args.run_id or os.path.basename(out),
-            output_dir=out, labels=labels,
-            instruction=args.instruction or llm.default_instruction(labels),
-            params={'max_tokens': args.max_tokens, 'temperature': args.temperature},
-            price_model=args.price_model, num_shards=args.num_shards,
-            concurrency=args.concurrency, budget_usd=args.budget_usd,
-            max_invalid_retries=args.max_invalid_retries, keep_invalid=args.keep_invalid,
-            progress=not args.no_progress)
+    try:
+        summary = llm.annotate(
+                pool, shots, client=client, cache=cache, ledger=ledger,
+                prices=load_prices(args.prices), run_id=args.run_id or os.path.basename(out),
+                output_dir=out, labels=labels,
+                instruction=args.instruction or llm.default_instruction(labels),
+                params={'max_tokens': args.max_tokens, 'temperature': args.temperature},
+                price_model=args.price_model, num_shards=args.num_shards,
+                concurrency=args.concurrency, budget_usd=args.budget_usd,
+                max_invalid_retries=args.max_invalid_retries, keep_invalid=args.keep_invalid,
+                progress=not args.no_progress, reask=args.reask,
+                reask_temperature=args.reask_temperature)
+    except llm.LLMRequestError as e:
+        print(f'python -m doa_jax.annotate_llm: error: {e}', file=sys.stderr, flush=True)
+        return 1
+    finally:
+        client.close()
     print(f'labeled {summary.labeled} (invalid {summary.invalid}), {summary.requests} paid '
           f'requests, {summary.cached} cached, ${summary.usd:.6f} this run, '
           f'{summary.completed_shards}/{summary.num_shards} shards complete; retries '
-          f'{client.retries or "none"}', flush=True)
+          f'{client.retries or "none"}; re-asks not sent (same request at temperature 0) '
+          f'{summary.reasks_skipped}', flush=True)
     if summary.stopped_for_budget:
         print(f'Stopped: --budget_usd={args.budget_usd} reached; re-run with a larger budget to '
               f'continue (cached answers are free).', file=sys.stderr)

@@ -37,6 +37,47 @@ class RunCheckpointer:
                           force=True)
         self.manager.wait_until_finished()
 
+    def mismatch(self, step: int, abstract_state: TrainState) -> list[str]:
+        """How checkpoint `step`'s train state differs in structure from `abstract_state`: the
+        parameters that are missing, extra or of another shape, and the optimizer state's array
+        count (another optimizer). Empty when they fit, or when the metadata cannot be read (the
+        restore then reports its own error)."""
+        try:
+            meta = ocp.PyTreeCheckpointer().metadata(
+                    os.path.join(self.directory, str(step), 'state'))
+            saved = getattr(meta, 'item_metadata', meta)
+            saved_leaves = jax.tree_util.tree_flatten_with_path(getattr(saved, 'tree', saved))[0]
+        except Exception:   # pylint: disable=broad-except
+            return []
+        if not saved_leaves:
+            return []
+
+        def split(leaves):
+            params, opt = {}, []
+            for path, leaf in leaves:
+                keys = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                        for k in path]
+                shape = tuple(getattr(leaf, 'shape', ()) or ())
+                if keys[:1] == ['params']:
+                    params['/'.join(keys[1:])] = shape
+                elif keys[:1] == ['opt_state']:
+                    opt.append(shape)
+            return params, sorted(opt)
+
+        old_params, old_opt = split(saved_leaves)
+        new_params, new_opt = split(jax.tree_util.tree_flatten_with_path(abstract_state)[0])
+        out = []
+        for name in sorted(set(old_params) | set(new_params)):
+            a, b = old_params.get(name), new_params.get(name)
+            if a != b:
+                out.append(f'params/{name}: ' + ('missing in the checkpoint' if a is None else
+                                                 'not in this model' if b is None else
+                                                 f'shape {a} in the checkpoint, {b} now'))
+        if not out and old_opt != new_opt:
+            out.append(f'optimizer state: {len(old_opt)} arrays in the checkpoint, {len(new_opt)} '
+                       f'for this optimizer (another optimizer or its settings)')
+        return out
+
     def restore(self, step: int, state_shardings: TrainState,
                 abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from doa_jax import callbacks as callbacks_lib
-from doa_jax import losses, optimizers, partitioning, trainer
+from doa_jax import losses, optimizers, partitioning, run_identity, trainer
 from doa_jax.models.config import T5Config, get_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +141,7 @@ class RunSummary(callbacks_lib.TrainerCallback):
                 value = value.scoped_configurable_fn()
             if isinstance(value, str):
                 ledger, run_id = (value, run_id) if attr == 'ledger' else (ledger, value)
-        run_id = run_id or os.path.basename(os.path.normpath(os.path.abspath(self.model_dir)))
+        run_id = run_id or run_identity.run_id_or_name(self.model_dir)
         return ledger_spent_usd(ledger, run_id)
 
     def line(self, result: trainer.TrainResult) -> str:
@@ -191,13 +191,83 @@ def register_configurables() -> None:
         gin.external_configurable(CostCallback, 'CostCallback')
 
 
+# Parameters that choose how a run executes, not what it trains: a resume may change them.
+_EXECUTION_PARAMS = frozenset({'activation_dtype', 'attention_impl', 'matmul_impl',
+                               'remat_policy'})
+
+
+def _describe_bound(value: Any, depth: int = 0) -> Any:
+    """A bound gin value as plain data: macros resolved, a `@configurable()` reference as
+    {'configurable': name, param: value, ...} of its bindings. A parameter bound to a macro a
+    resume may change (run_identity.RESUMABLE_CHANGES, e.g. make_optimizer.total_steps =
+    %TRAIN_STEPS) is left out (returns `_SKIP`)."""
+    while _is_macro_ref(value):
+        if value.configurable.selector == 'gin.macro' and \
+                '/'.join(value.scopes) in run_identity.RESUMABLE_CHANGES:
+            return _SKIP
+        value = _macro_value(value)
+    if isinstance(value, gin.config.ConfigurableReference) and depth < 4:
+        selector = value.configurable.selector
+        params: dict[str, Any] = dict(_bindings().get(('', selector), {}))
+        for i in range(len(value.scopes)):
+            params.update(_bindings().get(('/'.join(value.scopes[:i + 1]), selector), {}))
+        out = {'configurable': selector.rpartition('.')[2]}    # the same with or without t5x
+        for name in sorted(params):
+            if name in _EXECUTION_PARAMS:
+                continue
+            described = _describe_bound(params[name], depth + 1)
+            if described is not _SKIP:
+                out[name] = described
+        return out
+    if isinstance(value, (list, tuple)):
+        return [v for v in (_describe_bound(x, depth + 1) for x in value) if v is not _SKIP]
+    if isinstance(value, dict):
+        return {k: v for k, v in ((k, _describe_bound(x, depth + 1)) for k, x in value.items())
+                if v is not _SKIP}
+    return run_identity.describe(value)
+
+
+_SKIP = object()
+
+
+def _macro_value(ref: Any) -> Any:
+    """What a macro is bound to, unevaluated (`%M` bound to `@f()` gives the reference, where
+    calling the macro would call f)."""
+    if ref.configurable.selector == 'gin.macro':
+        return gin.query_parameter(f'{"/".join(ref.scopes)}/gin.macro.value')
+    return ref.scoped_configurable_fn()
+
+
+def training_description() -> dict[str, Any]:
+    """What gin knows of a run that the trainer cannot see in its arguments: the optimizer's and
+    the loss's bindings (they reach `train` as opaque functions), the model's name, and how a
+    generated task is made (e.g. @pseudo_labeled_task() with its INFER_OUTPUT_DIR)."""
+    out = {}
+    for param, key in (('optimizer', 'optimizer'), ('loss_fn', 'loss'),
+                       ('model_config', 'model_config'), ('mixture_or_task_name', 'task_source')):
+        try:
+            value = gin.query_parameter(f'train.{param}')
+        except ValueError:
+            continue
+        if key == 'task_source':    # only a task made by a configurable; a name is typed
+            while _is_macro_ref(value):
+                value = _macro_value(value)
+            if not isinstance(value, gin.config.ConfigurableReference):
+                continue
+        described = _describe_bound(value)
+        if described is not _SKIP:
+            out[key] = described
+    return out
+
+
 def run_configured_training(argv: Sequence[str],
                             summary: RunSummary | None = None) -> trainer.TrainResult:
     """Imports the task module(s), then calls the gin-configured `train`, adding a RunRecord (and
-    `summary`, which then knows the run's start step and directory)."""
+    `summary`, which then knows the run's start step and directory) and the run's description
+    for its fingerprint (`training_description`)."""
     CONFIGURABLE['import_task_modules']()
     extra = [RunRecord(argv)] + ([summary] if summary is not None else [])
-    return CONFIGURABLE['train'](extra_callbacks=extra)
+    return CONFIGURABLE['train'](extra_callbacks=extra, run_fingerprint=training_description())
 
 
 def parse_flags(argv: Sequence[str], prog: str = 'python -m doa_jax.train',
@@ -543,10 +613,11 @@ def setup_logging() -> None:
 
 def run_cli(main: Callable[[Sequence[str] | None], int], prog: str,
             argv: Sequence[str] | None = None) -> int:
-    """Runs an entry point's main; a ConfigError is printed as a usage error (exit status 2)."""
+    """Runs an entry point's main; a ConfigError, or a RunConfigError (an output directory that
+    holds another configuration's work), is printed as a usage error (exit status 2)."""
     try:
         return main(argv)
-    except ConfigError as e:
+    except (ConfigError, run_identity.RunConfigError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
 

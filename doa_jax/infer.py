@@ -13,7 +13,8 @@ from typing import Sequence
 
 import gin
 
-from doa_jax import compilation_cache, distributed, gin_utils, pseudo_label
+from doa_jax import (compilation_cache, distributed, gin_utils, pseudo_label,
+                     pseudo_label_manifest, run_identity)
 
 PROG = 'python -m doa_jax.infer'
 _REGISTERED: list[object] = []
@@ -36,14 +37,15 @@ def check_bindings(sources: gin_utils.GinSources) -> None:
 def summary_line(result: pseudo_label.ShardResult, sources: gin_utils.GinSources) -> str:
     """`infer: shard 0 done: ... examples; cost $...; output DIR`. The ledger is where
     run_pseudo_labeling prices chunks: infer.cost_ledger_dir, else beside the output directory,
-    under the output directory's name."""
+    under the run id the directory records (else its name)."""
     output_dir = os.path.abspath(gin_utils.bound_value('infer.output_dir', sources).value)
     ledger = gin_utils.bound_value('infer.cost_ledger_dir', sources)
     ledger_dir = ledger.value if ledger and ledger.value else os.path.dirname(output_dir)
     why = 'stopped at the budget (infer.max_usd)' if result.stopped_by_budget else 'done'
     text = (f'infer: shard {result.shard_id} {why}: {result.chunks_written} chunks written, '
             f'{result.chunks_skipped} already complete, {result.examples_written} examples')
-    spent = gin_utils.ledger_spent_usd(ledger_dir, os.path.basename(output_dir), 'pseudo_label')
+    run_id = run_identity.run_id_or_name(output_dir, pseudo_label_manifest.MANIFEST)
+    spent = gin_utils.ledger_spent_usd(ledger_dir, run_id, 'pseudo_label')
     text += '; cost not metered (no ledger)' if spent is None else \
         f'; cost ${spent[0]:.4f} in {spent[1]}'
     return text + f'; output {output_dir}.'
@@ -51,8 +53,14 @@ def summary_line(result: pseudo_label.ShardResult, sources: gin_utils.GinSources
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --overwrite: replace the labels of another teacher or settings in INFER_OUTPUT_DIR.
+    overwrite = [a for a in argv if a == '--overwrite']
+    argv = [a for a in argv if a != '--overwrite'] + \
+        (['--gin.infer.overwrite=True'] if overwrite else [])
     args = gin_utils.parse_flags(argv, prog=PROG, example='gin_configs/runs/pseudo_label.gin',
-                                 description='Pseudo-label an unlabeled pool with a teacher.')
+                                 description='Pseudo-label an unlabeled pool with a teacher '
+                                             '(--overwrite replaces the labels INFER_OUTPUT_DIR '
+                                             'holds from another teacher or settings).')
     gin_utils.setup_logging()
     gin_utils.hide_gpus_from_tensorflow()
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

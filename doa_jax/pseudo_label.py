@@ -1,13 +1,19 @@
 """Sharded, resumable pseudo-labeling: a teacher decodes an unlabeled pool into JSONL chunks.
 
 Layout of an output directory (read back by `tasks.jsonl_task.register_pseudo_labeled_task`):
-  chunk-SSSSS-CCCCC.jsonl            one line per example: id, input, prediction, score[, topk_ids,
-                                     topk_logprobs, target_ids (the decoded ids, EOS included)]
-  chunk-SSSSS-CCCCC.jsonl.COMPLETED  written (atomically) only after the chunk file is fsynced
+  chunk-SSSSS-CCCCC.jsonl            one line per example: id, input, index, prediction, score[,
+                                     topk_ids, topk_logprobs, target_ids (decoded ids, EOS included)]
+  chunk-SSSSS-CCCCC.jsonl.COMPLETED  written (atomically) only after the chunk file is fsynced; it
+                                     records the chunk's pool indices and id range
+  .manifest.json                     the teacher's fingerprint, task, split, decode settings, the
+                                     chunk layouts and the ledger run id (`pseudo_label_manifest`)
 Each host (shard S of N) takes pool indices S, S+N, S+2N, ... (index striding), so it reads only
 its own examples; its list is cut into chunks of `chunk_size`. A restarted job skips every chunk that
-has a marker, so a SIGKILL loses at most the chunk in flight. Temporary files start with '.', which
-the task reader's glob never sees. `merge` checks that every pool id appears exactly once.
+has a marker, so a SIGKILL loses at most the chunk in flight; with another chunk size, LIMIT or
+host count it keeps every labeled example and labels only the missing ones (chunks of a new
+layout are named `chunk-SSSSS-CCCCC-gG.jsonl`). Another teacher, task or decode settings is
+refused unless `overwrite`. Temporary files start with '.', which the task reader's glob never
+sees. `merge` checks that every pool id appears exactly once.
 """
 
 from __future__ import annotations
@@ -15,18 +21,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from doa_jax import pseudo_label_manifest as manifest_lib
+from doa_jax import run_identity
+from doa_jax.pseudo_label_manifest import PseudoLabelError
 
 Example = tuple[str, str]  # (id, input text)
 # label_batch(inputs) -> list of dicts with at least 'prediction' and 'score'.
 LabelBatchFn = Callable[[Sequence[str]], list[dict[str, Any]]]
-MARKER = '.COMPLETED'
-
-
-class PseudoLabelError(ValueError):
-    """A pool or output directory that cannot give exactly-once pseudo-labels."""
+MARKER = manifest_lib.MARKER
 
 
 def shard_indices(num_examples: int, num_shards: int, shard_id: int) -> list[int]:
@@ -37,8 +43,8 @@ def shard_indices(num_examples: int, num_shards: int, shard_id: int) -> list[int
     return list(range(shard_id, num_examples, num_shards))
 
 
-def chunk_path(output_dir: str, shard_id: int, chunk_id: int) -> str:
-    return os.path.join(output_dir, f'chunk-{shard_id:05d}-{chunk_id:05d}.jsonl')
+def chunk_path(output_dir: str, shard_id: int, chunk_id: int, generation: int = 0) -> str:
+    return os.path.join(output_dir, manifest_lib.chunk_name(shard_id, chunk_id, generation))
 
 
 def _fsync_dir(path: str) -> None:
@@ -61,10 +67,12 @@ def _atomic_write(path: str, text: str) -> None:
     _fsync_dir(directory)
 
 
-def write_chunk(path: str, records: Sequence[dict[str, Any]]) -> None:
-    """Writes one chunk, then its marker; a reader that trusts markers never sees a partial chunk."""
+def write_chunk(path: str, records: Sequence[dict[str, Any]],
+                marker: dict[str, Any] | None = None) -> None:
+    """Writes one chunk, then its marker (`marker`, default its count); a reader that trusts
+    markers never sees a partial chunk."""
     _atomic_write(path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))
-    _atomic_write(path + MARKER, json.dumps({'count': len(records)}) + '\n')
+    _atomic_write(path + MARKER, json.dumps(marker or {'count': len(records)}) + '\n')
 
 
 def is_completed(path: str) -> bool:
@@ -78,6 +86,7 @@ class ShardResult:
     chunks_skipped: int
     examples_written: int
     stopped_by_budget: bool = False
+    examples_done: int = 0      # this shard's pool examples labeled now or before
 
 
 def _chunks(indices: Sequence[int], chunk_size: int) -> Iterator[tuple[int, Sequence[int]]]:
@@ -90,13 +99,21 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
                        batch_size: int = 32,
                        meter_factory: Callable[[int, int], Any] | None = None,
                        on_chunk: Callable[[int], None] | None = None,
-                       keep_going: Callable[[int], bool] | None = None) -> ShardResult:
-    """Labels this shard's part of `pool`, skipping chunks that already carry a marker.
+                       keep_going: Callable[[int], bool] | None = None,
+                       identity: Mapping[str, Any] | None = None, overwrite: bool = False,
+                       plan: manifest_lib.Plan | None = None) -> ShardResult:
+    """Labels this shard's part of `pool`, skipping examples that completed chunks hold.
 
+    `identity` (teacher fingerprint, task, decode settings) must match what the directory's
+    manifest records, else PseudoLabelError names the difference; `overwrite` deletes the
+    directory's labels instead. `plan` (from `pseudo_label_manifest.prepare`) is given when the
+    caller prepared the directory itself (one host for all); else this call prepares it.
     `meter_factory(first, last)` returns a context manager (e.g. `cost.ComputeMeter` with
-    write=True) that prices each chunk by its range in the shard-major order of the pool (shard 0's
-    examples, then shard 1's, ...): ranges tile [0, pool size) without overlap across hosts, and a
-    restart never double-counts. With one shard they are the pool indices.
+    write=True) that prices each chunk by its range in the shard-major order of the pool (shard
+    0's examples, then shard 1's, ...): ranges tile [0, pool size) without overlap across hosts,
+    and a restart never double-counts. With one shard they are the pool indices. Under a later
+    layout (generation g > 0) it is called with `generation=g` as well: ranges of one generation
+    never overlap, those of two may (record them apart, e.g. ComputeMeter(seq=g)).
     `keep_going(chunk_id)` is asked before each chunk that needs work; False stops the shard there
     (a budget cap), leaving the completed chunks a prefix of the shard.
     """
@@ -105,24 +122,34 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
                                'task name (e.g. doa_<task>_unlabeled_<N>) and its split.')
     if chunk_size < 1 or batch_size < 1:
         raise PseudoLabelError(f'chunk_size={chunk_size} and batch_size={batch_size} must be >= 1.')
-    os.makedirs(output_dir, exist_ok=True)
     indices = shard_indices(len(pool), num_shards, shard_id)
+    if plan is None:
+        layout = {'num_shards': num_shards, 'chunk_size': chunk_size, 'pool_size': len(pool)}
+        plan = manifest_lib.prepare(output_dir, identity, layout, shard_id, overwrite=overwrite)
     offset = sum(len(range(s, len(pool), num_shards)) for s in range(shard_id))
     written = skipped = examples = 0
+    done = sum(1 for i in indices if i in plan.done)
     for chunk_id, idx in _chunks(indices, chunk_size):
-        path = chunk_path(output_dir, shard_id, chunk_id)
-        if is_completed(path):
+        path = chunk_path(output_dir, shard_id, chunk_id, plan.generation)
+        todo = [i for i in idx if i not in plan.done]
+        if not todo or is_completed(path):
             skipped += 1
             continue
         if keep_going is not None and not keep_going(chunk_id):
-            return ShardResult(shard_id, written, skipped, examples, stopped_by_budget=True)
-        first = offset + chunk_id * chunk_size
-        ctx = meter_factory(first, first + len(idx) - 1) if meter_factory else None
+            return ShardResult(shard_id, written, skipped, examples, stopped_by_budget=True,
+                               examples_done=done)
+        # Positions in the shard-major order; a chunk partly labeled under another layout
+        # prices only its missing examples (their first to last position).
+        first, last = (offset + (i - shard_id) // num_shards for i in (todo[0], todo[-1]))
+        ctx = None
+        if meter_factory is not None:
+            ctx = (meter_factory(first, last) if plan.generation == 0 else
+                   meter_factory(first, last, generation=plan.generation))
         if ctx is not None:
             ctx.__enter__()
         records = []
-        for b in range(0, len(idx), batch_size):
-            part = idx[b:b + batch_size]
+        for b in range(0, len(todo), batch_size):
+            part = todo[b:b + batch_size]
             outs = label_batch([pool[i][1] for i in part])
             if len(outs) != len(part):
                 raise PseudoLabelError(f'label_batch returned {len(outs)} outputs for '
@@ -133,12 +160,14 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
             # Priced before the marker exists: a crash in between redoes the chunk, and the
             # range-keyed ledger entry keeps it counted once.
             ctx.__exit__(None, None, None)
-        write_chunk(path, records)
+        write_chunk(path, records, manifest_lib.marker_record(
+                records, shard_id=shard_id, chunk_id=chunk_id, generation=plan.generation))
         written += 1
         examples += len(records)
+        done += len(records)
         if on_chunk is not None:
             on_chunk(chunk_id)
-    return ShardResult(shard_id, written, skipped, examples)
+    return ShardResult(shard_id, written, skipped, examples, examples_done=done)
 
 
 def read_chunks(output_dir: str) -> list[dict[str, Any]]:
@@ -155,12 +184,17 @@ def read_chunks(output_dir: str) -> list[dict[str, Any]]:
     return records
 
 
-def merge(output_dir: str, expected_ids: Sequence[str]) -> dict[str, Any]:
-    """Checks exactly-once coverage of `expected_ids` by count and ids; writes merge.json.
+def merge(output_dir: str, expected_ids: Sequence[str],
+          beyond_limit_ok: bool = False) -> dict[str, Any]:
+    """Checks exactly-once coverage of `expected_ids` by count and ids; writes .merge.json.
 
+    `beyond_limit_ok`: `expected_ids` are a prefix of the pool (a LIMIT or a budget stop), and
+    records of pool indices past it (kept from an earlier, larger run) are not unexpected.
     Raises PseudoLabelError naming the missing, duplicate or unexpected ids.
     """
     records = read_chunks(output_dir)
+    if beyond_limit_ok:
+        records = [r for r in records if int(r.get('index', -1)) < len(expected_ids)]
     seen: dict[str, int] = {}
     for r in records:
         seen[str(r['id'])] = seen.get(str(r['id']), 0) + 1
@@ -172,8 +206,10 @@ def merge(output_dir: str, expected_ids: Sequence[str]) -> dict[str, Any]:
         raise PseudoLabelError(
                 f'{output_dir}: {len(records)} pseudo-labels for {len(expected)} pool examples; '
                 f'duplicates {dup[:5]}, missing {missing[:5]}, unexpected {extra[:5]}. Re-run '
-                'inference (completed chunks are kept) or delete stale chunks from another pool.')
-    summary = {'count': len(records), 'chunks': len(os.listdir(output_dir)) // 2}
+                'inference to label the missing ones (completed chunks are kept); duplicates or '
+                'unexpected ids come from chunks of another pool: relabel with --overwrite.')
+    chunks = sum(1 for n in os.listdir(output_dir) if n.startswith('chunk-') and n.endswith(MARKER))
+    summary = {'count': len(records), 'chunks': chunks}
     _atomic_write(os.path.join(output_dir, '.merge.json'), json.dumps(summary) + '\n')
     return summary
 
@@ -363,12 +399,20 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
                         limit: int | None = None, shard_id: int | None = None,
                         num_shards: int | None = None,
                         cost_ledger_dir: str | None = None, prices: Any = None,
-                        max_usd: float | None = None, mesh_config: Any = None) -> ShardResult:
+                        max_usd: float | None = None, mesh_config: Any = None,
+                        overwrite: bool = False) -> ShardResult:
     """Pseudo-labels this host's shard of a task split, then (on process 0, after all hosts
     finish) checks exactly-once coverage with `merge`. Bad vocabularies fail before any compute.
 
+    `output_dir` records what it holds (`pseudo_label_manifest`): the teacher's fingerprint
+    (`teacher_fingerprint`), task, split and decode settings. A rerun with other ones fails naming
+    them, before any decoding, unless `overwrite` (gin: OVERWRITE, flag --overwrite), which deletes
+    the old labels. Another `chunk_size`, `limit` or host count resumes: finished examples are
+    kept and only the missing ones are labeled.
+
     Each chunk's device time is priced into the cost ledger in `cost_ledger_dir` (default: the
-    directory holding `output_dir`), run id = the output directory's name, stage 'pseudo_label',
+    directory holding `output_dir`), under the run id the directory records (first: its name),
+    stage 'pseudo_label',
     at `prices` (a PriceTable or YAML path; default: the package's table). `max_usd` caps the
     run's spending: before each chunk, the chunks already priced plus the last chunk's cost must
     fit, else the run stops and the completed chunks (a prefix of the pool) are what it bought.
@@ -401,42 +445,91 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
     if total == 0:
         raise PseudoLabelError(f'The unlabeled pool {mixture_or_task_name!r} split {split!r} is '
                                'empty: nothing to pseudo-label.')
+    identity = {'task': mixture_or_task_name, 'split': split,
+                'decode': {'method': method, 'num_beams': num_beams if method == 'beam' else None,
+                           'top_k': top_k, 'max_input_length': max_input_length,
+                           'max_decode_length': max_decode_length,
+                           'dtype': run_identity.describe(model_config.dtype)}}
+    manifest_lib.check(output_dir, identity, overwrite)   # before the teacher is read
     mesh = teacher_mesh(mesh_config)   # a bad mesh fails before the teacher is read
     params = load_teacher(checkpoint_path, model_config)
+    identity['teacher'] = teacher_fingerprint(params)
+    manifest_lib.check(output_dir, identity, overwrite)
     label = model_label_batch(params, model_config, vocab.encode, vocab.decode,
                               max_input_length=max_input_length,
                               max_decode_length=max_decode_length, method=method,
                               num_beams=num_beams, top_k=top_k, eos_id=vocab.eos_id,
                               batch_size=batch_size, mesh=mesh)
     del params   # the labeler holds the placed (sharded) copy
+    from doa_jax import cost
+
+    ledger_dir = cost_ledger_dir or os.path.dirname(os.path.abspath(output_dir))
+    ledger = cost.Ledger(ledger_dir)
+    layout = {'num_shards': num_shards, 'chunk_size': chunk_size, 'pool_size': total}
+    info = {'teacher_checkpoint': os.path.abspath(checkpoint_path), 'limit': limit}
+    multihost = num_shards > 1 and jax.process_count() > 1
+    # Process 0 records the layout and the run id first; the others then read them.
+    if shard_id == 0:
+        plan = manifest_lib.prepare(output_dir, identity, layout, shard_id, overwrite=overwrite,
+                                    info=info)
+        run_id = manifest_lib.run_id(output_dir, ledger, plan.legacy)
+    if multihost:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('pseudo_label_manifest')
+    if shard_id != 0:
+        plan = manifest_lib.prepare(output_dir, identity, layout, shard_id, write=False)
+        run_id = run_identity.run_id_or_name(output_dir, manifest_lib.MANIFEST)
     result = ShardResult(shard_id, 0, 0, 0)
     if pool:
         # Global indices of this shard: striding keeps them, so chunk ranges are global too.
-        from doa_jax import cost
-
-        ledger_dir = cost_ledger_dir or os.path.dirname(os.path.abspath(output_dir))
-        ledger = cost.Ledger(ledger_dir)
         table = prices if isinstance(prices, cost.PriceTable) else cost.load_prices(prices)
-        run_id = os.path.basename(os.path.abspath(output_dir))
         # Each host prices its own chunks on its own devices (the teacher mesh), not the cluster.
-        meter = lambda first, last: cost.ComputeMeter(ledger, table, run_id, 'pseudo_label',
-                                                      first, last, mesh=mesh, write=True)
+        meter = lambda first, last, generation=0: cost.ComputeMeter(
+                ledger, table, run_id, 'pseudo_label', first, last, mesh=mesh, write=True,
+                seq=generation)
         keep_going = None
         if max_usd is not None:
             keep_going = lambda _: _fits_budget(ledger, run_id, chunk_size, max_usd)
         result = pseudo_label_shard(_Strided(pool, shard_id, num_shards, total), label, output_dir,
                                     shard_id=shard_id, num_shards=num_shards,
                                     chunk_size=chunk_size, batch_size=batch_size,
-                                    meter_factory=meter, keep_going=keep_going)
-    if num_shards > 1 and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+                                    meter_factory=meter, keep_going=keep_going, plan=plan)
+    if multihost:
         multihost_utils.sync_global_devices('pseudo_label_done')
     if shard_id == 0:
         ids = pool_ids(mixture_or_task_name, split, limit)
-        if result.stopped_by_budget:   # one shard: the completed chunks are a prefix of the pool
-            ids = ids[:(result.chunks_written + result.chunks_skipped) * chunk_size]
-        merge(output_dir, ids)
+        if result.stopped_by_budget:   # one shard: the labeled examples are a prefix of the pool
+            ids = ids[:result.examples_done]
+        merge(output_dir, ids, beyond_limit_ok=True)
     return result
+
+
+def teacher_fingerprint(params: Any) -> str:
+    """A cheap fingerprint of a teacher's parameters: sha256 over every leaf's path, shape and
+    dtype and its first and last 256 values.
+
+    It reads only parameters already loaded for decoding (hashing them all would take long for
+    an XXL teacher, sampling takes milliseconds), and it does not depend on where or in which
+    format the checkpoint is stored, so a moved teacher still matches. Two checkpoints that differ
+    only in unsampled weights would match; training moves every weight, so two teachers (or
+    two steps of one) never do."""
+    import hashlib
+
+    digest = hashlib.sha256()
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, Mapping):
+            for key in sorted(node, key=str):
+                visit(node[key], f'{path}/{key}')
+            return
+        leaf = np.asarray(node)
+        flat = leaf.reshape(-1)
+        digest.update(f'{path}:{leaf.shape}:{leaf.dtype}'.encode())
+        digest.update(np.ascontiguousarray(flat[:256]).tobytes())
+        digest.update(np.ascontiguousarray(flat[-256:]).tobytes())
+
+    visit(params, '')
+    return digest.hexdigest()
 
 
 def _fits_budget(ledger: Any, run_id: str, chunk_size: int, max_usd: float) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from doa_jax import decoding, partitioning, train_data
+from doa_jax import decoding, partitioning, run_identity, train_data
 from doa_jax.callbacks import CallbackList, TrainerCallback
 from doa_jax.checkpointing import RunCheckpointer
 from doa_jax.data import lengths as feature_lengths
@@ -55,6 +55,34 @@ def _load_initial_params(path: str, config: T5Config):
     return load_checkpoint(path, config)
 
 
+def _check_restorable(checkpointer: RunCheckpointer, step: int, abstract: TrainState,
+                      model_dir: str) -> None:
+    """A checkpoint of another model size or optimizer fails here with what differs (orbax's own
+    error is a tree dump of dozens of lines)."""
+    problems = checkpointer.mismatch(step, abstract)
+    if not problems:
+        return
+    shown = problems[:8] + ([f'... and {len(problems) - 8} more'] if len(problems) > 8 else [])
+    listing = '\n  '.join(shown)
+    raise run_identity.RunConfigError(
+            f'MODEL_DIR {model_dir} holds a checkpoint (step {step}, in '
+            f'{checkpointer.directory}) of another model or optimizer than this run\'s, so it '
+            f'cannot be resumed:\n  {listing}\nUse a new MODEL_DIR for this configuration (to '
+            f'start from that checkpoint\'s weights with a model of the same size: '
+            f'--gin.INITIAL_CHECKPOINT_PATH="\'{model_dir}\'"), or restore the settings that '
+            f'wrote it.')
+
+
+def _place_teacher(loss_fn: LossFn | None, mesh, rules, placed: tuple = (None, None)):
+    """The parameters of `loss_fn.teacher` (an online KD teacher), placed once with `rules` on
+    `mesh`: an argument of the jitted steps, never a constant of them. `placed` is (teacher,
+    its placed parameters) already made, reused for the same teacher."""
+    teacher = getattr(loss_fn, 'teacher', None)
+    if teacher is None:
+        return None
+    return placed[1] if teacher is placed[0] else teacher.place(mesh, rules)
+
+
 def _next_boundary(step: int, periods: Sequence[int], last: int) -> int:
     ends = [last] + [(step // p + 1) * p for p in periods if p and p > 0]
     return min(ends)
@@ -81,7 +109,9 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
           overlong: str = 'truncate', cpu_peak_flops: float = DEFAULT_CPU_PEAK_FLOPS,
           transfer_guard: bool = True, show_progress: bool = True,
           callbacks: Sequence[TrainerCallback] = (),
-          extra_callbacks: Sequence[TrainerCallback] = (), pack: bool = False,
+          extra_callbacks: Sequence[TrainerCallback] = (),
+          run_fingerprint: Mapping[str, Any] | None = None,
+          allow_config_change: bool = False, pack: bool = False,
           default_feature_lengths: Mapping[str, int] | None = None) -> TrainResult:
     """Trains `model_config` on a seqio task; resumes from MODEL_DIR's latest checkpoint if any.
 
@@ -94,6 +124,11 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
     `pack=True` packs several training examples into each row, as t5x does (the run configs'
     PACK); evaluation stays unpacked. `task_feature_lengths=None` takes the lengths measured
     for the task and its vocabulary (`doa_jax.data.lengths`), else `default_feature_lengths`.
+
+    MODEL_DIR records what it trains (`run_identity.training_fingerprint`: task, model, batch,
+    seed, plus `run_fingerprint`, the entry point's description of the optimizer and loss). A
+    resume with other settings fails listing them, unless `allow_config_change` (gin:
+    ALLOW_CONFIG_CHANGE); a checkpoint of another model or optimizer fails naming what differs.
     """
     callbacks = CallbackList([*callbacks, *extra_callbacks])
     optimizer = optimizer or optax.adafactor(1e-3, decay_rate=0.8)
@@ -121,6 +156,17 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
         abstract, shardings = abstract_train_state(init_params, optimizer, mesh, param_rules, rng)
     checkpointer = RunCheckpointer(model_dir, keep_checkpoints)
     latest = checkpointer.latest_step()
+    fingerprint = run_identity.training_fingerprint(
+            mixture_or_task_name=mixture_or_task_name, model_config=model_config,
+            task_feature_lengths=task_feature_lengths, batch_size=batch_size,
+            random_seed=random_seed, shuffle=shuffle,
+            loss_normalizing_factor=loss_normalizing_factor, extra=run_fingerprint)
+    accepted = run_identity.check_training_fingerprint(model_dir, fingerprint, latest,
+                                                       allow_change=allow_config_change)
+    if latest is not None:
+        _check_restorable(checkpointer, latest, abstract, model_dir)
+    if jax.process_index() == 0:
+        run_identity.record_training_fingerprint(model_dir, fingerprint, latest, accepted)
     if latest is not None:
         state, data_position = checkpointer.restore(latest, shardings, abstract)
         start_step = int(data_position['step'])

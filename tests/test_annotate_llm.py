@@ -8,9 +8,11 @@ import json
 import math
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -21,7 +23,7 @@ from doa_jax import llm
 from doa_jax.cost.ledger import Ledger
 from doa_jax.cost.prices import llm_cost_usd, load_prices
 from doa_jax.llm.annotate import STAGE, Example
-from doa_jax.llm.client import parse_completion, MalformedResponseError
+from doa_jax.llm.client import Completion, MalformedResponseError, parse_completion
 from doa_jax.models.config import get_config
 from doa_jax.serving import Batcher, ChatServer, load_params, make_generate_fn
 
@@ -133,16 +135,20 @@ def test_labels_come_back_with_costs_from_usage(server, tmp_path, prices):
 def test_invalid_outputs_are_reasked_then_marked(server, tmp_path, prices):
     summary, ledger, _, _ = _run(server, tmp_path, prices, _pool(3), num_shards=1,
                                  labels=['zzz-never-said'], max_invalid_retries=2)
-    assert summary.invalid == 3 and summary.invalid_outputs == 9 and summary.requests == 9
+    # At temperature 0 each re-ask adds a correction; a re-ask identical to the previous request
+    # (the model repeated itself) is not sent.
+    assert summary.invalid == 3 and summary.invalid_outputs == summary.requests
+    assert summary.requests + summary.reasks_skipped == 9 and summary.requests >= 6
     # Invalid rows stay out of the shards (a pseudo-labeled task would train on them).
     assert _rows(tmp_path / 'out') == []
     assert os.path.exists(tmp_path / 'out' / 'llm_labels.jsonl-00000-of-00001.COMPLETED')
     rows = [json.loads(x) for x in open(tmp_path / 'out.invalid.jsonl')]
     assert [r['id'] for r in rows] == ['u0', 'u1', 'u2']
-    assert all(not r['valid'] and r['attempts'] == 3 and r['prediction'] == '' for r in rows)
-    # All three paid attempts per example are in its one ledger entry.
+    assert all(not r['valid'] and r['attempts'] in (2, 3) and r['prediction'] == '' for r in rows)
+    # Every paid attempt is one ledger row.
     usd, n = _cache_usd(tmp_path / 'cache.sqlite', prices)
-    assert n == 9 and ledger.spent_usd('run') == pytest.approx(usd, rel=1e-9)
+    assert n == summary.requests and ledger.spent_usd('run') == pytest.approx(usd, rel=1e-9)
+    assert len(ledger._rows("SELECT * FROM entries WHERE category='llm'")) == n
 
 
 def test_429_5xx_and_malformed_responses_are_retried(server, tmp_path, prices):
@@ -228,10 +234,13 @@ def test_killed_run_resumes_from_cache_without_paying_again(generate_fn, tmp_pat
         # at the kill; nothing was asked twice.
         assert n_cached == 16
         assert 16 <= server.chat_requests <= 16 + 2
+        # One ledger row per paid request: a request paid and recorded but killed before its
+        # answer was cached was paid again, and both payments are in the ledger.
         ledger = Ledger(tmp_path / 'run' / 'cost_ledger.sqlite')
-        assert ledger.spent_usd('llm') == pytest.approx(usd, rel=1e-9)
-        entries = ledger._rows('SELECT first, last FROM entries WHERE stage=?', (STAGE,))
-        assert sorted(e['first'] for e in entries) == list(range(16))
+        entries = ledger._rows('SELECT first, usd FROM entries WHERE stage=?', (STAGE,))
+        assert sorted({e['first'] for e in entries}) == list(range(16))
+        assert 16 <= len(entries) <= server.chat_requests
+        assert ledger.spent_usd('llm') >= usd * (1 - 1e-9)
     finally:
         server.close()
 
@@ -251,3 +260,160 @@ def test_task_flag_reads_labeled_slice_and_pool(server, tmp_path, prices, data_d
     # Two few-shot examples from the labeled slice are in every prompt.
     assert all(r['prompt_tokens'] > len(r['input'].encode()) + 40 for r in rows)
     assert Ledger(tmp_path / 'cost_ledger.sqlite').spent_usd('wlp') > 0
+
+
+# ---- the ledger is the money paid (a scripted client: exact and fast) -------------------------
+class ScriptedClient:
+    """A Chat Completions client whose answer is `reply(messages, params)`; it keeps every
+    request it is paid for. Usage: one prompt token per byte, one completion token per byte."""
+
+    def __init__(self, reply=lambda messages, params: 'maybe', delay_s: float = 0.0):
+        self.model, self.reply, self.delay_s = MODEL, reply, delay_s
+        self.requests: list[tuple[list[dict], dict]] = []
+        self.retries: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def complete(self, messages, params):
+        time.sleep(self.delay_s)
+        text = self.reply(messages, params)
+        with self._lock:
+            self.requests.append((messages, dict(params)))
+        return Completion(text, sum(len(m['content'].encode()) for m in messages),
+                          min(len(text.encode()), params['max_tokens']))
+
+    def paid_usd(self, prices_path) -> float:
+        table = load_prices(prices_path)
+        return math.fsum(llm_cost_usd(MODEL, sum(len(m['content'].encode()) for m in msgs),
+                                      min(len(self.reply(msgs, p).encode()), p['max_tokens']),
+                                      table) for msgs, p in self.requests)
+
+
+def _annotate(tmp_path, prices_path, pool, client, run_id='run', out='out', **kw):
+    ledger = Ledger(tmp_path / 'ledger.sqlite')
+    args = dict(client=client, cache=llm.ResponseCache(tmp_path / 'cache.sqlite'), ledger=ledger,
+                prices=load_prices(prices_path), run_id=run_id, output_dir=str(tmp_path / out),
+                labels=['yes', 'no'], instruction='Label it.',
+                params={'max_tokens': 6, 'temperature': 0.0}, num_shards=1, concurrency=4,
+                progress=False)
+    args.update(kw)
+    return llm.annotate(pool, SHOTS, **args), ledger
+
+
+def _llm_rows(ledger, run_id):
+    return ledger._rows("SELECT first, usd, note FROM entries WHERE run_id=? AND category='llm'",
+                        (run_id,))
+
+
+def test_cache_hits_are_never_billed(tmp_path, prices):
+    # Six examples, three distinct prompts, asked concurrently: each prompt is paid once.
+    pool = [Example(f'u{i}', f'sentence {i % 3}') for i in range(6)]
+    client = ScriptedClient(lambda m, p: 'yes', delay_s=0.05)
+    summary, ledger = _annotate(tmp_path, prices, pool, client)
+    assert len(client.requests) == 3 and summary.requests == 3 and summary.cached == 3
+    assert summary.labeled == 6
+    assert len(_llm_rows(ledger, 'run')) == 3
+    assert ledger.spent_usd('run') == pytest.approx(client.paid_usd(prices), rel=1e-12)
+    # A rerun elsewhere under the same run id pays and bills nothing.
+    again, _ = _annotate(tmp_path, prices, pool, client, out='out2')
+    assert again.requests == 0 and len(client.requests) == 3 and len(_llm_rows(ledger, 'run')) == 3
+    # Another run reusing the answers is billed nothing, unless it asks to be charged their
+    # price (a study point's labels), and then once per answer.
+    _annotate(tmp_path, prices, pool, client, run_id='other', out='out3')
+    assert ledger.spent_usd('other') == 0.0
+    for _ in range(2):
+        charged, _ = _annotate(tmp_path, prices, pool, client, run_id='point', out='out4',
+                               budget_counts_cached=True)
+    rows = _llm_rows(ledger, 'point')
+    assert len(rows) == 3 and all(json.loads(r['note'])['reused'] for r in rows)
+    assert ledger.spent_usd('point') == pytest.approx(ledger.spent_usd('run'), rel=1e-12)
+    assert len(client.requests) == 3
+
+
+def test_paid_request_is_recorded_when_its_example_does_not_finish(tmp_path, prices):
+    # The budget pays for the first answer (unparseable) but not for its re-ask.
+    pool = [Example('u0', 'a sentence')]
+    messages = llm.build_messages('Label it.', [(s.source, s.target) for s in SHOTS], 'a sentence')
+    first_worst = llm_cost_usd(MODEL, sum(len(m['content'].encode()) for m in messages) + 48, 6,
+                               load_prices(prices))
+    client = ScriptedClient()
+    summary, ledger = _annotate(tmp_path, prices, pool, client, budget_usd=first_worst * 1.001)
+    assert summary.stopped_for_budget and summary.labeled == 0 and len(client.requests) == 1
+    assert len(_llm_rows(ledger, 'run')) == 1
+    assert ledger.spent_usd('run') == pytest.approx(client.paid_usd(prices), rel=1e-12)
+
+
+def test_invalid_answer_file_has_one_row_per_example_over_reruns(tmp_path, prices):
+    pool = [Example(f'u{i}', f'sentence {i}') for i in range(6)]
+    client = ScriptedClient()
+    labeled = []
+    for budget in (0.25, 0.4, 100.0):      # two budget stops (each redoes the shard), the rest
+        summary, ledger = _annotate(tmp_path, prices, pool, client, budget_usd=budget,
+                                    concurrency=1, reask='same')
+        ids = [json.loads(x)['id'] for x in open(tmp_path / 'out.invalid.jsonl')]
+        assert len(ids) == len(set(ids)) == summary.labeled
+        labeled.append(summary.labeled)
+    assert labeled[0] < labeled[1] < labeled[2] == 6 and summary.completed_shards == 1
+    assert len(client.requests) == 6
+    assert ledger.spent_usd('run') == pytest.approx(client.paid_usd(prices), rel=1e-12)
+
+
+def test_no_identical_reask_at_temperature_zero(tmp_path, prices):
+    pool = [Example(f'u{i}', f'sentence {i}') for i in range(3)]
+    for reask, params, per_example in (('same', {'temperature': 0.0}, 1),
+                                       ('prompt', {'temperature': 0.0}, 2),
+                                       ('temperature', {'temperature': 0.0}, 3),
+                                       ('same', {'temperature': 0.5}, 3)):
+        client = ScriptedClient()          # always the same unparseable answer
+        summary, _ = _annotate(tmp_path / reask / str(params['temperature']), prices, pool,
+                               client, reask=reask, max_invalid_retries=2,
+                               params={'max_tokens': 6, **params})
+        assert len(client.requests) == 3 * per_example, reask
+        assert summary.invalid == 3 and summary.reasks_skipped == (3 if per_example < 3 else 0)
+        zero = [json.dumps(r, sort_keys=True) for r in client.requests
+                if r[1]['temperature'] == 0.0]
+        assert len(zero) == len(set(zero)), reask        # never the same request twice at T=0
+    # A correction the model follows: answered at the re-ask.
+    fixes = ScriptedClient(lambda m, p: 'yes' if m[-1]['role'] == 'user' and
+                           m[-1]['content'].startswith('That answer') else 'maybe')
+    summary, _ = _annotate(tmp_path / 'fix', prices, pool, fixes)
+    assert summary.invalid == 0 and len(fixes.requests) == 6
+    assert 'yes, no' in fixes.requests[-1][0][-1]['content']
+
+
+@pytest.mark.parametrize('concurrency', [1, 8])
+def test_budget_is_never_exceeded_with_requests_in_flight(tmp_path, prices, concurrency):
+    pool = [Example(f'u{i}', f'sentence number {i} ' + 'x' * (i % 7)) for i in range(40)]
+    client = ScriptedClient(lambda m, p: 'positive', delay_s=0.01)
+    for budget in (1.5, 3.0):            # a first cap, then a larger one over the same run
+        summary, ledger = _annotate(tmp_path, prices, pool, client, budget_usd=budget,
+                                    concurrency=concurrency, labels=None)
+        paid = client.paid_usd(prices)
+        assert summary.stopped_for_budget and 0 < paid <= budget
+        assert ledger.spent_usd('run') == pytest.approx(paid, rel=1e-12)
+
+
+def test_dead_endpoint_stops_the_whole_run_fast(tmp_path, prices, capsys):
+    from doa_jax import annotate_llm
+    with socket.socket() as s:           # a port nothing listens on
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    url = f'http://127.0.0.1:{port}/v1'
+    client = llm.ChatClient(url, MODEL, backoff_base_s=0.01, max_connection_failures=5)
+    t0 = time.monotonic()
+    with pytest.raises(llm.EndpointUnreachableError, match='5 connection failures in a row'):
+        _annotate(tmp_path, prices, _pool(40), client)
+    assert time.monotonic() - t0 < 20 and client.retries['timeout'] <= 5
+    assert not Ledger(tmp_path / 'ledger.sqlite').spent_usd('run')
+    # The command line says so and exits 1, with progress (paid $, errors) on the way.
+    labeled, pool = tmp_path / 'labeled.jsonl', tmp_path / 'pool.jsonl'
+    labeled.write_text(''.join(json.dumps({'source': e.source, 'target': e.target}) + '\n'
+                               for e in SHOTS))
+    pool.write_text(''.join(json.dumps({'id': e.id, 'source': e.source}) + '\n'
+                            for e in _pool(40)))
+    rc = annotate_llm.main([f'--model={MODEL}', f'--base_url={url}', f'--prices={prices}',
+                            f'--labeled_file={labeled}', f'--unlabeled_file={pool}',
+                            f'--output_dir={tmp_path / "cli"}', '--labels=yes,no',
+                            '--max_connection_failures=3'])
+    err = capsys.readouterr().err
+    assert rc == 1 and '3 connection failures in a row' in err and '--base_url' in err
+    assert 'paid $0.0000' in err and 'errors' in err

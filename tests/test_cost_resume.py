@@ -8,6 +8,7 @@ The tests drive CostCallback through the trainer protocol from a small simulated
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import signal
@@ -174,6 +175,66 @@ def test_sigkilled_and_resumed_run_counts_every_step_once(tmp_path):
     assert s.redone_usd == pytest.approx(measured_usd(13, 14), rel=1e-12)
     assert ledger.spent_usd('run') == pytest.approx(s.step_usd + s.redone_usd, rel=1e-12)
     assert s.compile_seconds == 20.0 and s.compile_usd == 0.0      # recorded, excluded by config
+
+
+def _attempt(ledger, model_dir, start, last, checkpoints=(), end=None):
+    """One training attempt through CostCallback with run_id=None (the id MODEL_DIR records):
+    steps start+1..last, two per interval; `end=None` is a process killed after step `last`."""
+    import numpy as np
+    from doa_jax.cost import CostCallback, default_prices
+    devices = np.array([types.SimpleNamespace(device_kind=A100) for _ in range(4)], dtype=object)
+    cb = CostCallback(ledger, default_prices(), include_compile=False, include_other=False,
+                      write=True)
+    cb.on_train_start(model_dir=str(model_dir), start_step=start,
+                      mesh=types.SimpleNamespace(devices=devices))
+    for first in range(start + 1, last + 1, 2):
+        top = min(first + 1, last)
+        cb.on_steps_end(first_step=first, last_step=top,
+                        seconds=sum(fake_seconds(s) for s in range(first, top + 1)))
+        if top in checkpoints:
+            cb.on_checkpoint(step=top)
+    if end is not None:
+        cb.on_train_end(step=last, reason=end)
+    return cb.run_id
+
+
+def test_moved_run_folder_resumes_its_own_rows_and_marks_redone_steps(tmp_path):
+    from doa_jax.cost import Ledger
+    from doa_jax.cost.report import collect
+    ledger = Ledger(tmp_path / 'study')             # outside the run folders, as in a study
+    (tmp_path / 'a').mkdir()
+    # Killed after step 40 with checkpoint 30; the folder is moved; the rerun resumes at 30.
+    assert _attempt(ledger, tmp_path / 'a', 0, 40, checkpoints=(30,)) == 'a'
+    (tmp_path / 'a').rename(tmp_path / 'b')
+    assert _attempt(ledger, tmp_path / 'b', 30, 60, checkpoints=(60,), end='done') == 'a'
+    assert [r for r, _ in ledger.runs()] == ['a']
+    _assert_counted_exactly_once(ledger, 'a', 60)
+    s = ledger.stage_summary('a', 'train')
+    assert s.attempts == 2 and s.end_reason == 'done' and s.pending_usd == 0
+    assert s.redone_usd == pytest.approx(measured_usd(31, 40), rel=1e-12)
+    assert ledger.spent_usd() == pytest.approx(measured_usd(1, 60) + measured_usd(31, 40))
+    first = ledger._rows("SELECT end_reason, end_step FROM attempts WHERE attempt=1")[0]
+    assert first == {'end_reason': 'crashed', 'end_step': 40}
+    assert [r['status'] for r in collect(str(tmp_path / 'study'))['rows']] == ['done']
+    # A new folder under the moved folder's old name is another run, with its own id.
+    (tmp_path / 'a').mkdir()
+    new_id = _attempt(ledger, tmp_path / 'a', 0, 4, end='done')
+    assert new_id.startswith('a-') and ledger.stage_summary('a', 'train').attempts == 2
+
+
+def test_run_folder_metered_before_run_ids_keeps_its_rows(tmp_path):
+    """A ledger written by older versions names runs by the folder's name: a resumed folder
+    without a recorded id adopts that name."""
+    from doa_jax.cost import Ledger
+    ledger = Ledger(tmp_path / 'study')
+    attempt = ledger.begin_attempt('old', 'train', 0)
+    ledger.record_steps('old', 'train', attempt, 1, 12, sum(map(fake_seconds, range(1, 13))),
+                        A100, 4, 1.875)
+    ledger.record_checkpoint('old', 'train', attempt, 12)
+    (tmp_path / 'old').mkdir()
+    assert _attempt(ledger, tmp_path / 'old', 12, 20, end='done') == 'old'
+    _assert_counted_exactly_once(ledger, 'old', 20)
+    assert json.loads((tmp_path / 'old' / 'run.json').read_text())['run_id'] == 'old'
 
 
 def test_two_processes_writing_one_study_ledger_give_consistent_totals(tmp_path):

@@ -50,6 +50,40 @@ def test_infer_writes_complete_chunks_and_resumes(teacher, tmp_path):
     assert stage.run_id == 'pl' and stage.compute_device_hours > 0
 
 
+@pytest.mark.slow
+def test_limit_then_full_run_with_another_chunk_size_then_another_teacher(teacher, tmp_path):
+    """A LIMIT=10 trial, then the whole pool with another CHUNK_SIZE: only the missing ids are
+    labeled and priced. Another teacher is refused before decoding; --overwrite relabels."""
+    from doa_jax.cost import Ledger
+    out = tmp_path / 'pl'
+    where = (f"--gin.CHECKPOINT_PATH='{teacher}'", f"--gin.INFER_OUTPUT_DIR='{out}'")
+    assert _run(*where, '--gin.LIMIT=10') == 0
+    trial = {p.name: p.stat().st_mtime_ns for p in out.glob('chunk-*')}
+    assert _run(*where, '--gin.CHUNK_SIZE=5') == 0
+    recs = pl.read_chunks(str(out))
+    assert sorted(r['index'] for r in recs) == list(range(32))   # doa_toy's train split
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in trial.items())
+    ledger = Ledger(str(tmp_path))
+    priced = [i for e in ledger.compute_entries('pl', 'pseudo_label')
+              for i in range(e['first'], e['last'] + 1)]
+    assert sorted(priced) == list(range(32))
+
+    other = tmp_path / 'teacher_b'
+    x = jnp.ones((1, 8), jnp.int32)
+    save_params(nn.unbox(T5(get_config('t5_1_1_tiny')).init(jax.random.PRNGKey(1), x, x)
+                         ['params']), other)
+    moved = (f"--gin.CHECKPOINT_PATH='{other}'", f"--gin.INFER_OUTPUT_DIR='{out}'")
+    with pytest.raises(pl.PseudoLabelError, match=r'(?s)teacher: ".*" -> ".*--overwrite'):
+        _run(*moved)
+    assert {r['prediction'] for r in pl.read_chunks(str(out))} == \
+        {r['prediction'] for r in recs}
+    assert _run(*moved, '--overwrite') == 0
+    relabeled = pl.read_chunks(str(out))
+    assert sorted(r['index'] for r in relabeled) == list(range(32))
+    manifest = json.loads((out / '.manifest.json').read_text())
+    assert manifest['teacher_checkpoint'] == str(other) and manifest['run_id'] != 'pl'
+
+
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match='nowhere'):
         _run(f"--gin.CHECKPOINT_PATH='{tmp_path}/nowhere'", f"--gin.INFER_OUTPUT_DIR='{tmp_path}'")

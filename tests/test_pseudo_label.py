@@ -68,6 +68,104 @@ def test_empty_pool_and_bad_shard_say_so(tmp_path):
         pl.shard_indices(5, 2, 2)
 
 
+def _recording(calls):
+    return lambda batch: calls.extend(batch) or _fake(batch)
+
+
+def _ids_once(out, pool):
+    return pl.merge(str(out), [i for i, _ in pool])['count'] == len(pool)
+
+
+def test_limit_then_full_run_labels_only_the_missing_ids(tmp_path):
+    """A LIMIT=10 trial, then the whole pool: the trial's labels are kept (its last chunk held
+    fewer ids than the full run's grid), the rest is labeled once."""
+    pool = _pool(23)
+    pl.pseudo_label_shard(pool[:10], _fake, str(tmp_path), chunk_size=4)
+    calls = []
+    res = pl.pseudo_label_shard(pool, _recording(calls), str(tmp_path), chunk_size=4)
+    assert calls == [f'input {i}' for i in range(10, 23)]
+    assert res.examples_written == 13 and res.examples_done == 23
+    assert _ids_once(tmp_path, pool)
+    # A smaller LIMIT afterwards has nothing to do, and its merge accepts the labels past it.
+    res = pl.pseudo_label_shard(pool[:5], _recording(calls), str(tmp_path), chunk_size=4)
+    assert res.chunks_written == 0 and len(calls) == 13
+    pl.merge(str(tmp_path), [i for i, _ in pool[:5]], beyond_limit_ok=True)
+    # Every marker names the indices and id range of its chunk.
+    markers = [json.loads(p.read_text()) for p in sorted(tmp_path.glob('*.COMPLETED'))]
+    assert sorted(i for m in markers for i in m['indices']) == list(range(23))
+    assert {(m['first_id'], m['last_id']) for m in markers} >= {('ex0', 'ex3'), ('ex8', 'ex9')}
+
+
+def test_changed_chunk_size_keeps_finished_ids_and_prices_each_example_once(tmp_path):
+    from doa_jax.cost import Ledger
+    pool, out, ledger = _pool(23), tmp_path / 'out', Ledger(tmp_path)
+
+    def meter(first, last, generation=0):
+        class Meter:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                ledger.record_compute('out', 'pseudo_label', first, last, 1.0, 'cpu', 1, 3600.0,
+                                      seq=generation)
+        return Meter()
+
+    stop_after = lambda n: (lambda chunk_id: chunk_id < n)        # as if killed after n chunks
+    pl.pseudo_label_shard(pool, _fake, str(out), chunk_size=4, meter_factory=meter,
+                          keep_going=stop_after(3))
+    calls = []
+    res = pl.pseudo_label_shard(pool, _recording(calls), str(out), chunk_size=5,
+                                meter_factory=meter)
+    assert calls == [f'input {i}' for i in range(12, 23)]      # 0-11 were labeled in chunks of 4
+    assert _ids_once(out, pool) and res.examples_done == 23
+    names = {p.name for p in out.glob('chunk-*.jsonl')}
+    first = {f'chunk-00000-0000{c}.jsonl' for c in range(3)}
+    assert first <= names and all(n.endswith('-g1.jsonl') for n in names - first)
+    # Each example is priced exactly once over the two layouts.
+    priced = [i for e in ledger.compute_entries('out', 'pseudo_label')
+              for i in range(e['first'], e['last'] + 1)]
+    assert sorted(priced) == list(range(23))
+    # Back to the first chunk size: its layout is generation 0 again, nothing is missing.
+    res = pl.pseudo_label_shard(pool, _recording(calls), str(out), chunk_size=4)
+    assert res.chunks_written == 0 and len(calls) == 11
+
+
+def test_another_teacher_is_refused_with_the_difference_and_overwrite_replaces(tmp_path):
+    pool = _pool(9)
+    teacher_a = {'teacher': 'a' * 64, 'task': 'doa_toy', 'decode': {'method': 'greedy'}}
+    pl.pseudo_label_shard(pool, _fake, str(tmp_path), chunk_size=4, identity=teacher_a)
+    teacher_b = {**teacher_a, 'teacher': 'b' * 64}
+    with pytest.raises(pl.PseudoLabelError) as e:
+        pl.pseudo_label_shard(pool, _fake, str(tmp_path), chunk_size=4, identity=teacher_b)
+    assert f'teacher: "{"a" * 64}" -> "{"b" * 64}"' in str(e.value)
+    assert '--overwrite' in str(e.value) and 'new directory' in str(e.value)
+    beam = {**teacher_a, 'decode': {'method': 'beam'}}
+    with pytest.raises(pl.PseudoLabelError, match='decode.method: "greedy" -> "beam"'):
+        pl.pseudo_label_shard(pool, _fake, str(tmp_path), chunk_size=4, identity=beam)
+    relabel = lambda batch: [{'prediction': 'B', 'score': 0.0} for _ in batch]
+    pl.pseudo_label_shard(pool, relabel, str(tmp_path), chunk_size=3, identity=teacher_b,
+                          overwrite=True)
+    assert {r['prediction'] for r in pl.read_chunks(str(tmp_path))} == {'B'}
+    assert _ids_once(tmp_path, pool)
+    manifest = json.loads((tmp_path / '.manifest.json').read_text())
+    assert manifest['identity']['teacher'] == 'b' * 64 and len(manifest['layouts']) == 1
+
+
+def test_directory_from_before_manifests_resumes_with_another_chunk_size(tmp_path):
+    pool = _pool(10)
+    for c, start in enumerate(range(0, 8, 4)):      # what older versions wrote: {'count'} markers
+        pl.write_chunk(pl.chunk_path(str(tmp_path), 0, c),
+                       [{'id': pool[i][0], 'input': pool[i][1], 'index': i, 'prediction': 'old'}
+                        for i in range(start, start + 4)])
+    (tmp_path / 'chunk-00000-00002.jsonl').write_text('{"id": "ex8"}\n')   # killed mid-chunk
+    calls = []
+    pl.pseudo_label_shard(pool, _recording(calls), str(tmp_path), chunk_size=3,
+                          identity={'teacher': 't'})
+    assert calls == ['input 8', 'input 9'] and _ids_once(tmp_path, pool)
+    manifest = json.loads((tmp_path / '.manifest.json').read_text())
+    assert manifest['legacy'] and manifest['layouts'][0] == {'legacy': True}
+
+
 def test_tiny_teacher_labels_with_full_topk(tmp_path):
     import jax
     import jax.numpy as jnp

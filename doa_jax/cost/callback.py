@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+from doa_jax import run_identity
 from doa_jax.callbacks import TrainerCallback
 from doa_jax.cost.budget import BudgetExceededError, Estimate, check_budget
 from doa_jax.cost.ledger import Ledger
@@ -27,10 +28,13 @@ class CostCallback(TrainerCallback):
     intervals) is recorded as 'other' overhead at each checkpoint and at the end of the run.
 
     Defaults suit a gin binding: `ledger=None` uses MODEL_DIR's ledger, `prices` may be a YAML
-    path, `run_id=None` is MODEL_DIR's base name. Pre-flight: with `planned_steps` (TRAIN_STEPS),
-    the run is refused unless `force` when its estimated cost exceeds the remaining budget; the
-    speed is `seconds_per_step` (e.g. from a benchmark table, checked before the first step) or
-    else measured on the first logging interval (a short warm-up, checked right after it).
+    path, `run_id=None` is the run id recorded in MODEL_DIR (`run_identity.folder_run_id`: the
+    directory's name when it was first metered), so a moved or renamed MODEL_DIR resumes its own
+    ledger rows and its crashed attempt's unfinished steps count as redone. Pre-flight: with
+    `planned_steps` (TRAIN_STEPS), the run is refused unless `force` when its estimated cost
+    exceeds the remaining budget; the speed is `seconds_per_step` (e.g. from a benchmark table,
+    checked before the first step) or else measured on the first logging interval (a short
+    warm-up, checked right after it).
     """
 
     def __init__(self, ledger: Ledger | str | None = None,
@@ -71,8 +75,17 @@ class CostCallback(TrainerCallback):
     def on_train_start(self, *, model_dir: str, start_step: int, mesh: Any) -> None:
         if self.ledger is None:
             self.ledger = Ledger(model_dir)
-        if self.run_id is None:
-            self.run_id = os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
+        self.write = is_writer_process() if self._write_override is None else \
+            self._write_override
+        if self.run_id is None and self.write:
+            # Rows of a directory metered before run ids were recorded carry its name: a resumed
+            # one (start_step > 0), or any whose ledger lives inside it, adopts that name.
+            inside = os.path.dirname(os.path.abspath(self.ledger.path)) == \
+                os.path.abspath(model_dir)
+            self.run_id = run_identity.folder_run_id(model_dir, self.ledger,
+                                                     adopt_name=start_step > 0 or inside)
+        elif self.run_id is None:
+            self.run_id = run_identity.run_id_or_name(model_dir)
         self.device = device_info(mesh)
         # Fails before any training if the device has no price: better than an unpriced run.
         try:
@@ -81,8 +94,6 @@ class CostCallback(TrainerCallback):
         except PriceError as e:
             raise PriceError(f'CostCallback cannot price this run ({self.device.count} x '
                              f'{self.device.kind!r}), so it stops before step 0. {e}') from None
-        self.write = is_writer_process() if self._write_override is None else \
-            self._write_override
         self._seq, self._other_seconds = 0, 0.0
         if self.write:
             self.attempt = self.ledger.begin_attempt(self.run_id, self.stage, start_step)

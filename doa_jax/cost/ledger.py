@@ -11,12 +11,21 @@ ran above a later attempt's start were redone by that later attempt, so they are
 spent (it counts towards a budget) but not counted again as the run's step cost. Derived at query
 time from the raw intervals, this is idempotent and needs no rewriting after a crash. Steps above
 the last checkpoint of a run that has not ended yet are *pending*: they may still be redone.
+A new attempt closes an earlier one that never ended as 'crashed'.
+
+Run ids. A run directory records its id (`doa_jax.run_identity`), so a moved or renamed directory
+keeps writing under the id its earlier attempts used; ledgers written before ids were recorded
+name runs by their directory's base name, which such a directory adopts as its id.
+
+LLM rows are one per paid request (keyed by the response-cache key), so the ledger is the money
+paid: an answer served from the cache is not billed again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import socket
@@ -220,10 +229,20 @@ class Ledger:
 
     # ---- training attempts ----------------------------------------------------------------
     def begin_attempt(self, run_id: str, stage: str, start_step: int) -> int:
-        """Open a new attempt (a process start or restart from checkpoint `start_step`)."""
+        """Open a new attempt (a process start or restart from checkpoint `start_step`).
+
+        An earlier attempt that never ended died without saying so: it is closed as 'crashed'
+        at the last step it recorded, and its steps above `start_step` count as redone."""
         with self._write() as con:
             (n,) = con.execute('SELECT COALESCE(MAX(attempt), 0) FROM attempts '
                                'WHERE run_id=? AND stage=?', (run_id, stage)).fetchone()
+            con.execute(
+                    "UPDATE attempts SET end_reason='crashed', ended_at=?, end_step=COALESCE("
+                    "(SELECT MAX(e.last) FROM entries e WHERE e.run_id=attempts.run_id AND "
+                    "e.stage=attempts.stage AND e.attempt=attempts.attempt AND "
+                    "e.category='steps'), start_step) "
+                    'WHERE run_id=? AND stage=? AND end_reason IS NULL',
+                    (time.time(), run_id, stage))
             con.execute('INSERT INTO attempts(run_id, stage, attempt, start_step, started_at, host)'
                         ' VALUES (?,?,?,?,?,?)',
                         (run_id, stage, n + 1, int(start_step), time.time(), self.host))
@@ -265,9 +284,12 @@ class Ledger:
     # ---- range-keyed costs (inference, labels, LLM) ----------------------------------------
     def record_compute(self, run_id: str, stage: str, first: int, last: int, seconds: float,
                        device_kind: str, device_count: int, usd_per_device_hour,
-                       note: str = '') -> bool:
-        """Compute on examples [first, last] (e.g. one pseudo-label shard); idempotent per range."""
-        return self._insert(run_id, stage, 0, 'compute', 0, first, last, device_kind,
+                       note: str = '', seq: int = 0) -> bool:
+        """Compute on examples [first, last] (e.g. one pseudo-label shard); idempotent per range.
+
+        Ranges of one `seq` never overlap; another `seq` numbers the examples another way (a
+        pseudo-label directory relabeled with another chunk layout: its generation)."""
+        return self._insert(run_id, stage, 0, 'compute', seq, first, last, device_kind,
                             device_count, seconds, last - first + 1, 'examples',
                             usd_per_device_hour, True, note)
 
@@ -285,6 +307,62 @@ class Ledger:
         return self._insert(run_id, stage, 0, 'llm', 0, first, last, None, 0, 0.0,
                             input_tokens + output_tokens, f'tokens:{input_tokens}:{output_tokens}',
                             0, True, model, usd=usd)
+
+    def record_llm_request(self, run_id: str, stage: str, model: str, index: int, key: str,
+                           input_tokens: int, output_tokens: int, usd: float,
+                           reused: bool = False) -> bool:
+        """One LLM request for example `index`, keyed by its cache key.
+
+        A paid request (`reused=False`) is always a new row: paying twice for one key (a crash
+        between paying and caching) is money spent twice. A `reused` answer (paid by another run,
+        charged to this one at its price) is recorded once per key and run; False: it already was.
+        """
+        note = json.dumps({'model': model, 'key': key, 'reused': bool(reused)})
+        with self._write() as con:
+            if reused and con.execute(
+                    "SELECT 1 FROM entries WHERE run_id=? AND stage=? AND category='llm' AND "
+                    'note LIKE ?', (run_id, stage, f'%"key": "{key}"%')).fetchone():
+                return False
+            (seq,) = con.execute(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM entries WHERE run_id=? AND stage=? AND "
+                    "attempt=0 AND category='llm' AND first=? AND last=?",
+                    (run_id, stage, int(index), int(index))).fetchone()
+            con.execute('INSERT INTO entries(run_id, stage, attempt, category, seq, first, last, '
+                        'device_kind, device_count, seconds, quantity, unit, rate_usd, usd, '
+                        'billable, note, created_at, host) VALUES '
+                        '(?,?,0,?,?,?,?,NULL,0,0.0,?,?,?,?,1,?,?,?)',
+                        (run_id, stage, 'llm', seq, int(index), int(index),
+                         float(input_tokens + output_tokens),
+                         f'tokens:{int(input_tokens)}:{int(output_tokens)}', '0', float(usd),
+                         note, time.time(), self.host))
+        return True
+
+    def llm_billed(self, run_id: str, stage: str) -> tuple[set[str], set[int]]:
+        """(cache keys, example indices) this run's LLM rows already bill: keys of per-request
+        rows, and the examples of per-example rows that older versions wrote (no key)."""
+        if not os.path.exists(self.path):
+            return set(), set()
+        keys, indices = set(), set()
+        for r in self._rows("SELECT first, note FROM entries WHERE run_id=? AND stage=? AND "
+                            "category='llm'", (run_id, stage)):
+            try:
+                note = json.loads(r['note'] or '')
+            except ValueError:
+                note = None
+            if isinstance(note, dict) and 'key' in note:
+                keys.add(note['key'])
+            else:
+                indices.add(int(r['first']))
+        return keys, indices
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether any row (entry or attempt) carries `run_id`."""
+        if not os.path.exists(self.path):
+            return False
+        with self._read() as con:
+            return con.execute('SELECT 1 FROM entries WHERE run_id=? UNION ALL SELECT 1 FROM '
+                               'attempts WHERE run_id=? LIMIT 1',
+                               (run_id, run_id)).fetchone() is not None
 
     def _insert(self, run_id, stage, attempt, category, seq, first, last, device_kind,
                 device_count, seconds, quantity, unit, rate, billable, note='', usd=None) -> bool:

@@ -49,8 +49,8 @@ class ComputeMeter:
 
     def __init__(self, ledger: Ledger, prices: PriceTable, run_id: str, stage: str, first: int,
                  last: int, mesh: Any = None, device_price_fallback: str | None = None,
-                 write: bool | None = None):
-        self.ledger, self.run_id, self.stage = ledger, run_id, stage
+                 write: bool | None = None, seq: int = 0):
+        self.ledger, self.run_id, self.stage, self.seq = ledger, run_id, stage, seq
         self.first, self.last = first, last
         self.device = device_info(mesh)
         self.rate = prices.usd_per_device_hour(self.device.kind, device_price_fallback)
@@ -67,4 +67,4 @@ class ComputeMeter:
         if exc_type is None and self.write:
             self.ledger.record_compute(self.run_id, self.stage, self.first, self.last,
                                        self.seconds, self.device.kind, self.device.count,
-                                       self.rate)
+                                       self.rate, seq=self.seq)

@@ -22,6 +22,10 @@ class LLMRequestError(RuntimeError):
     """A request failed for good (non-retryable status, or retries exhausted)."""
 
 
+class EndpointUnreachableError(LLMRequestError):
+    """Too many connection failures in a row: the endpoint is down, so the whole run stops."""
+
+
 class MalformedResponseError(ValueError):
     """The server answered 200 with a body that is not a Chat Completions response."""
 
@@ -58,14 +62,23 @@ def _retry_after_s(response: httpx.Response) -> float | None:
 
 
 class ChatClient:
-    """POSTs to {base_url}/chat/completions; thread-safe (one pooled httpx.Client)."""
+    """POSTs to {base_url}/chat/completions; thread-safe (one pooled httpx.Client).
+
+    After `max_connection_failures` connection failures (refused, reset, timed out) in a row,
+    counted over all threads, every call raises EndpointUnreachableError at once: a dead server
+    stops the run in seconds instead of retrying each queued request with backoff. Any HTTP
+    answer resets the count. 0 never stops."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  timeout_s: float = 60.0, max_retries: int = 6, backoff_base_s: float = 0.5,
-                 backoff_max_s: float = 30.0, sleep: Callable[[float], None] = time.sleep):
+                 backoff_max_s: float = 30.0, sleep: Callable[[float], None] = time.sleep,
+                 max_connection_failures: int = 5):
         self.url = base_url.rstrip('/') + '/chat/completions'
         self.model = model
         self.max_retries = max_retries
+        self.max_connection_failures = max_connection_failures
+        self._failures_in_a_row = 0
+        self._unreachable: str | None = None
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._sleep = sleep
@@ -82,12 +95,17 @@ class ChatClient:
         payload = {'model': self.model, 'messages': messages, **params}
         last = ''
         for attempt in range(self.max_retries + 1):
+            if self._unreachable is not None:
+                raise EndpointUnreachableError(self._unreachable)
             wait = None
             try:
                 r = self._http.post(self.url, json=payload)
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 last, kind = f'{type(e).__name__}: {e}', 'timeout'
+                self._connection_failed(last)
             else:
+                with self._lock:
+                    self._failures_in_a_row = 0
                 if r.status_code == 200:
                     try:
                         return parse_completion(r.json())
@@ -109,6 +127,22 @@ class ChatClient:
             self._sleep(min(wait, self.backoff_max_s))
         raise LLMRequestError(f'{self.url}: gave up after {self.max_retries + 1} attempts; last '
                               f'error: {last}. Raise --max_retries or check the server.')
+
+    def _connection_failed(self, error: str) -> None:
+        with self._lock:
+            self._failures_in_a_row += 1
+            n = self._failures_in_a_row
+            if self.max_connection_failures and n >= self.max_connection_failures and \
+                    self._unreachable is None:
+                self._unreachable = (
+                        f'{self.url}: {n} connection failures in a row (last: {error}); the '
+                        f'endpoint is down or unreachable, so the run stops instead of retrying '
+                        f'every example. Check --base_url and that the server is up, then rerun: '
+                        f'answers already paid for are cached and in the ledger, so none is paid '
+                        f'twice (--max_connection_failures sets how many failures stop a run).')
+            message = self._unreachable
+        if message is not None:
+            raise EndpointUnreachableError(message)
 
     def close(self) -> None:
         self._http.close()

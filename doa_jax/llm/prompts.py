@@ -27,6 +27,15 @@ def build_messages(instruction: str, shots: Sequence[tuple[str, str]], source: s
             {'role': 'user', 'content': '\n'.join(lines)}]
 
 
+def correction_message(labels: Sequence[str] | None) -> str:
+    """The user turn that re-asks after an unparseable answer (it changes the request, so a
+    deterministic model can answer differently)."""
+    if labels:
+        return ('That answer is not one of the labels. Answer with exactly one of: ' +
+                ', '.join(labels) + '.')
+    return 'That answer was empty. Write the output for the input, and only the output.'
+
+
 def _norm(text: str) -> str:
     return re.sub(r'\s+', ' ', text.strip().strip('."\'`*').strip()).lower()
 
