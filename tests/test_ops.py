@@ -54,8 +54,12 @@ def _f32(x):
 
 @pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('mask_name', ['padding', 'causal', 'none'])
-@pytest.mark.parametrize('bias_shape', [(1, H, LQ, LK), (B, 1, LQ, LK), None])
+@pytest.mark.parametrize('mask_name,bias_shape', [
+        ('padding', (1, H, LQ, LK)),      # the encoder's: a shared bias, padding per batch row
+        ('causal', (1, H, LQ, LK)),       # the decoder's self-attention
+        ('causal', (B, 1, LQ, LK)),       # a bias broadcast over heads
+        ('padding', None),                # cross-attention: a mask only
+        ('none', None)])
 def test_attention_outputs_and_gradients_equal_the_reference(backend, dtype, mask_name,
                                                              bias_shape):
     q, k, v = _qkv(0, dtype)
