@@ -32,9 +32,10 @@ def pseudo_labeled_task(infer_output_dir: str, eval_task: str | None = None,
     return name
 
 
-gin.external_configurable(pseudo_labeled_task, 'pseudo_labeled_task')
-gin.external_configurable(distill_losses.sequence_kd_loss, 'sequence_kd_loss')
-gin.external_configurable(distill_losses.token_kd_loss, 'token_kd_loss')
+# Module `doa_jax`, as gin_utils registers the rest: `doa_jax.pseudo_labeled_task`, ...
+gin.external_configurable(pseudo_labeled_task, 'pseudo_labeled_task', module='doa_jax')
+gin.external_configurable(distill_losses.sequence_kd_loss, 'sequence_kd_loss', module='doa_jax')
+gin.external_configurable(distill_losses.token_kd_loss, 'token_kd_loss', module='doa_jax')
 
 
 def teacher_kd_loss(checkpoint_path: str, teacher_model: str, temperature: float = 2.0,
@@ -56,4 +57,4 @@ def teacher_kd_loss(checkpoint_path: str, teacher_model: str, temperature: float
     return distill_losses.online_teacher_kd_loss(params, config, temperature, alpha, z_loss)
 
 
-gin.external_configurable(teacher_kd_loss, 'teacher_kd_loss')
+gin.external_configurable(teacher_kd_loss, 'teacher_kd_loss', module='doa_jax')

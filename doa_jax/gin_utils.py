@@ -1,8 +1,9 @@
 """gin at the entry points only: flag parsing (t5x's), configurable registration, run records.
 
-Library modules never import gin. This module registers their plain functions under short names
-(`train`, `get_model_config`, `make_optimizer`, `cross_entropy_loss`, `MeshConfig`, ...) so t5x-style
-gin files can bind them, and turns `--gin.X=Y` flags into gin bindings as t5x does.
+Library modules never import gin. This module registers their plain functions in gin's module
+`doa_jax` (`doa_jax.train`, `doa_jax.get_model_config`, `doa_jax.make_optimizer`, ...) so t5x-style
+gin files can bind them next to t5x's own `train` and `infer`, and turns `--gin.X=Y` flags into gin
+bindings as t5x does.
 
 It also checks the configuration before anything runs: a `--gin.NAME=` flag that names nothing in
 the loaded files, a `%gin.REQUIRED` macro left unset, a gin file that does not exist, or an entry
@@ -169,26 +170,33 @@ class RunSummary(callbacks_lib.TrainerCallback):
 
 
 CONFIGURABLE: dict[str, object] = {}
+GIN_MODULE = 'doa_jax'   # the gin module of doa_jax's configurables: `doa_jax.train`, ...
 
 
 def register_configurables() -> None:
-    """Makes the library's functions bindable from gin under t5x-like names (idempotent)."""
+    """Makes the library's functions bindable from gin under t5x-like names in the `doa_jax`
+    module (`doa_jax.train`, `doa_jax.get_model_config`, ...; idempotent). doa_jax's gin files
+    write them in full, so they parse in a process where t5x has registered its own `train` and
+    `infer`; a short name (`train.model_dir`) still works where doa_jax's are the only ones."""
     if CONFIGURABLE:
         return
-    CONFIGURABLE['train'] = gin.external_configurable(trainer.train, 'train')
-    gin.external_configurable(get_model_config, 'get_model_config')
-    CONFIGURABLE['import_task_modules'] = gin.external_configurable(import_task_modules,
-                                                                    'import_task_modules')
-    gin.external_configurable(optimizers.make_optimizer, 'make_optimizer')
-    gin.external_configurable(losses.cross_entropy_loss, 'cross_entropy_loss')
-    gin.external_configurable(partitioning.MeshConfig, 'MeshConfig')
-    gin.external_configurable(callbacks_lib.StopAtStep, 'StopAtStep')
-    try:    # the cost meter, bindable as `train.callbacks = [@CostCallback()]`
+
+    def register(fn, name: str):
+        return gin.external_configurable(fn, name, module=GIN_MODULE)
+
+    CONFIGURABLE['train'] = register(trainer.train, 'train')
+    register(get_model_config, 'get_model_config')
+    CONFIGURABLE['import_task_modules'] = register(import_task_modules, 'import_task_modules')
+    register(optimizers.make_optimizer, 'make_optimizer')
+    register(losses.cross_entropy_loss, 'cross_entropy_loss')
+    register(partitioning.MeshConfig, 'MeshConfig')
+    register(callbacks_lib.StopAtStep, 'StopAtStep')
+    try:    # the cost meter, bindable as `doa_jax.train.callbacks = [@doa_jax.CostCallback()]`
         from doa_jax.cost import CostCallback
     except ImportError:
         pass
     else:
-        gin.external_configurable(CostCallback, 'CostCallback')
+        register(CostCallback, 'CostCallback')
 
 
 # Parameters that choose how a run executes, not what it trains: a resume may change them.

@@ -24,7 +24,8 @@ def register_configurables() -> None:
     """Makes `infer` (the pseudo-labeling job) bindable from gin (idempotent)."""
     gin_utils.register_configurables()
     if not _REGISTERED:
-        _REGISTERED.append(gin.external_configurable(pseudo_label.run_pseudo_labeling, 'infer'))
+        _REGISTERED.append(gin.external_configurable(pseudo_label.run_pseudo_labeling, 'infer',
+                                                     module=gin_utils.GIN_MODULE))
 
 
 def check_bindings(sources: gin_utils.GinSources) -> None:

@@ -27,6 +27,31 @@ def check_bindings(sources: gin_utils.GinSources) -> None:
                 f'checkpoint. Set e.g. --gin.{steps.name}=1000.')
 
 
+def check_initial_step(sources: gin_utils.GinSources) -> None:
+    """TRAIN_STEPS counts this run's steps. t5x counts from the initial checkpoint's step, so a
+    t5x user's TRAIN_STEPS (checkpoint_1000000 plus 20,000 fine-tuning steps = 1,020,000) would
+    train a million steps here: with a t5x checkpoint at step S as INITIAL_CHECKPOINT_PATH, a
+    TRAIN_STEPS above S (more fine-tuning than the checkpoint's own training) is refused."""
+    from doa_jax.checkpoints.t5x import t5x_step
+
+    init = gin_utils.bound_value('train.initial_checkpoint_path', sources)
+    if init is None or not isinstance(init.value, str) or not init.value.strip():
+        return
+    start = t5x_step(init.value)
+    steps = gin_utils.bound_value('train.train_steps', sources)
+    if not start or steps.value <= start:
+        return
+    raise gin_utils.ConfigError(
+            f'{steps.name}={steps.value} (set at {steps.where or "the gin files"}) with '
+            f'{init.name}={init.value!r}, a t5x checkpoint at step {start}: doa_jax counts '
+            f'{steps.name} from the start of this run, so it would train {steps.value:,} steps; '
+            f't5x counts from the checkpoint\'s step, where the same number means '
+            f'{steps.value - start:,} steps. For {steps.value - start:,} fine-tuning steps set '
+            f'--gin.{steps.name}={steps.value - start}. To train {steps.value:,} steps from it '
+            f'anyway, convert it to a step-less checkpoint first (python -m doa_jax.checkpoints '
+            f'convert --from t5x {init.value} --to DIR) and start from DIR.')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = gin_utils.parse_flags(argv, prog=PROG)
@@ -37,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
     sources = gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
     check_bindings(sources)
+    check_initial_step(sources)
     # Before anything compiles: sibling runs share <MODEL_DIR>/../compilation_cache by default.
     compilation_cache.configure(gin_utils.macro_value('COMPILATION_CACHE_DIR'),
                                 gin_utils.bound_value('train.model_dir', sources).value)

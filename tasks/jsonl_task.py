@@ -9,6 +9,7 @@ import functools
 import glob
 import logging
 import os
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -148,11 +149,43 @@ def register_budget_tasks(base_name: str, files: Mapping[str, PathLike], prefix:
     return names + [f'{base_name}_unlabeled']
 
 
+# t5x.infer writes `<task>-predict.jsonl-00000-of-00001` (+ `.COMPLETED`) into its output
+# directory, one line per example: {"inputs": {"inputs_pretokenized": ..., "id": ...},
+# "prediction": ...} (gin_configs/t5x/runs/pseudo_label.gin asks it for the id and input text).
+_T5X_SHARD = re.compile(r'-predict(_with_aux)?\.jsonl-\d{5}-of-\d{5}$')
+
+
+def _is_shard(path: str) -> bool:
+    """doa_jax's chunk files (*.jsonl) and t5x.infer's outputs; not t5x's config.gin or other
+    files an output directory holds."""
+    name = os.path.basename(path)
+    return os.path.isfile(path) and (name.endswith('.jsonl') or bool(_T5X_SHARD.search(name)))
+
+
+def _shard_lines(shard: str, on_error: str) -> Iterator[tuple[int, dict]]:
+    """(line number, {'id'?, 'input', 'prediction', ...}) of a doa_jax or a t5x.infer shard."""
+    if not _T5X_SHARD.search(shard):
+        # An empty prediction is a real pseudo-label (a WLP sentence without entities).
+        yield from iter_jsonl(shard, ('input', 'prediction'), on_error=on_error,
+                              allow_empty=('prediction',))
+        return
+    for number, record in iter_jsonl(shard, ('prediction',), on_error=on_error,
+                                     allow_empty=('prediction',)):
+        inputs = record.get('inputs')
+        if not isinstance(inputs, dict) or not isinstance(inputs.get('inputs_pretokenized'), str):
+            raise DataError(f'{shard}:{number}: a t5x.infer line needs inputs.inputs_pretokenized; '
+                            'run t5x.infer with gin_configs/t5x/runs/pseudo_label.gin, which '
+                            'writes the input text and id of each example.')
+        # Without ids (another write_fn setting) the line itself names the example.
+        key = inputs.get('id', f'{os.path.basename(shard)}:{number}')
+        yield number, {'id': key, 'input': inputs['inputs_pretokenized'],
+                       'prediction': record['prediction']}
+
+
 def _pseudo_label_records(infer_output_dir: str, completed_only: bool,
                           on_error: str) -> Iterator[tuple[str, str, dict]]:
     """(file:line, id, record) of every shard line; ids must be unique across shards."""
-    shards = sorted(p for p in glob.glob(os.path.join(infer_output_dir, '*'))
-                    if os.path.isfile(p) and not p.endswith('.COMPLETED'))
+    shards = sorted(p for p in glob.glob(os.path.join(infer_output_dir, '*')) if _is_shard(p))
     if completed_only:
         shards = [p for p in shards if os.path.exists(p + '.COMPLETED')]
     if not shards:
@@ -161,9 +194,7 @@ def _pseudo_label_records(infer_output_dir: str, completed_only: bool,
                                 'inference on the unlabeled pool first.')
     seen: dict[str, str] = {}
     for shard in shards:
-        # An empty prediction is a real pseudo-label (a WLP sentence without entities).
-        for number, record in iter_jsonl(shard, ('input', 'prediction'), on_error=on_error,
-                                         allow_empty=('prediction',)):
+        for number, record in _shard_lines(shard, on_error):
             if 'id' not in record:
                 raise DataError(f'{shard}:{number}: missing field "id"; every line needs id, '
                                 'input and prediction.')

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from doa_jax.checkpoints.errors import CheckpointMismatchError
 from doa_jax.checkpoints.hf import load_hf, save_hf
-from doa_jax.checkpoints.t5x import read_t5x_legacy, write_t5x_legacy
+from doa_jax.checkpoints.t5x import config_from_params, read_t5x_legacy, write_t5x_legacy
 from doa_jax.models.config import T5Config
 
-__all__ = ['CheckpointMismatchError', 'detect_format', 'load_checkpoint', 'load_hf', 'save_hf',
+__all__ = ['CheckpointMismatchError', 'checkpoint_step', 'config_from_params', 'detect_format',
+           'export_t5x', 'fit_params', 'load_checkpoint', 'load_hf', 'read_params', 'save_hf',
            'read_t5x_legacy', 'write_t5x_legacy', 'save_params', 'check_params', 'partial_saves']
 
 
@@ -159,10 +161,62 @@ def _to_numpy(node):
     return np.asarray(node, dtype=np.float32)
 
 
-def load_checkpoint(path: str | os.PathLike, config: T5Config) -> dict:
-    """Loads HF / t5x legacy / Orbax (t5x or doa_jax) parameters, checked against `config`."""
+def read_params(path: str | os.PathLike) -> tuple[dict, str, T5Config | None]:
+    """(parameter tree as stored, format, config) without checking it against a config; the
+    config is known only for HF directories (their config.json)."""
+    fmt = detect_format(path)
+    if fmt == 'hf':
+        params, config = load_hf(path)
+        return params, fmt, config
+    if fmt == 't5x':
+        return read_t5x_legacy(path), fmt, None
+    return _read_orbax(pathlib.Path(path)), fmt, None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The training step a checkpoint carries: a t5x `checkpoint_<step>` (the path or its latest
+    such child), or a doa_jax run's latest complete step; None for step-less parameter saves (HF
+    directories, `convert` output)."""
+    path = pathlib.Path(path)
+    match = re.fullmatch(r'checkpoint_(\d+)', path.name)
+    if match:
+        return int(match.group(1))
+    for parent in (path / 'checkpoints', path):
+        if parent.is_dir():
+            for step, step_dir in _step_dirs(parent):
+                if _complete_item(step_dir) is not None or (step_dir / 'checkpoint').is_file():
+                    return step
+    if path.name.isdigit() and _complete_item(path) is not None:
+        return int(path.name)
+    return None
+
+
+def export_t5x(src: str | os.PathLike, dst: str | os.PathLike, step: int | None = None,
+               config: T5Config | None = None) -> tuple[pathlib.Path, T5Config]:
+    """Writes the parameters of any checkpoint doa_jax reads (a MODEL_DIR: its latest complete
+    step) as a t5x checkpoint `dst/checkpoint_<step>` that `t5x.train` restores (see
+    `write_t5x_legacy`). `step` defaults to the checkpoint's own step (0 when it has none);
+    `config` to the one its shapes imply. Returns the directory written and the config."""
+    params, fmt, known = read_params(src)
+    config = (config or known or config_from_params(params)).replace(scan_layers=False)
+    params = fit_params(params, config, f'{fmt} checkpoint {src}')
+    if step is None:
+        step = checkpoint_step(src) or 0
+    return write_t5x_legacy(params, dst, step), config
+
+
+def fit_params(params: dict, config: T5Config, source: str) -> dict:
+    """`params` in the layout `config` asks for (scanned or not), checked name by name."""
     from doa_jax.models.scan import scan_params, unscan_params
 
+    if any('layers' in params.get(stack, {}) for stack in ('encoder', 'decoder')):
+        params = unscan_params(params, config)
+    check_params(params, config, source)
+    return scan_params(params, config) if config.scan_layers else params
+
+
+def load_checkpoint(path: str | os.PathLike, config: T5Config) -> dict:
+    """Loads HF / t5x legacy / Orbax (t5x or doa_jax) parameters, checked against `config`."""
     fmt = detect_format(path)
     if fmt == 'hf':
         params, _ = load_hf(path, config.replace(scan_layers=False))
@@ -170,10 +224,7 @@ def load_checkpoint(path: str | os.PathLike, config: T5Config) -> dict:
         params = read_t5x_legacy(path)
     else:
         params = _read_orbax(pathlib.Path(path))
-    if any('layers' in params.get(stack, {}) for stack in ('encoder', 'decoder')):
-        params = unscan_params(params, config)
-    check_params(params, config, f'{fmt} checkpoint {path}')
-    return scan_params(params, config) if config.scan_layers else params
+    return fit_params(params, config, f'{fmt} checkpoint {path}')
 
 
 def save_params(params: Mapping, path: str | os.PathLike) -> None:

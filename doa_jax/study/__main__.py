@@ -97,17 +97,18 @@ _CONFIGURABLE: dict = {}
 
 
 def register_configurables() -> None:
-    """Makes the study bindable from gin (idempotent)."""
+    """Makes the study bindable from gin, in module `doa_jax` as gin_utils registers the rest
+    (`doa_jax.study`, `doa_jax.StageConfig`, ...; idempotent)."""
     if _CONFIGURABLE:
         return
     import gin
 
     from doa_jax.study import data, runner
-    _CONFIGURABLE['study'] = gin.external_configurable(study, 'study')
-    gin.external_configurable(runner.StageConfig, 'StageConfig')
-    gin.external_configurable(runner.LLMAnnotator, 'LLMAnnotator')
-    gin.external_configurable(data.synthetic_wlp, 'synthetic_wlp')
-    gin.external_configurable(data.paper_dataset, 'paper_dataset')
+    _CONFIGURABLE['study'] = gin.external_configurable(study, 'study', module='doa_jax')
+    gin.external_configurable(runner.StageConfig, 'StageConfig', module='doa_jax')
+    gin.external_configurable(runner.LLMAnnotator, 'LLMAnnotator', module='doa_jax')
+    gin.external_configurable(data.synthetic_wlp, 'synthetic_wlp', module='doa_jax')
+    gin.external_configurable(data.paper_dataset, 'paper_dataset', module='doa_jax')
 
 
 def run_from_flags(argv: Sequence[str]) -> int:
