@@ -58,12 +58,14 @@ def decode_config(config: T5Config) -> T5Config:
 
 def prepare_params(params: Any, config: T5Config) -> tuple[Any, T5Config]:
     """Params and config as decoding runs them: unboxed, unscanned, matmul weights in the compute
-    dtype, no remat. Idempotent, so callers may prepare once and place the result themselves."""
+    dtype, no remat. Idempotent, so callers may prepare once and place the result themselves.
+    Cast before unscanning: the unscanned copy a scanned model's evaluation makes beside its train
+    state is then in the compute dtype, not float32."""
     params = nn.unbox(params)
-    if config.scan_layers:
-        params = unscan_params(params, config)
     if jnp.dtype(config.dtype) != jnp.float32:
         params = cast_matmul_params(params, config.dtype)
+    if config.scan_layers:
+        params = unscan_params(params, config)
     return params, decode_config(config)
 
 
@@ -380,6 +382,12 @@ class Decoder:
     def lower(self, weights: Any, encoder_input_tokens: Any, rng: Any = None):
         """The jitted decode lowered for these (possibly abstract) weights and tokens."""
         return self._jit(weights).lower(weights, encoder_input_tokens,
+                                        jax.random.PRNGKey(0) if rng is None else rng)
+
+    def trace(self, weights: Any, encoder_input_tokens: Any, rng: Any = None):
+        """The jitted decode traced for these (possibly abstract) weights and tokens; its
+        `.lower(lowering_platforms=('cuda',))` lowers it for another platform than this one."""
+        return self._jit(weights).trace(weights, encoder_input_tokens,
                                         jax.random.PRNGKey(0) if rng is None else rng)
 
     def decode_batch(self, encoder_input_tokens: Array, rng: Array | None = None

@@ -114,25 +114,85 @@ def check_same_vocab(teacher_vocab_size: int, student_vocab_size: int) -> None:
                          't5_1_1_*) or set the same --gin.VOCABULARY.')
 
 
-def online_teacher_kd_loss(teacher_params, teacher_config, temperature: float = 2.0,
-                           alpha: float = 0.0, z_loss: float = 0.0) -> LossFn:
-    """Token-level KD with an online teacher forward on the batch's (teacher-decoded) targets.
+class OnlineTeacher:
+    """A teacher whose forward runs inside the jitted train and eval steps, on the batch's
+    (teacher-decoded) targets, adding `teacher_logits` to the batch.
 
-    The teacher's parameters are closed over, so they become jit constants: right for small
-    teachers; an XXL teacher wants them passed as a sharded argument (a trainer hook).
+    Its parameters are an argument of those steps, placed once by `place` with the student's
+    parameter rules (over `model`, and over `data` too with FSDP), never closed over: arrays a
+    jitted function closes over become constants of the compiled program, 44.5 GB of them for a
+    T5-XXL teacher. Matmul weights are held in the compute dtype, as decoding holds them (the
+    model casts them to it at every use, so the logits are unchanged): half of float32's bytes.
     """
-    from flax import linen as nn
 
-    from doa_jax.models.t5 import T5, packing_inputs
+    def __init__(self, config, params=None):
+        self.config = config
+        self.params = params    # host arrays (boxed or not); None where only shapes are needed
 
-    base = token_kd_loss(temperature=temperature, alpha=alpha, z_loss=z_loss)
-    model, params = T5(teacher_config), nn.unbox(teacher_params)
+    def abstract(self, mesh, rules) -> tuple[object, object]:
+        """(shapes, NamedShardings) of the parameters as the steps read them; no memory."""
+        from doa_jax.models.t5 import T5
+        from doa_jax.train_state import abstract_params
 
-    def loss(logits: Array, batch: Batch) -> tuple[Array, dict[str, Array]]:
-        check_same_vocab(teacher_config.vocab_size, logits.shape[-1])
-        teacher_logits = jax.lax.stop_gradient(model.apply(
+        model, dummy = T5(self.config), jnp.ones((1, 1), jnp.int32)
+        shapes, shardings = abstract_params(lambda r: model.init(r, dummy, dummy)['params'],
+                                            mesh, rules, jax.random.PRNGKey(0))
+        return jax.eval_shape(self._cast, shapes), shardings
+
+    def _cast(self, params):
+        from flax import linen as nn
+
+        from doa_jax.decoding import cast_matmul_params
+        params = nn.unbox(params)
+        if jnp.dtype(self.config.dtype) == jnp.float32:
+            return params
+        return cast_matmul_params(params, self.config.dtype)
+
+    def place(self, mesh, rules):
+        """The parameters cast (on the host) and placed with their shardings on `mesh`."""
+        if self.params is None:
+            raise ValueError('This OnlineTeacher has no parameters to place (it was made for '
+                             'planning); give it the loaded teacher parameters.')
+        _, shardings = self.abstract(mesh, rules)
+        return jax.device_put(self._cast(self.params), shardings)
+
+    def features(self, params, batch: Batch) -> dict[str, Array]:
+        """{TEACHER_LOGITS: the teacher's teacher-forced logits}, not differentiated."""
+        from doa_jax.models.t5 import T5, packing_inputs
+
+        logits = T5(self.config).apply(
                 {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
-                batch['decoder_target_tokens'], **packing_inputs(batch)))
-        return base(logits, {**batch, TEACHER_LOGITS: teacher_logits})
+                batch['decoder_target_tokens'], **packing_inputs(batch))
+        return {TEACHER_LOGITS: jax.lax.stop_gradient(logits)}
 
-    return loss
+
+class OnlineTeacherKDLoss:
+    """Token-level KD against an `OnlineTeacher` (`self.teacher`).
+
+    The trainer sees `loss_fn.teacher`, passes its placed parameters to the jitted step as an
+    argument and adds the teacher's logits to the batch there (`train_step`), so this loss then
+    reads them like any token-KD loss. Called on a batch without them (directly, outside the
+    trainer), it runs the teacher forward itself over the parameters it holds; inside a jit those
+    are constants, which only a small teacher affords.
+    """
+
+    def __init__(self, teacher: OnlineTeacher, temperature: float = 2.0, alpha: float = 0.0,
+                 z_loss: float = 0.0):
+        self.teacher = teacher
+        self.base = token_kd_loss(temperature=temperature, alpha=alpha, z_loss=z_loss)
+
+    def __call__(self, logits: Array, batch: Batch) -> tuple[Array, dict[str, Array]]:
+        check_same_vocab(self.teacher.config.vocab_size, logits.shape[-1])
+        if TEACHER_LOGITS not in batch:
+            from flax import linen as nn
+            batch = {**batch, **self.teacher.features(nn.unbox(self.teacher.params), batch)}
+        return self.base(logits, batch)
+
+
+def online_teacher_kd_loss(teacher_params, teacher_config, temperature: float = 2.0,
+                           alpha: float = 0.0, z_loss: float = 0.0) -> OnlineTeacherKDLoss:
+    """Token-level KD with an online teacher forward on the batch's (teacher-decoded) targets;
+    in the trainer the teacher's parameters are a sharded argument of the step (see
+    `OnlineTeacherKDLoss`)."""
+    return OnlineTeacherKDLoss(OnlineTeacher(teacher_config, teacher_params), temperature,
+                               alpha, z_loss)

@@ -539,10 +539,13 @@ def _parse_flag_binding(binding: str) -> None:
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
-              search_paths: Sequence[str] | None = None) -> GinSources:
+              search_paths: Sequence[str] | None = None,
+              check_required: bool = True) -> GinSources:
     """Parses gin files, then the flag bindings, checking each (see ConfigError); files are looked
     up as given, then in the search paths (default: the current directory and the repo root).
-    Returns where the configuration came from, for the entry point's own checks."""
+    Returns where the configuration came from, for the entry point's own checks.
+    `check_required=False` leaves `%gin.REQUIRED` values unset (the memory gate reads a recipe
+    without its paths)."""
     register_configurables()
     paths = list(search_paths) if search_paths else ['.', REPO_ROOT]
     for path in paths:
@@ -557,7 +560,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     for binding in sources.bindings:
         _check_flag_binding(binding, sources, macros, flag_macros)
         _parse_flag_binding(binding)
-    _check_required(sources)
+    if check_required:
+        _check_required(sources)
     return sources
 
 

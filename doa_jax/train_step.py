@@ -3,6 +3,11 @@
 Metrics never leave the device inside the hot loop: each step adds its sums into a small
 `metrics` dict that is itself an (undonated) argument and result of the step, and the host fetches
 it once per logging interval.
+
+A loss that distills from an online teacher (`loss_fn.teacher`, a `distill_losses.OnlineTeacher`)
+gets the teacher's logits in its batch: the steps run the teacher forward on each (micro)batch
+over `teacher_params`, their last argument, which the caller places once with the teacher's
+shardings (`OnlineTeacher.place`), so the teacher's weights are never constants of the program.
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ def model_apply_fn(model: nn.Module) -> ApplyFn:
     return apply
 
 
+def with_teacher(teacher: Any | None, teacher_params: Any, batch: Batch) -> Batch:
+    """`batch` plus the teacher's features (its logits) when there is a teacher."""
+    if teacher is None:
+        return batch
+    return {**batch, **teacher.features(teacher_params, batch)}
+
+
 def _split_microbatches(batch: Batch, num_microbatches: int, mesh: Mesh) -> Batch:
     """(B, ...) -> (M, B/M, ...) taking every M-th row, so each microbatch stays spread over the
     data axis (each device's contiguous block holds rows of every microbatch)."""
@@ -67,13 +79,17 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.Gradien
                     mesh: Mesh, rules: partitioning.Rules, state_shardings: TrainState, *,
                     loss_normalizing_factor: float | str | None = None, num_microbatches: int = 1,
                     dropout_seed: int = 0, use_dropout: bool = True) -> Callable:
-    """Returns jitted `step(state, batch, metrics) -> (state, metrics)`; the state is donated.
+    """Returns jitted `step(state, batch, metrics, teacher_params=None) -> (state, metrics)`; the
+    state is donated. `loss_fn.teacher`, if any, runs on each microbatch over `teacher_params`.
 
     Dropout keys are `fold_in(PRNGKey(dropout_seed), step)`, so a resumed run draws the same masks.
     """
     base_key = jax.random.PRNGKey(dropout_seed)
+    teacher = getattr(loss_fn, 'teacher', None)
 
-    def grads_of(params, batch, rng):
+    def grads_of(params, batch, rng, teacher_params):
+        batch = with_teacher(teacher, teacher_params, batch)
+
         def loss_of(p):
             logits = apply_fn(p, batch, rng)
             return loss_fn(logits, batch)
@@ -81,24 +97,24 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.Gradien
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return loss, aux, grads
 
-    def step(state: TrainState, batch: Batch, metrics: dict[str, Array]):
+    def step(state: TrainState, batch: Batch, metrics: dict[str, Array], teacher_params=None):
         with nn.logical_axis_rules(rules):
             batch = dict(batch)
             batch['loss_weights'] = normalized_loss_weights(batch, loss_normalizing_factor)
             rng = jax.random.fold_in(base_key, state.step) if use_dropout else None
             if num_microbatches <= 1:
-                loss, aux, grads = grads_of(state.params, batch, rng)
+                loss, aux, grads = grads_of(state.params, batch, rng, teacher_params)
             else:
                 micro = _split_microbatches(batch, num_microbatches, mesh)
 
                 def body(carry, xs):
                     i, mb = xs
                     mrng = None if rng is None else jax.random.fold_in(rng, i)
-                    l, a, g = grads_of(state.params, mb, mrng)
+                    l, a, g = grads_of(state.params, mb, mrng, teacher_params)
                     return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
                 first = jax.tree.map(lambda x: x[0], micro)
-                shapes = jax.eval_shape(grads_of, state.params, first, rng)
+                shapes = jax.eval_shape(grads_of, state.params, first, rng, teacher_params)
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
                 (loss, aux, grads), _ = jax.lax.scan(
                         body, zeros, (jnp.arange(num_microbatches), micro))
@@ -135,11 +151,13 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.Gradien
 
 def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, mesh: Mesh, rules: partitioning.Rules, *,
                    loss_normalizing_factor: float | str | None = None) -> Callable:
-    """Returns jitted `eval_step(params, batch) -> aux sums + 'loss'` (teacher-forced, no dropout)."""
+    """Returns jitted `eval_step(params, batch, teacher_params=None) -> aux sums + 'loss'`
+    (teacher-forced, no dropout); `loss_fn.teacher`, if any, runs over `teacher_params`."""
+    teacher = getattr(loss_fn, 'teacher', None)
 
-    def step(params, batch):
+    def step(params, batch, teacher_params=None):
         with nn.logical_axis_rules(rules):
-            batch = dict(batch)
+            batch = with_teacher(teacher, teacher_params, dict(batch))
             batch['loss_weights'] = normalized_loss_weights(batch, loss_normalizing_factor)
             logits = apply_fn(params, batch, None)
             loss, aux = loss_fn(logits, batch)

@@ -41,7 +41,7 @@ def test_paper_a100_hour_prices_are_exact():
 
 # ---- price table ------------------------------------------------------------------------------
 @pytest.mark.parametrize('kind,entry', [
-    ('NVIDIA A100-SXM4-40GB', 'A100'), ('NVIDIA A100 80GB PCIe', 'A100'),
+    ('NVIDIA A100-SXM4-40GB', 'A100'), ('NVIDIA A100 80GB PCIe', 'A100 80GB'),
     ('NVIDIA H100 80GB HBM3', 'H100'), ('NVIDIA H200', 'H200'), ('TPU v4', 'TPU v4'),
     ('TPU v5 lite', 'TPU v5e'), ('TPU v5e', 'TPU v5e'), ('TPU v5', 'TPU v5p'),
     ('TPU v6 lite', 'TPU v6e'), ('cpu', 'CPU'), ('Tesla V100-SXM2-16GB', 'V100')])
@@ -73,7 +73,7 @@ def test_yaml_and_python_overrides(tmp_path):
                  'annotation:\n  my_task: {usd_per_label: 0.05}\n'
                  'llm:\n  my-llm: {usd_per_1k_input: 0.001, usd_per_1k_output: 0.002}\n')
     prices = load_prices(f)
-    assert prices.usd_per_device_hour('NVIDIA A100-SXM4-80GB') == 2.5
+    assert prices.usd_per_device_hour('NVIDIA A100-SXM4-40GB') == 2.5
     assert prices.device_price('ACME MyChip rev2').name == 'MyChip'
     assert prices.usd_per_device_hour('TPU v4') == default_prices().usd_per_device_hour('TPU v4')
     assert annotation_cost_usd('My Task', 1000, prices) == 50

@@ -29,8 +29,10 @@ def fake_mesh(kind: str, n: int = 2):
 
 # jax's (or torch's) device_kind strings as real machines report them -> entry, dense bf16 TFLOP/s.
 REAL_KINDS = [
-    ('NVIDIA A100-SXM4-40GB', 'gpu', 'A100', 312), ('NVIDIA A100-SXM4-80GB', 'gpu', 'A100', 312),
-    ('NVIDIA A100-PCIE-40GB', 'gpu', 'A100', 312), ('NVIDIA A100 80GB PCIe', 'gpu', 'A100', 312),
+    ('NVIDIA A100-SXM4-40GB', 'gpu', 'A100', 312),
+    ('NVIDIA A100-SXM4-80GB', 'gpu', 'A100 80GB', 312),
+    ('NVIDIA A100-PCIE-40GB', 'gpu', 'A100', 312),
+    ('NVIDIA A100 80GB PCIe', 'gpu', 'A100 80GB', 312),
     ('NVIDIA H100 80GB HBM3', 'gpu', 'H100', 989), ('NVIDIA H100 PCIe', 'gpu', 'H100 PCIe', 756),
     ('NVIDIA H100 NVL', 'gpu', 'H100 NVL', 835), ('NVIDIA H200', 'gpu', 'H200', 989),
     ('NVIDIA H200 NVL', 'gpu', 'H200 NVL', 835), ('NVIDIA B200', 'gpu', 'B200', 2250),
@@ -68,6 +70,14 @@ def test_cpu_peak_is_the_catalogs_unless_overridden():
 def test_near_misses_match_no_entry(kind):
     """Word boundaries: an L40 is not an L4, an A10 not an A100 or A10G, v4i not v4."""
     assert default_prices().match_device(kind) is None
+
+
+@pytest.mark.parametrize('kind,gb', [
+    ('NVIDIA A100-SXM4-80GB', 80), ('NVIDIA A100-SXM4-40GB', 40), ('A100-80GB', 80),
+    ('A100-40GB', 40), ('NVIDIA H100 80GB HBM3', 80), ('TPU v5 lite', 16), ('TPU v3', 16)])
+def test_memory_per_device_for_the_memory_gate(kind, gb):
+    """The recipe headers (`# target: 4x A100-80GB`) name kinds the same rule matches."""
+    assert default_prices().memory_bytes(kind) == gb * 1e9
 
 
 def test_every_entry_has_both_figures_and_their_sources():

@@ -127,3 +127,57 @@ def test_online_teacher_matches_explicit_teacher_logits():
     np.testing.assert_allclose(float(got), float(want), rtol=1e-3)  # jit vs eager rounding
     with pytest.raises(ValueError, match='vocab_size 512 != student vocab_size 300'):
         dl.online_teacher_kd_loss(params, config)(student[..., :300], batch)
+
+
+def test_online_teacher_params_are_a_step_argument_not_constants():
+    """The trainer's step takes the teacher's parameters as an argument: its program holds no
+    teacher-sized constant (the closure form, which the check catches, holds all of them), and
+    its loss equals the closure form's on the same tiny teacher and student."""
+    import optax
+    from flax import linen as nn
+
+    from doa_jax import partitioning
+    from doa_jax.models.config import get_config
+    from doa_jax.models.t5 import T5
+    from doa_jax.train_state import abstract_train_state, init_train_state
+    from doa_jax.train_step import make_train_step, model_apply_fn, zero_metrics
+    config = get_config('t5_1_1_tiny', dtype=jnp.float32)
+    model = T5(config)
+    init = jax.jit(lambda r: model.init(r, jnp.ones((1, 7), jnp.int32),
+                                        jnp.ones((1, 4), jnp.int32))['params'])
+    teacher = jax.tree.map(np.asarray, nn.unbox(init(jax.random.PRNGKey(1))))
+    teacher_size = sum(x.size for x in jax.tree.leaves(teacher))
+    loss_fn = dl.online_teacher_kd_loss(teacher, config, alpha=0.25)
+    closure = lambda logits, batch: loss_fn(logits, batch)    # hides `.teacher`: the old form
+
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1), jax.devices()[:1])
+    rules, opt = partitioning.STANDARD_RULES, optax.sgd(1e-3)
+    _, shardings = abstract_train_state(init, opt, mesh, rules, jax.random.PRNGKey(3))
+    state = init_train_state(init, opt, shardings, jax.random.PRNGKey(3))
+    rng = np.random.default_rng(4)
+    tgt = np.asarray([[5, 6, 1, 0], [7, 1, 0, 0]], np.int32)
+    batch = {'encoder_input_tokens': rng.integers(2, 500, (2, 7)).astype(np.int32),
+             'decoder_input_tokens': np.pad(tgt[:, :-1], ((0, 0), (1, 0))),
+             'decoder_target_tokens': tgt, 'decoder_loss_weights': (tgt > 0).astype(np.int32)}
+    metrics = zero_metrics()
+    step, old_step = (make_train_step(model_apply_fn(model), fn, opt, mesh, rules, shardings,
+                                      use_dropout=False) for fn in (loss_fn, closure))
+    placed = loss_fn.teacher.place(mesh, rules)
+
+    def const_elements(fn, *args):
+        return sum(np.size(c) for c in fn.trace(*args).jaxpr.consts)
+
+    assert const_elements(step, state, batch, metrics, placed) < teacher_size / 100
+    assert const_elements(old_step, state, batch, metrics) >= teacher_size
+    # The lowered program reads every teacher leaf as an argument.
+    args = jax.tree.leaves(step.trace(state, batch, metrics, placed).lower().args_info)
+    assert len(args) == len(jax.tree.leaves((state, batch, metrics, teacher)))
+
+    @jax.jit
+    def closure_loss(params):
+        b = dict(batch, loss_weights=normalized_loss_weights(batch, None))
+        return closure(model_apply_fn(model)(params, b, None), b)[0]
+
+    want = closure_loss(state.params)
+    _, got = step(state, batch, metrics, placed)
+    np.testing.assert_allclose(float(got['loss']), float(want), rtol=1e-5)

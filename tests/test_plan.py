@@ -1,5 +1,6 @@
 """`benchmark plan`: per-device bytes of the train and decode steps on fake CPU meshes are
-consistent with the sharding (model parallelism, FSDP) and with the KV cache's shape."""
+consistent with the sharding (model parallelism, FSDP) and with the KV cache's shape; the recipe
+gate lowers every shipped accelerator recipe, scaled down, for GPU and TPU on 8 fake devices."""
 
 from __future__ import annotations
 
@@ -39,12 +40,11 @@ def _kv_bytes(model: str, batch: int, data: int, model_axis: int, input_len: int
 def _check_decode(plan: dict, kv_expected: int) -> None:
     dec = plan['decode']
     model_axis = plan['mesh']['model']
-    # The teacher is split over the model axis only (as pseudo-labeling places it), so without
-    # FSDP the decode step holds exactly the train step's parameter bytes.
-    if not plan['fsdp']:
-        assert dec['param_bytes_per_device'] == plan['param_bytes_per_device']
-    per_model_shard = plan['param_bytes_total'] / model_axis
-    assert per_model_shard <= dec['param_bytes_per_device'] <= 1.01 * per_model_shard
+    # The teacher is split over the model axis only (as pseudo-labeling places it), its matmul
+    # weights in bf16 (as decoding holds them): half the float32 bytes, less the few float32
+    # norm scales and relative-position tables.
+    half_shard = plan['param_bytes_total'] / model_axis / 2
+    assert half_shard <= dec['param_bytes_per_device'] <= 1.01 * half_shard
     # The cache as declared, plus one int32 decode-position counter.
     assert kv_expected <= dec['kv_cache_bytes_per_device'] <= kv_expected + 16
     assert dec['temp_bytes_per_device'] > dec['kv_cache_bytes_per_device'] > 0
@@ -86,7 +86,45 @@ def test_plan_base_fsdp_shards_params_and_optimizer_over_all_devices(tmp_path):
     assert plan['optimizer_bytes_per_device'] == pytest.approx(
             2 * plan['param_bytes_per_device'], rel=1e-3)
     assert plan['fits'] is True
-    # FSDP is train-only: the decode step's teacher is split over model:2, not over all 4.
+    # FSDP is train-only: the decode step's teacher is split over model:2, not over all 4 (in
+    # bf16, so as many bytes as the train step's float32 quarter).
     assert plan['decode']['param_bytes_per_device'] == pytest.approx(
-            2 * plan['param_bytes_per_device'], rel=0.01)
+            plan['param_bytes_per_device'], rel=0.01)
     _check_decode(plan, _kv_bytes('t5_1_1_base', 2, 2, 2, 16, 8))
+
+
+SHIPPED = {   # the accelerator recipes (each a list of gin files) and the steps each runs
+    'finetune_teacher': ({'train', 'decode'}, '4x A100-80GB'),
+    'finetune_teacher,finetune_teacher_40gb': ({'train'}, '4x A100-40GB'),
+    'pseudo_label': ({'decode'}, '4x A100-40GB'),
+    'distill_kd': ({'train', 'decode'}, '4x A100-40GB'),
+}
+
+
+def test_gate_lowers_every_shipped_recipe_scaled_down_on_8_devices(tmp_path):
+    """CI's gate: each shipped accelerator recipe as its entry point reads it (remat, scan,
+    optimizer, microbatches, mesh, online teacher), every model scaled to t5_1_1_small, on 8 fake
+    devices (data:2 beside model:4), lowered for cuda and tpu. A recipe that pins the CPU
+    kernels fails it, and the gate's exit status says so."""
+    broken = tmp_path / 'pinned.gin'
+    broken.write_text("include 'gin_configs/runs/pseudo_label.gin'\n"
+                      "get_model_config.matmul_impl = 'cpu_kernels'\n")
+    recipes = [','.join(f'gin_configs/runs/{f}.gin' for f in r.split(',')) for r in SHIPPED]
+    out = tmp_path / 'gate.json'
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    r = subprocess.run([sys.executable, '-m', 'doa_jax.benchmark', 'plan',
+                        *[f'--recipe={x}' for x in recipes + [str(broken)]],
+                        '--scale=t5_1_1_small', '--devices=8', '--skip_memory', f'--json={out}'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 1, r.stderr[-3000:]
+    *shipped, pinned = json.loads(out.read_text())
+    for (name, (steps, target)), result in zip(SHIPPED.items(), shipped):
+        assert result['ok'], (name, result.get('error'), result.get('lowered'))
+        assert result['model'] == 't5_1_1_small' and result['target'] == target
+        assert result['devices'] == 8 and result['mesh']['data'] * result['mesh']['model'] == 8
+        assert {p: set(parts) for p, parts in result['lowered'].items()} == {
+                'cuda': steps, 'tpu': steps}
+    assert shipped[-1]['teacher'] == 't5_1_1_small'     # the online teacher, scaled too
+    assert not pinned['ok'] and not pinned['lowered']['cuda']['decode']['ok']
+    assert 'cpu_kernels' in pinned['lowered']['cuda']['decode']['error']
+    assert 'gate: FAIL' in r.stdout and r.stdout.count('gate: PASS') == len(SHIPPED)

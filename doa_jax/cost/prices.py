@@ -28,7 +28,8 @@ _SECONDS_PER_HOUR = Decimal(3600)
 # The keys each kind of entry may have; anything else in a price file is an error (a misspelled
 # `usd_per_hour` must not silently leave the default price in place).
 _TOP_LEVEL_KEYS = ('devices', 'annotation', 'llm')
-_DEVICE_KEYS = ('usd_per_hour', 'peak_bf16_tflops', 'aliases', 'source', 'flops_source')
+_DEVICE_KEYS = ('usd_per_hour', 'peak_bf16_tflops', 'memory_gb', 'aliases', 'source',
+                'flops_source')
 _ANNOTATION_KEYS = ('usd_per_label', 'aliases', 'source')
 _LLM_KEYS = ('usd_per_1k_input', 'usd_per_1k_output', 'source')
 
@@ -66,14 +67,15 @@ def normalize_name(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceEntry:
-    """One device kind of the catalog. Either figure may be unknown (None): an unpriced device
-    cannot be metered, a device without a peak gets no MFU."""
+    """One device kind of the catalog. Any figure may be unknown (None): an unpriced device
+    cannot be metered, a device without a peak gets no MFU, one without memory no fit check."""
     name: str
     usd_per_hour: Decimal | None
     peak_bf16_flops: float | None = None    # FLOP/s per jax device, dense bf16 (YAML: TFLOP/s)
     aliases: tuple[str, ...] = ()
     source: str = ''                        # where the price comes from
     flops_source: str = ''                  # where the peak comes from
+    memory_bytes: float | None = None       # memory per jax device (YAML: memory_gb, 1e9 bytes)
 
     def matches(self, normalised_kind: str) -> bool:
         return (normalize_device_kind(self.name) == normalised_kind
@@ -103,6 +105,11 @@ class PriceTable:
         order, the first whose name or alias matches the normalised kind wins."""
         norm = normalize_device_kind(device_kind)
         return next((entry for entry in self.devices if entry.matches(norm)), None)
+
+    def memory_bytes(self, device_kind: str) -> float | None:
+        """Memory of one device of this kind (bytes); None when the catalog lacks it."""
+        entry = self.match_device(device_kind)
+        return None if entry is None else entry.memory_bytes
 
     def peak_flops(self, device_kind: str) -> float | None:
         """Peak dense bf16 FLOP/s of one device of this kind; None when the catalog lacks it."""
@@ -235,9 +242,9 @@ def _device_entry(name: str, entry: Any, old: DeviceEntry | None, origin: str) -
     where = f'{origin}: devices.{name}'
     entry = _entry_dict(entry, 'usd_per_hour', where)
     _check_keys(entry, _DEVICE_KEYS, where)
-    if old is None and 'usd_per_hour' not in entry and 'peak_bf16_tflops' not in entry:
-        raise PriceError(f'{where}: a new device entry needs `usd_per_hour` and/or '
-                         f'`peak_bf16_tflops` (got keys {sorted(entry)}).')
+    if old is None and not {'usd_per_hour', 'peak_bf16_tflops', 'memory_gb'} & set(entry):
+        raise PriceError(f'{where}: a new device entry needs `usd_per_hour`, '
+                         f'`peak_bf16_tflops` and/or `memory_gb` (got keys {sorted(entry)}).')
     price = (_field(entry, 'usd_per_hour', where) if 'usd_per_hour' in entry
              else old.usd_per_hour if old else None)
     peak = old.peak_bf16_flops if old else None
@@ -247,12 +254,19 @@ def _device_entry(name: str, entry: Any, old: DeviceEntry | None, origin: str) -
             raise PriceError(f'{where}.peak_bf16_tflops: must be positive; leave it out when '
                              f'the peak is unknown.')
         peak = float(tflops) * 1e12
+    memory = old.memory_bytes if old else None
+    if 'memory_gb' in entry:
+        gb = _field(entry, 'memory_gb', where)
+        if gb == 0:
+            raise PriceError(f'{where}.memory_gb: must be positive; leave it out when the '
+                             f'memory is unknown.')
+        memory = float(gb) * 1e9
     source = entry.get('source', 'user override' if 'usd_per_hour' in entry
                        else old.source if old else '')
     flops_source = entry.get('flops_source', 'user override' if 'peak_bf16_tflops' in entry
                              else old.flops_source if old else '')
     return DeviceEntry(name, price, peak, _aliases(entry, where, old.aliases if old else (), True),
-                       str(source).strip(), str(flops_source).strip())
+                       str(source).strip(), str(flops_source).strip(), memory)
 
 
 def _merge(base: PriceTable | None, raw: Mapping, origin: str) -> PriceTable:
