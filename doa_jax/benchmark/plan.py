@@ -296,6 +296,7 @@ def _train_step(recipe, mesh, platform: str):
     hold: parameters, optimizer state, the online teacher) for a training recipe."""
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from doa_jax import distill_losses, partitioning
     from doa_jax.models.t5 import T5
@@ -335,6 +336,12 @@ def _train_step(recipe, mesh, platform: str):
         features.update({'encoder_segment_ids': s, 'decoder_segment_ids': t})
     bs = partitioning.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=bs) for k, n in features.items()}
+    if recipe.stored_topk:     # offline token KD: the teacher's stored top-k per target token
+        rows = NamedSharding(mesh, PartitionSpec(partitioning.DATA_AXIS, None, None))
+        k = recipe.stored_topk
+        batch['teacher_topk_ids'] = jax.ShapeDtypeStruct((b, t, k), jnp.int32, sharding=rows)
+        batch['teacher_topk_logprobs'] = jax.ShapeDtypeStruct((b, t, k), jnp.float32,
+                                                              sharding=rows)
     rep = partitioning.replicated(mesh)
     metrics = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                            zero_metrics())
@@ -404,6 +411,7 @@ def _describe(recipe, mesh) -> dict[str, Any]:
                     'pack': recipe.pack, 'optimizer': recipe.optimizer_name,
                     'microbatches': recipe.num_microbatches,
                     'teacher': None if recipe.teacher is None else _model_name(recipe.teacher),
+                    'stored_topk': recipe.stored_topk,
                     'eval_decode': recipe.eval_decode})
     else:
         out.update({'lengths': {'inputs': recipe.max_input_length,

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 TARGET_RE = re.compile(r'^#\s*target:(.*)$', re.IGNORECASE)
 _COUNT_KIND = re.compile(r'^\s*(\d+)\s*x\s*(\S.*?)\s*$', re.IGNORECASE)
 _INCLUDE_RE = re.compile(r"""^include\s+['"]([^'"]+)['"]""")
+STORED_TOPK = 10   # the k offline token KD is planned with (README: --gin.TOP_K=10)
 
 
 class RecipeError(ValueError):
@@ -119,6 +120,7 @@ class TrainRecipe:
     kd: dict[str, float]            # its temperature, alpha, z_loss
     eval_decode: bool               # the trainer decodes its eval split with the train state
     max_decode_length: int
+    stored_topk: int = 0            # offline token KD: the k of the batch's stored teacher top-k
     kind: str = 'train'
 
 
@@ -195,10 +197,9 @@ def _train_recipe(sources, scale: str | None) -> TrainRecipe:
     else:
         loss_fn = ref.scoped_configurable_fn() if isinstance(
                 ref, gin.config.ConfigurableReference) else ref
-    if _value('pseudo_labeled_task.with_topk', sources, False):
-        raise RecipeError(f'{sources.files_flag()}: offline token KD reads stored teacher '
-                          'top-k whose k the recipe does not state; the gate plans the other '
-                          'losses only.')
+    # Offline token KD reads the teacher's stored top-k, whose k pseudo-labeling chose (its
+    # TOP_K); the batch grows by batch x targets x k x 8 bytes, planned at k = STORED_TOPK.
+    stored_topk = STORED_TOPK if _value('pseudo_labeled_task.with_topk', sources, False) else 0
     eval_period = _value('train.eval_period', sources, 0) or 0
     tgt = int(lengths['targets'])
     return TrainRecipe(
@@ -212,7 +213,8 @@ def _train_recipe(sources, scale: str | None) -> TrainRecipe:
             loss_normalizing_factor=_value('train.loss_normalizing_factor', sources),
             teacher=teacher, kd=kd,
             eval_decode=eval_period > 0 and bool(_value('train.decode_metrics', sources, True)),
-            max_decode_length=int(_value('train.max_decode_length', sources) or tgt))
+            max_decode_length=int(_value('train.max_decode_length', sources) or tgt),
+            stored_topk=stored_topk)
 
 
 def _infer_recipe(sources, scale: str | None) -> InferRecipe:
