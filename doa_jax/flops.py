@@ -47,6 +47,20 @@ def train_flops_per_sequence(config: T5Config, source_len: int, target_len: int)
     return float(dense + attention)
 
 
+def decode_flops_per_sequence(config: T5Config, source_len: int, decode_len: int) -> float:
+    """Forward FLOPs of greedy decoding with a KV cache: the encoder and the cross-attention K/V
+    once over `source_len` tokens, then `decode_len` one-token decoder steps, step t attending to
+    t cached targets and every source token. A third of `train_flops_per_sequence` (no backward
+    pass), with causal self-attention counted as t * (t + 1) / 2."""
+    n = parameter_counts(config)
+    s, t = source_len, decode_len
+    dense = 2 * ((n['encoder'] + n['cross_kv']) * s + (n['decoder_rest'] + n['lm_head']) * t)
+    a = config.num_heads * config.head_dim
+    attention = 4 * a * (config.num_encoder_layers * s * s
+                         + config.num_decoder_layers * (t * (t + 1) / 2 + s * t))
+    return float(dense + attention)
+
+
 def peak_flops_per_device(device: jax.Device | None = None,
                           cpu_peak: float = DEFAULT_CPU_PEAK_FLOPS,
                           catalog: PriceTable | None = None) -> float | None:

@@ -7,9 +7,11 @@ import matplotlib.image as mpimg
 import pytest
 
 from doa_jax import pseudo_label as pl
-from doa_jax.cost import Ledger
+from doa_jax.cost import Ledger, default_prices
+from doa_jax.cost.cost_model import ComputeCostModel
 from doa_jax.data import synthetic
 from doa_jax.metrics.wlp import parse_entities
+from doa_jax.models.config import get_config
 from doa_jax.study import runner
 from doa_jax.study.__main__ import main as study_main
 from doa_jax.study.report import write_report
@@ -19,54 +21,77 @@ QUICKSTART = ['--gin_file=gin_configs/studies/quickstart.gin',
               '--gin_file=gin_configs/studies/quickstart_tiny.gin']
 
 
-def _run_quickstart(study_dir) -> int:
+def _run_quickstart(study_dir, *flags: str) -> int:
+    from doa_jax import compilation_cache
     gin.clear_config()
     try:
-        return study_main(QUICKSTART + [f"--gin.STUDY_DIR='{study_dir}'"])
+        return study_main(QUICKSTART + [f"--gin.STUDY_DIR='{study_dir}'", *flags])
     finally:
         gin.clear_config()
+        compilation_cache.configure('', None)    # later tests compile without a disk cache
 
 
 @pytest.fixture(scope='module')
 def quickstart_run(tmp_path_factory):
-    """One run of the quickstart's tiny overlay (the tests that change it work on a copy)."""
+    """One run of the quickstart's tiny overlay (the tests that change it work on a copy). Its
+    persistent compilation cache keeps every program, even those that compile in under 1 s."""
     import contextlib
     import io
+
+    import jax
     study_dir = tmp_path_factory.mktemp('quickstart') / 'study'
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert _run_quickstart(study_dir) == 0
-    return study_dir, out.getvalue()
+    min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    try:
+        with contextlib.redirect_stdout(out):
+            assert _run_quickstart(study_dir) == 0
+        yield study_dir, out.getvalue()
+    finally:
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', min_seconds)
 
 
 def test_quickstart_tiny_overlay_report_and_resume(quickstart_run, monkeypatch):
     study_dir, out = quickstart_run
     records = load_results(str(study_dir))
-    assert sorted(records) == ['annotate_N32_B0.004', 'annotate_N32_B0.008',
-                               'distill_N32_B0.004', 'distill_N32_B0.008']
+    assert sorted(records) == ['annotate_N32_B3e-05', 'annotate_N32_B4e-05',
+                               'distill_N32_B3e-05', 'distill_N32_B4e-05']
     for r in records.values():
         assert r['status'] in ('done', 'infeasible'), r
         assert r['total_usd'] <= r['budget_usd'] + 1e-9, r       # no point overspends its budget
+        assert r['cost_model'] == 'flops(cpu, train 0.15, decode 0.1)'
         if r['status'] == 'done':
             assert 0.0 <= r['metric'] <= 100.0 and r['metric_name'] == 'micro_f1'
-    ann = records['annotate_N32_B0.008']
-    assert ann['status'] == 'done' and ann['n_labels'] == 32 + int(0.008 / 0.0001 + 1e-9)
-    assert ann['usd_labels'] == pytest.approx((ann['n_labels'] - 32) * 0.0001)
-    # The tiny teacher costs ~$0.001: $0.008 always leaves money for pseudo-labels.
-    assert records['distill_N32_B0.008']['status'] == 'done'
-    for pid in ('distill_N32_B0.004', 'distill_N32_B0.008'):
-        d = records[pid]
-        if d['status'] == 'done':    # pseudo-labels bought with what the teacher left over
-            assert d['n_pseudo'] > 0 and d['usd_teacher'] > 0 and d['usd_pseudo_label'] > 0
-            assert d['total_usd'] == pytest.approx(d['usd_teacher'] + d['usd_pseudo_label'])
-            rows = (study_dir / 'points' / pid / 'train.jsonl').read_text().splitlines()
-            assert len(rows) == d['n_pseudo']
+    # Every model trains by epochs over its own data (tiny overlay: students 5, at most 16 steps).
+    for pid, labels in (('annotate_N32_B3e-05', 35), ('annotate_N32_B4e-05', 36)):
+        assert records[pid]['n_labels'] == labels
+        assert records[pid]['usd_labels'] == pytest.approx((labels - 32) * 0.00001)
+        assert records[pid]['student_steps'] == -(-5 * labels // 16)    # ceil(5 epochs)
+    # Compute is priced by its FLOPs: the tiny teacher's 20 steps, known before it trains.
+    teacher_usd = ComputeCostModel(device_kind='cpu').train_usd(
+            default_prices(), get_config('t5_1_1_tiny'), 20, 16, {'inputs': 72, 'targets': 88})
+    none = records['distill_N32_B3e-05']
+    assert none['status'] == 'infeasible' and none['metric'] is None
+    assert none['usd_teacher'] == pytest.approx(teacher_usd) and teacher_usd > 0.00003
+    assert 'the teacher alone costs' in none['why']
+    some = records['distill_N32_B4e-05']      # the rest of $0.00004 buys a prefix of chunks
+    assert some['status'] == 'done' and some['usd_teacher'] == pytest.approx(teacher_usd)
+    assert 0 < some['n_pseudo'] < 256 and some['n_pseudo'] % 32 == 0
+    assert some['student_steps'] == min(16, -(-5 * some['n_pseudo'] // 16))
+    assert some['usd_pseudo_label'] == pytest.approx(some['n_pseudo'] * ComputeCostModel(
+            device_kind='cpu').decode_usd(default_prices(), get_config('t5_1_1_tiny'), 1, 72, 87))
+    assert some['usd_student'] > 0 and some['usd_student_measured'] > 0
+    assert some['total_usd'] == pytest.approx(some['usd_teacher'] + some['usd_pseudo_label'])
+    rows = (study_dir / 'points' / some['point_id'] / 'train.jsonl').read_text().splitlines()
+    assert len(rows) == some['n_pseudo']
     png = study_dir / 'cost_metric.png'
     img = mpimg.imread(png)
     assert png.stat().st_size > 2000 and img.std() > 0.01
     assert (study_dir / 'budget_bars.png').stat().st_size > 2000
     report = (study_dir / 'report.md').read_text()
-    assert report.count('- N=32, budget $0.00') == 2 and '## Pareto frontier' in report
+    assert report.count('- N=32, budget $') == 2 and '## Pareto frontier' in report
+    assert '## Infeasible points' in report and none['why'] in report
+    assert "Compute cost model: flops: FLOPs (doa_jax.flops)" in report
     assert 'Recommendation per budget' in out
     assert '**annotate**' in report or '**distill**' in report
 
@@ -84,7 +109,7 @@ def test_rerun_of_a_lost_record_reuses_the_teacher(quickstart_run, tmp_path, mon
     study_dir = tmp_path / 'study'
     shutil.copytree(quickstart_run[0], study_dir)
     records = load_results(str(study_dir))
-    lost = records.pop('distill_N32_B0.008')
+    lost = records.pop('distill_N32_B4e-05')
     assert lost['status'] == 'done' and lost['n_pseudo'] > 0
     save_results(str(study_dir), records)
     def no_training(*args, **kwargs):
@@ -93,6 +118,47 @@ def test_rerun_of_a_lost_record_reuses_the_teacher(quickstart_run, tmp_path, mon
     assert _run_quickstart(study_dir) == 0
     again = load_results(str(study_dir))[lost['point_id']]
     assert again['metric'] == lost['metric'] and again['total_usd'] == pytest.approx(lost['total_usd'])
+
+
+def _chosen(records) -> list[str]:
+    """The strategy recommended at each budget, in budget order."""
+    from doa_jax.study.report import recommendations
+    return [line.split('**')[1] if '**' in line else line
+            for line in recommendations(list(records.values()))]
+
+
+def test_costs_and_answer_do_not_move_with_machine_load(quickstart_run, tmp_path):
+    """Issue 20: the tiny study again, beside a busy loop on every core, buys the same points at
+    the same prices (the FLOPs cost model is deterministic) and recommends the same strategies."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+            for _ in range(cores or 1)]
+    # The first run's compiled programs: under load the study trains, decodes and scores.
+    cache = quickstart_run[0] / 'compilation_cache'
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert _run_quickstart(tmp_path / 'loaded',
+                                   f"--gin.COMPILATION_CACHE_DIR='{cache}'") == 0
+        still_busy = [p.poll() is None for p in busy]
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert all(still_busy)         # the competing load ran for the whole study
+    quiet, loaded = load_results(str(quickstart_run[0])), load_results(str(tmp_path / 'loaded'))
+    assert sorted(quiet) == sorted(loaded)
+    for pid, q in quiet.items():
+        got = loaded[pid]
+        assert got['status'] == q['status'], pid
+        for key in ('n_labels', 'n_pseudo', 'student_steps', 'usd_labels', 'usd_teacher',
+                    'usd_pseudo_label', 'usd_student', 'usd_compute', 'total_usd'):
+            assert got.get(key) == q.get(key), (pid, key)
+    assert _chosen(loaded) == _chosen(quiet)
 
 
 def test_changed_settings_refuse_to_mix(tmp_path):
@@ -118,6 +184,99 @@ def test_strategies_and_grid():
 def test_stage_steps():
     st = runner.StageConfig(epochs=20, batch_size=32, min_steps=10, max_steps=500)
     assert st.steps(64) == 40 and st.steps(1) == 10 and st.steps(10**6) == 500
+
+
+def test_a_student_on_the_same_data_is_trained_once(tmp_path, monkeypatch):
+    """Points whose students would train on identical data (e.g. budgets that all buy the whole
+    pool) share one trained student; each is still charged its cost. Other data trains anew."""
+    import types
+
+    from doa_jax.study.data import synthetic_wlp
+    data = synthetic_wlp(train_size=40, eval_size=4)
+    s = runner.StudySettings(study_dir=str(tmp_path), data=data, teacher=runner.StageConfig(),
+                             student=runner.StageConfig(model='t5_1_1_tiny', epochs=2,
+                                                        batch_size=4),
+                             task_feature_lengths={'inputs': 72, 'targets': 88},
+                             prices=default_prices(),
+                             cost_model=ComputeCostModel(device_kind='cpu'))
+    trained = []
+
+    def fake_train(s_, stage, model_dir, task, num_examples, loss_fn=None):
+        trained.append((model_dir, num_examples))
+        return types.SimpleNamespace(state=types.SimpleNamespace(params=len(trained)))
+
+    def fake_evaluate(s_, stage, params, task, cache):
+        runner._json_dump(cache, {'task/micro_f1': 10.0 * params})
+        return {'task/micro_f1': 10.0 * params}
+    monkeypatch.setattr(runner, '_train', fake_train)
+    monkeypatch.setattr(runner, '_evaluate', fake_evaluate)
+    point = lambda pid: {'point_id': pid}
+    first = runner._train_student(s, point('distill_N4_B1'), data.train[:8], None)
+    again = runner._train_student(s, point('distill_N4_B2'), data.train[:8], None)
+    other = runner._train_student(s, point('distill_N4_B3'), data.train[:12], None)
+    assert [n for _, n in trained] == [8, 12]
+    assert again['student_of'] == 'distill_N4_B1' and again['metric'] == first['metric'] == 10.0
+    assert again['usd_student'] == first['usd_student'] > 0 and first['student_steps'] == 4
+    assert 'student_of' not in other and other['metric'] == 20.0
+    # A rerun of the reusing point reads its own copy of the scores and still names the twin.
+    assert runner._train_student(s, point('distill_N4_B2'), data.train[:8], None) == again
+    assert len(trained) == 2
+
+
+@pytest.mark.parametrize('kind', ['flops', 'measured'])
+def test_run_point_prices_by_the_study_cost_model(kind, tmp_path, monkeypatch):
+    """'flops' prices the teacher before it trains (an unaffordable one never trains) and buys
+    modelled chunks; 'measured' trains first and buys the chunks its ledger priced."""
+    from doa_jax.study.data import synthetic_wlp
+    data = synthetic_wlp(train_size=200, eval_size=4)
+    model = ComputeCostModel(kind=kind, device_kind='cpu')
+    s = runner.StudySettings(study_dir=str(tmp_path), data=data,
+                             teacher=runner.StageConfig(model='t5_1_1_mini', epochs=75,
+                                                        batch_size=16),
+                             student=runner.StageConfig(model='t5_1_1_tiny', epochs=2,
+                                                        batch_size=16),
+                             task_feature_lengths={'inputs': 72, 'targets': 88},
+                             prices=default_prices().with_overrides(
+                                     annotation={data.price_key: 1.0}),
+                             chunk_size=10, cost_model=model, pool_size=100, pool_start=20)
+    mini = get_config('t5_1_1_mini')
+    teacher_usd = model.train_usd(s.prices, mini, s.teacher.steps(20), 16,
+                                  s.task_feature_lengths) if kind == 'flops' else 0.002
+    # A chunk of 10 pool examples: decoded at the maximum lengths, or as the fake ledger says.
+    per_chunk = model.decode_usd(s.prices, mini, 10, 72, 87) if kind == 'flops' else 0.0001
+    calls = []
+
+    def train(self, order):
+        calls.append('train')
+        return teacher_usd
+
+    def pseudo_label(self, order, max_usd=None, limit=None):
+        calls.append(('label', max_usd, limit))
+    measured_chunks = [{'first': f, 'last': f + 9, 'usd': 0.0001} for f in range(0, 100, 10)]
+    monkeypatch.setattr(runner._Teacher, 'train', train)
+    monkeypatch.setattr(runner._Teacher, 'pseudo_label', pseudo_label)
+    monkeypatch.setattr(runner._Teacher, 'chunk_costs', lambda self: measured_chunks)
+    monkeypatch.setattr(runner._Teacher, 'usd_measured', lambda self: None)
+    monkeypatch.setattr(runner._Teacher, 'pseudo_labels',
+                        lambda self, n: [{'source': 'x', 'target': 'y'}] * n)
+    monkeypatch.setattr(runner, '_train_student',
+                        lambda s_, point, rows, teacher: {'metric': float(len(rows)),
+                                                          'usd_student': 0.0})
+    order = data.order(0)
+    point = lambda b: {'point_id': f'distill_N20_B{b}', 'strategy': 'distill', 'n_start': 20,
+                       'budget_usd': b}
+    poor = runner.run_point(s, point(teacher_usd * 0.9), order)
+    assert poor['status'] == 'infeasible' and poor['usd_teacher'] == pytest.approx(teacher_usd)
+    assert calls == ([] if kind == 'flops' else ['train'])   # flops: the teacher never trained
+    calls.clear()
+    rich = runner.run_point(s, point(teacher_usd + 3.5 * per_chunk), order)
+    if kind == 'flops':       # labels exactly the 3 chunks it bought
+        assert calls == ['train', ('label', None, 30)]
+    else:                     # labels until its measured spending reaches what is left
+        assert calls == ['train', ('label', pytest.approx(3.5 * per_chunk), None)]
+    assert rich['status'] == 'done' and rich['n_pseudo'] == 30 == rich['metric']
+    assert rich['usd_pseudo_label'] == pytest.approx(3 * per_chunk)
+    assert rich['usd_compute'] == pytest.approx(teacher_usd + 3 * per_chunk)
 
 
 def test_budgeted_pseudo_labeling_stops_and_extends(tmp_path):
@@ -172,17 +331,67 @@ def test_report_from_hand_made_results(tmp_path):
                          'metric': 60 + 5 * i + bonus, 'status': 'done'}
     recs['distill_N100_B1'] = {'point_id': 'distill_N100_B1', 'strategy': 'distill', 'n_start': 100,
                                'budget_usd': 1, 'total_usd': 0.0, 'metric': None,
-                               'status': 'infeasible'}
+                               'status': 'infeasible', 'why': 'the teacher alone costs $2.00',
+                               'why_short': 'the teacher costs more than the budget'}
     save_results(str(tmp_path), recs)
     out = write_report(str(tmp_path))
     text = (tmp_path / 'report.md').read_text()
     assert 'infeasible' in text and '| distill_N100_B300 |' in text
+    assert '## Infeasible points' in text
+    assert ('- distill_N100_B1 (distill, N=100, budget $1.00): the teacher alone costs '
+            '$2.00.') in text
     assert any('budget $300: **distill**' in line for line in out['recommendations'])
     assert any('budget $1.00: no recommendation' in line for line in out['recommendations'])
     for key in ('cost_metric', 'budget_bars'):
         assert mpimg.imread(out[key]).std() > 0.01
     csv = (tmp_path / 'results.csv').read_text().splitlines()
     assert csv[0].startswith('point_id,strategy,n_start,budget_usd') and len(csv) == 10
+
+
+def test_infeasible_points_are_drawn(tmp_path):
+    """Both figures mark an infeasible point (at its budget, with its reason); a study whose
+    points are all infeasible still gets figures."""
+    import numpy as np
+
+    from doa_jax.study.frontier import Point
+    from doa_jax.study.plots import plot_budget_bars, plot_cost_metric
+    done = [{'point_id': f'annotate_B{b}', 'strategy': 'annotate', 'n_start': 10,
+             'budget_usd': b, 'total_usd': b, 'metric': 50.0 + b, 'status': 'done'}
+            for b in (1, 2, 4)]
+    bad = {'point_id': 'distill_B1', 'strategy': 'distill', 'n_start': 10, 'budget_usd': 1,
+           'total_usd': 0.0, 'metric': None, 'status': 'infeasible',
+           'why_short': 'the teacher costs more than the budget'}
+    pts = [Point('annotate', r['total_usd'], r['metric'], r) for r in done]
+
+    def image(name, *args, **kwargs):
+        fn = plot_cost_metric if name.startswith('cost') else plot_budget_bars
+        return mpimg.imread(fn(*args, str(tmp_path / name), **kwargs))
+    assert not np.array_equal(image('cost_a.png', pts), image('cost_b.png', pts, infeasible=[bad]))
+    assert not np.array_equal(image('bars_a.png', done), image('bars_b.png', done + [bad]))
+    assert image('cost_c.png', [], infeasible=[bad]).std() > 0.01
+    assert image('bars_c.png', [bad]).std() > 0.01
+
+
+def test_planner_notes_in_the_report_not_warnings(tmp_path):
+    """Three budgets give a curve but no band: the report says so, the console stays quiet."""
+    import warnings
+    recs = {}
+    for s, bonus in (('annotate', 0.0), ('distill', 5.0)):
+        for i, b in enumerate((10, 30, 100)):
+            pid = f'{s}_N100_B{b}'
+            recs[pid] = {'point_id': pid, 'strategy': s, 'n_start': 100, 'budget_usd': b,
+                         'total_usd': b, 'metric_name': 'f1', 'metric': 60 + 5 * i + bonus - i * i,
+                         'status': 'done'}
+    save_results(str(tmp_path), recs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        write_report(str(tmp_path))
+    assert not [w for w in caught if 'Covariance' in str(w.message) or
+                w.category.__module__.startswith('scipy')], [str(w.message) for w in caught]
+    text = (tmp_path / 'report.md').read_text()
+    assert '## Learning curves' in text
+    assert 'No learning curve for annotate: too few budgets for a band' in text
+    assert 'No learning curve for distill: too few budgets for a band' in text
 
 
 def test_paper_dataset_from_real_files(data_dir):

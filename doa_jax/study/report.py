@@ -1,11 +1,14 @@
 """The study report: a table of every point, the frontier, a recommendation per budget, figures.
 
+Infeasible points are in the table, the figures and a list of their own, each with why; the
+planner's fits that the points cannot support become sentences here, not console warnings.
+
 `write_report(study_dir)` reads results.json and writes report.md, cost_metric.png and
 budget_bars.png next to it; it is what `python -m doa_jax.study report` and the end of a study run.
 """
 from __future__ import annotations
 
-import logging
+import json
 import os
 from typing import Mapping, Sequence
 
@@ -16,11 +19,10 @@ from doa_jax.study.frontier import Point, frontiers_by_strategy
 from doa_jax.study.recommend import recommend
 from doa_jax.study.results import atomic_write, finished_records, load_results
 
-log = logging.getLogger(__name__)
-
 _COLUMNS = [('point_id', 'point', '{}'), ('strategy', 'strategy', '{}'), ('n_start', 'N', '{}'),
             ('budget_usd', 'budget', 'usd'), ('n_labels', 'gold', '{}'),
             ('n_pseudo', 'pseudo', '{}'), ('n_llm', 'LLM labels', '{}'),
+            ('student_steps', 'student steps', '{}'),
             ('usd_labels', 'labels', 'usd'), ('usd_llm', 'LLM', 'usd'),
             ('usd_teacher', 'teacher', 'usd'), ('usd_pseudo_label', 'pseudo-label', 'usd'),
             ('usd_student', 'student', 'usd'), ('total_usd', 'total', 'usd'),
@@ -51,24 +53,25 @@ def points_of(records: Sequence[Mapping]) -> list[Point]:
             for r in finished_records(list(records))]
 
 
-def planner_bands(points: Sequence[Point], num: int = 60) -> dict:
-    """Fitted saturating curves with a band per strategy that has >= 3 distinct costs."""
+def planner_bands(points: Sequence[Point], num: int = 60) -> tuple[dict, list[str]]:
+    """(fitted saturating curves with a band, per strategy whose points support one; one
+    sentence per strategy without, saying why)."""
     from doa_jax.study.planner import fit_curve
-    bands = {}
+    bands, notes = {}, []
     costs = [p.cost_usd for p in points if p.cost_usd > 0]
     if not costs:
-        return bands
+        return bands, notes
     xs = np.geomspace(min(costs), max(costs) * 2, num)
     for s in sorted({p.strategy for p in points}):
         sp = [p for p in points if p.strategy == s and p.cost_usd > 0]
         try:
             fit = fit_curve([p.cost_usd for p in sp], [p.metric for p in sp])
         except (ValueError, RuntimeError, np.linalg.LinAlgError) as e:
-            log.info('planner: no curve for %s (%s)', s, e)
+            notes.append(f'No learning curve for {s}: {e}.')
             continue
         mean, lo, hi = fit.predict(xs)
         bands[s] = (xs, mean, lo, hi)
-    return bands
+    return bands, notes
 
 
 def _n(r: Mapping) -> int:
@@ -96,18 +99,40 @@ def recommendations(records: Sequence[Mapping]) -> list[str]:
     return lines
 
 
+def infeasible_lines(records: Sequence[Mapping]) -> list[str]:
+    """One line per infeasible point: what it is and why its budget could not pay for it."""
+    rows = sorted((r for r in records if r.get('status') == 'infeasible'),
+                  key=lambda r: (_n(r), _budget(r), r.get('strategy', '')))
+    return [f'- {r.get("point_id")} ({r.get("strategy")}, N={r.get("n_start")}, budget '
+            f'{format_usd(_budget(r))}): {r.get("why") or "no reason recorded"}.' for r in rows]
+
+
+def _cost_lines(study_dir: str) -> str:
+    """What the totals hold: the study's compute cost model and whether the student counts."""
+    path = os.path.join(study_dir, 'study.json')
+    settings = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            settings = json.load(f)
+    about = settings.get('cost_model_description') or 'not recorded.'
+    counted = ('is' if settings.get('count_student_compute') else 'is not') \
+        if 'count_student_compute' in settings else 'may be'
+    return (f'Compute cost model: {about} The student\'s own training ("student", "student '
+            f'steps") is reported for every point and {counted} counted in the total.')
+
+
 def _teacher_lines(study_dir: str, metric: str) -> list[str]:
     """What each fine-tuned teacher scored and cost (teachers/*/teacher.json)."""
     import glob
-    import json
     out = []
     for path in sorted(glob.glob(os.path.join(study_dir, 'teachers', '*', 'teacher.json'))):
         with open(path) as f:
             t = json.load(f)
         score = t.get('scores', {}).get(f'task/{metric}')
-        out.append(f'- {t.get("model")} fine-tuned on {t.get("m")} gold labels: {metric} '
+        steps = f' ({t["train_steps"]} steps)' if t.get('train_steps') else ''
+        out.append(f'- {t.get("model")} fine-tuned on {t.get("m")} gold labels{steps}: {metric} '
                    f'{score:.2f} for {format_usd(t.get("usd", 0.0))}' if score is not None else
-                   f'- {t.get("model")} fine-tuned on {t.get("m")} gold labels: '
+                   f'- {t.get("model")} fine-tuned on {t.get("m")} gold labels{steps}: '
                    f'{format_usd(t.get("usd", 0.0))}')
     return out or ['- (no teacher in this study)']
 
@@ -123,24 +148,32 @@ def write_report(study_dir: str, title: str | None = None) -> dict:
     metric = next((r.get('metric_name') for r in records if r.get('metric_name')), 'metric')
     title = title or os.path.basename(os.path.abspath(study_dir))
     pts = points_of(records)
+    infeasible = [r for r in records if r.get('status') == 'infeasible']
     figures = {'cost_metric': None, 'budget_bars': None}
-    if pts:
+    bands, fit_notes = planner_bands(pts)
+    if pts or infeasible:
         figures['cost_metric'] = plot_cost_metric(
-                pts, os.path.join(study_dir, 'cost_metric.png'), title, metric,
-                bands=planner_bands(pts))
+                pts, os.path.join(study_dir, 'cost_metric.png'), title, metric, bands=bands,
+                infeasible=infeasible)
         figures['budget_bars'] = plot_budget_bars(
                 records, os.path.join(study_dir, 'budget_bars.png'), title, metric)
     recs = recommendations(records)
     frontier = frontiers_by_strategy(pts)['overall'] if pts else []
-    lines = [f'# Study report: {title}', '', f'Metric: {metric}. Costs in US dollars; the '
-             'student\'s own training ("student $") is common to all strategies and is in the '
-             'total only when the study counts it.', '', '## Points', '', results_table(records),
-             '', '## Pareto frontier (cheapest point for each metric level)', '']
+    lines = [f'# Study report: {title}', '', f'Metric: {metric}. Costs in US dollars. '
+             f'{_cost_lines(study_dir)}', '', '## Points', '', results_table(records), '']
+    if infeasible:
+        lines += ['## Infeasible points (their budget cannot pay for them)', '',
+                  *infeasible_lines(records), '']
+    lines += ['## Pareto frontier (cheapest point for each metric level)', '']
     lines += [f'- {p.strategy} (N={p.info.get("n_start")}, budget '
               f'{format_usd(p.info.get("budget_usd") or 0)}): {p.metric:.2f} for '
               f'{format_usd(p.cost_usd)}' for p in frontier] or ['- (no finished points)']
     lines += ['', '## Teachers', '', *_teacher_lines(study_dir, metric)]
     lines += ['', '## Recommendation per budget', '', *recs]
+    if fit_notes:
+        lines += ['', '## Learning curves', '', 'The figure draws a fitted saturating curve '
+                  '(metric = a - b x cost^-c) with its band per strategy where the points '
+                  'support one. ' + ' '.join(fit_notes)]
     if figures['cost_metric']:
         lines += ['', '![metric vs cost](cost_metric.png)', '', '![per budget](budget_bars.png)']
     path = os.path.join(study_dir, 'report.md')

@@ -8,9 +8,10 @@ import tempfile
 from typing import Callable, Iterable, Mapping
 
 FIELDS = ['point_id', 'strategy', 'n_start', 'budget_usd', 'n_labels', 'n_pseudo', 'n_llm',
-          'usd_labels',
+          'student_steps', 'usd_labels',
           'usd_teacher', 'usd_pseudo_label', 'usd_student', 'usd_compute', 'usd_llm',
-          'total_usd', 'metric_name', 'metric', 'status']
+          'total_usd', 'metric_name', 'metric', 'status', 'why', 'cost_model',
+          'usd_teacher_measured', 'usd_pseudo_label_measured', 'usd_student_measured']
 
 
 def finished_records(records) -> list[dict]:

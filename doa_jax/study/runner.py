@@ -12,9 +12,15 @@ Strategies (as the paper ran them):
   human+llm  the same, with the student trained on the N gold labels plus the LLM's labels.
 
 Where the money goes: labels x $/label; the teacher's fine-tuning and the pseudo-labeling at
-device-hours x $/device-hour from the cost ledgers the runs write. The student's own training is
-common to every strategy: it is recorded (`usd_student`) and, as in the paper, left out of the
-total unless `count_student_compute=True`.
+the study's compute cost model (`doa_jax.cost.cost_model`): by default their FLOPs at a stated
+nominal throughput, so that machine load and speed change neither the costs nor the answer; or,
+with `ComputeCostModel(kind='measured')`, the wall-clock device-hours of the cost ledgers every run
+writes either way. The student's own training is recorded (`usd_student`) and, as in the paper,
+left out of the total unless `count_student_compute=True`.
+
+Training follows the paper's rule: every model trains for a number of epochs over its own data
+(`StageConfig.epochs`; the paper: teacher 20, student 50), clipped to the optional
+[min_steps, max_steps] a config states.
 
 Layout of STUDY_DIR:
   study.json                 the study's settings (a rerun must match them)
@@ -24,8 +30,8 @@ Layout of STUDY_DIR:
   points/<point_id>/         train.jsonl (the student's data), student/ (run dir), eval.json
   results.json, results.csv  one record per finished point (a rerun skips them)
   report.md, cost_metric.png, budget_bars.png
-One pseudo-labeling run per teacher serves every budget: chunks are priced one by one in the
-ledger, so a point with budget B uses the longest prefix of chunks that B pays for.
+One pseudo-labeling run per teacher serves every budget: chunks are priced one by one, so a point
+with budget B uses the longest prefix of chunks that B pays for (and labels no further).
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Mapping, Sequence
 
+from doa_jax.cost.cost_model import ComputeCostModel
 from doa_jax.cost.prices import PriceTable, format_usd, load_prices
 from doa_jax.study import data as data_lib
 from doa_jax.study.data import StudyData
@@ -50,8 +58,9 @@ STRATEGY_HELP = ("'annotate', 'distill', 'mixed:F' (F in (0, 1): the share of B 
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """How the study trains one model (the teacher or the student). Steps = epochs x examples /
-    batch_size, clipped to [min_steps, max_steps]."""
+    """How the study trains one model (the teacher or the student): by epochs over its data, as
+    the paper does. Steps = ceil(epochs x examples / batch_size), clipped to [min_steps,
+    max_steps] (max_steps None: no cap)."""
 
     model: str = 't5_1_1_small'
     epochs: float = 50.0
@@ -163,6 +172,7 @@ class StudySettings:
     count_student_compute: bool = False
     show_progress: bool = True
     llm: LLMAnnotator | None = None
+    cost_model: ComputeCostModel = dataclasses.field(default_factory=ComputeCostModel)
 
     @property
     def usd_per_label(self) -> float:
@@ -256,8 +266,15 @@ class _Teacher:
         self.pool_task = f'doa_study_pool_M{m}'
         self._params = None
 
+    def modelled_usd(self) -> float:
+        """The teacher's fine-tuning priced by the FLOPs cost model (known before it runs)."""
+        s = self.s
+        return s.cost_model.train_usd(s.prices, s.teacher.model_config(), s.teacher.steps(self.m),
+                                      s.teacher.batch_size, s.task_feature_lengths)
+
     def train(self, order) -> float:
-        """Fine-tunes (or resumes, or finds finished) the teacher; returns its $ so far."""
+        """Fine-tunes (or resumes, or finds finished) the teacher; returns what the study's cost
+        model charges for it."""
         s = self.s
         done = _json_load(os.path.join(self.dir, 'teacher.json'))
         if done is not None:      # finished earlier: reuse it (a no-op resume would bill time)
@@ -271,14 +288,20 @@ class _Teacher:
         self._params = result.state.params
         scores = _evaluate(s, s.teacher, self._params, self.task,
                            os.path.join(self.dir, 'eval.json'))
-        usd = _ledger_usd(self.dir, self.run_id)
+        measured = _ledger_usd(self.dir, self.run_id)
+        usd = measured if s.cost_model.measured else self.modelled_usd()
         _json_dump(os.path.join(self.dir, 'teacher.json'),
-                   {'m': self.m, 'model': s.teacher.model, 'scores': scores, 'usd': usd})
+                   {'m': self.m, 'model': s.teacher.model, 'scores': scores, 'usd': usd,
+                    'usd_measured': measured, 'train_steps': s.teacher.steps(self.m)})
         return usd
 
-    def pseudo_label(self, order, max_usd: float) -> list[dict]:
-        """Labels pool chunks until `max_usd` (the pseudo-labeling run's own $) is reached;
-        returns [{'first', 'last', 'usd'}] per priced chunk, in pool order."""
+    def usd_measured(self) -> float | None:
+        done = _json_load(os.path.join(self.dir, 'teacher.json'))
+        return None if done is None else done.get('usd_measured')
+
+    def pseudo_label(self, order, max_usd: float | None = None, limit: int | None = None) -> None:
+        """Labels pool chunks, in pool order, until the run's own measured $ reaches `max_usd`
+        or `limit` examples are labeled (a chunk boundary or the end of the pool)."""
         from doa_jax import pseudo_label as pl
         s = self.s
         pool_path = os.path.join(self.dir, 'pool.jsonl')
@@ -287,21 +310,46 @@ class _Teacher:
             data_lib.write_jsonl(pool_path, [{'source': src, 'target': ''}
                                              for _, src in _pool_rows(s, order, self.m)])
         data_lib.register_pool_task(self.pool_task, s.data, pool_path)
-        if max_usd > 0:
-            pl.run_pseudo_labeling(
-                    checkpoint_path=self.dir, output_dir=self.pl_dir,
-                    model_config=s.teacher.model_config(inference=True),
-                    mixture_or_task_name=self.pool_task,
-                    max_input_length=s.task_feature_lengths['inputs'],
-                    max_decode_length=s.task_feature_lengths['targets'] - 1,  # + EOS fits
-                    batch_size=s.infer_batch_size, chunk_size=s.chunk_size,
-                    shard_id=0, num_shards=1, cost_ledger_dir=self.dir, prices=s.prices,
-                    max_usd=max_usd)
-        return self.chunk_costs()
+        if (max_usd is not None and max_usd <= 0) or (limit is not None and
+                                                       self.labeled(limit) >= limit):
+            return
+        pl.run_pseudo_labeling(
+                checkpoint_path=self.dir, output_dir=self.pl_dir,
+                model_config=s.teacher.model_config(inference=True),
+                mixture_or_task_name=self.pool_task,
+                max_input_length=s.task_feature_lengths['inputs'],
+                max_decode_length=self.decode_length,
+                batch_size=s.infer_batch_size, chunk_size=s.chunk_size,
+                shard_id=0, num_shards=1, cost_ledger_dir=self.dir, prices=s.prices,
+                max_usd=max_usd, limit=limit)
+
+    @property
+    def decode_length(self) -> int:
+        return self.s.task_feature_lengths['targets'] - 1    # + EOS fits
+
+    def labeled(self, below: int) -> int:
+        """Pseudo-labels in completed chunks of the pool's first `below` examples."""
+        from doa_jax import pseudo_label as pl
+        if not os.path.isdir(self.pl_dir):
+            return 0
+        return sum(1 for r in pl.read_chunks(self.pl_dir) if int(r['index']) < below)
 
     def chunk_costs(self) -> list[dict]:
+        """[{'first', 'last', 'seconds', 'usd'}] of every labeled chunk, as the ledger measured."""
         return _read_ledger(self.dir, lambda ledger: ledger.compute_entries(
                 'pseudo_labels', 'pseudo_label'), [])
+
+    def modelled_chunks(self, order) -> list[dict]:
+        """[{'first', 'last', 'usd'}] of every chunk of the pool, priced by the FLOPs model."""
+        s = self.s
+        size, cfg = len(_pool_rows(s, order, self.m)), s.teacher.model_config(inference=True)
+        out = []
+        for first in range(0, size, s.chunk_size):
+            last = min(first + s.chunk_size, size) - 1
+            out.append({'first': first, 'last': last, 'usd': s.cost_model.decode_usd(
+                    s.prices, cfg, last - first + 1, s.task_feature_lengths['inputs'],
+                    self.decode_length)})
+        return out
 
     def pseudo_labels(self, count: int) -> list[dict]:
         """The first `count` pseudo-labels as {'source', 'target'} (source without the prefix)."""
@@ -397,32 +445,74 @@ def _point_dir(s: StudySettings, point: Mapping) -> str:
 
 def _train_student(s: StudySettings, point: Mapping, rows: Sequence[Mapping],
                    teacher: _Teacher | None) -> dict:
-    """Trains the point's student on `rows`, scores it, and returns its record fields."""
+    """Trains the point's student on `rows`, scores it, and returns its record fields.
+
+    A point whose student would train on exactly the data of an earlier point's, the same way
+    (e.g. distill points whose budgets all buy the whole pool), reuses that student: training is
+    deterministic, so it would be the same model. Its cost is still charged to both points."""
     pdir = _point_dir(s, point)
     path = os.path.join(pdir, 'train.jsonl')
     if not os.path.exists(path):
         data_lib.write_jsonl(path, rows)
-    task = data_lib.register_train_task(f'doa_study_{point["point_id"]}', s.data, path,
-                                        _eval_path(s), allow_empty_target=True)
-    loss_fn = None
-    if teacher is not None and s.student_loss == 'token':
-        from doa_jax.distill_losses import online_teacher_kd_loss
-        loss_fn = online_teacher_kd_loss(teacher.params(), s.teacher.model_config(inference=True),
-                                         s.kd_temperature, 0.0, s.student.z_loss)
-    student_dir = os.path.join(pdir, 'student')
+    token_kd = teacher is not None and s.student_loss == 'token'
+    key = _student_key(path, teacher.dir if token_kd else None)
+    index_path = os.path.join(s.study_dir, 'students.json')
+    first = (_json_load(index_path) or {}).get(key)     # the point that trained it first
+    twin = os.path.join(s.study_dir, 'points', first) if first not in (None, point['point_id']) \
+        else None
     cache = os.path.join(pdir, 'eval.json')
     scores = _json_load(cache)
+    if scores is None and twin is not None:
+        scores = _json_load(os.path.join(twin, 'eval.json'))
+        if scores is not None:
+            log.info('study: %s trains on the same data as %s; its student is reused.',
+                     point['point_id'], os.path.basename(twin))
+            _json_dump(cache, scores)
     if scores is None:   # not trained and scored yet (a rerun after a crash resumes the run)
-        result = _train(s, s.student, student_dir, task, len(rows), loss_fn)
+        twin = None
+        # seqio task names allow [\w.:#]: a budget of 3e-05 puts a '-' in the point id.
+        name = 'doa_study_' + re.sub(r'[^\w.:#]', '_', point['point_id'])
+        task = data_lib.register_train_task(name, s.data, path,
+                                            _eval_path(s), allow_empty_target=True)
+        loss_fn = None
+        if token_kd:
+            from doa_jax.distill_losses import online_teacher_kd_loss
+            loss_fn = online_teacher_kd_loss(
+                    teacher.params(), s.teacher.model_config(inference=True), s.kd_temperature,
+                    0.0, s.student.z_loss)
+        result = _train(s, s.student, os.path.join(pdir, 'student'), task, len(rows), loss_fn)
         scores = _evaluate(s, s.student, result.state.params, task, cache)
-    key = f'task/{s.data.metric}'
-    if key not in scores:
-        raise KeyError(f'the metric {s.data.metric!r} is not among the scores of {task} '
+        _json_dump(index_path, {**(_json_load(index_path) or {}), key: point['point_id']})
+    metric = f'task/{s.data.metric}'
+    if metric not in scores:
+        raise KeyError(f'the metric {s.data.metric!r} is not among the scores of '
+                       f'{point["point_id"]} '
                        f'({", ".join(sorted(k[5:] for k in scores if k.startswith("task/")))}); '
                        'set the study metric to one of them.')
-    return {'metric': scores[key], 'metric_name': s.data.metric,
-            'usd_student': _ledger_usd(student_dir),
-            'scores': {k[5:]: v for k, v in scores.items() if k.startswith('task/')}}
+    steps = s.student.steps(len(rows))
+    measured = _ledger_usd(os.path.join(twin or pdir, 'student'))
+    if s.cost_model.measured:
+        usd = measured
+    else:
+        usd = s.cost_model.train_usd(s.prices, s.student.model_config(), steps,
+                                     s.student.batch_size, s.task_feature_lengths,
+                                     s.teacher.model_config() if token_kd else None)
+    out = {'metric': scores[metric], 'metric_name': s.data.metric, 'student_steps': steps,
+           'usd_student': usd, 'usd_student_measured': measured,
+           'scores': {k[5:]: v for k, v in scores.items() if k.startswith('task/')}}
+    if twin is not None:
+        out['student_of'] = os.path.basename(twin)
+    return out
+
+
+def _student_key(train_path: str, online_teacher_dir: str | None) -> str:
+    """What makes two students the same model: their data, and the teacher of token-level KD."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(train_path, 'rb') as f:
+        h.update(f.read())
+    h.update(f'|{online_teacher_dir or ""}'.encode())
+    return h.hexdigest()
 
 
 def run_point(s: StudySettings, point: Mapping, order) -> dict:
@@ -435,7 +525,8 @@ def run_point(s: StudySettings, point: Mapping, order) -> dict:
     extra = min(int(label_usd / per_label + 1e-9), len(s.data.train) - n) if per_label > 0 else 0
     m = n + max(extra, 0)
     rec = {'n_labels': m, 'n_extra_labels': m - n, 'usd_labels': (m - n) * per_label,
-           'n_pseudo': 0, 'usd_teacher': 0.0, 'usd_pseudo_label': 0.0, 'status': 'done'}
+           'n_pseudo': 0, 'usd_teacher': 0.0, 'usd_pseudo_label': 0.0, 'status': 'done',
+           'cost_model': s.cost_model.label()}
     if strategy.kind == 'annotate':
         rows = [s.data.train[i] for i in order[:m]]
         rec.update(_train_student(s, point, rows, None))
@@ -443,35 +534,51 @@ def run_point(s: StudySettings, point: Mapping, order) -> dict:
         rows, rec['usd_llm'] = _llm_labels(s, point, order, budget)
         rec['n_llm'] = len(rows)
         if not rows:
-            return _infeasible(rec, f'{format_usd(budget)} bought no LLM label')
+            return _infeasible(rec, f'{format_usd(budget)} bought no LLM label',
+                               'no LLM label affordable')
         gold = [s.data.train[i] for i in order[:n]] if strategy.kind == 'human+llm' else []
         rec.update(_train_student(s, point, gold + rows, None))
     else:
         teacher = _Teacher(s, m)
-        rec['usd_teacher'] = teacher.train(order)
+        modelled = not s.cost_model.measured
+        # The FLOPs model prices the teacher before it runs: one the budget cannot pay never runs.
+        rec['usd_teacher'] = teacher.modelled_usd() if modelled else teacher.train(order)
         compute_usd = budget - rec['usd_labels'] - rec['usd_teacher']
         if compute_usd <= 0:
-            return _infeasible(rec, f'the teacher alone cost {format_usd(rec["usd_teacher"])}, '
+            return _infeasible(rec, f'the teacher alone costs {format_usd(rec["usd_teacher"])}, '
                                     f'more than the {format_usd(budget - rec["usd_labels"])} left '
-                                    'for compute')
-        chunks = teacher.pseudo_label(order, compute_usd)
-        n_pseudo, pl_usd = _affordable_prefix(chunks, compute_usd)
+                                    'for compute', 'the teacher costs more than the budget')
+        if modelled:
+            teacher.train(order)
+            n_pseudo, pl_usd = _affordable_prefix(teacher.modelled_chunks(order), compute_usd)
+            if n_pseudo:
+                teacher.pseudo_label(order, limit=n_pseudo)
+        else:
+            teacher.pseudo_label(order, max_usd=compute_usd)
+            n_pseudo, pl_usd = _affordable_prefix(teacher.chunk_costs(), compute_usd)
         if n_pseudo == 0:
             return _infeasible(rec, f'{format_usd(compute_usd)} left after the teacher does not '
-                                    f'pay for one chunk of {s.chunk_size} pseudo-labels')
+                                    f'pay for one chunk of {s.chunk_size} pseudo-labels',
+                               'no pseudo-labels affordable after the teacher')
         rec.update({'n_pseudo': n_pseudo, 'usd_pseudo_label': pl_usd})
         gold = [s.data.train[i] for i in order[:m]] if strategy.kind == 'mixed' else []
         rec.update(_train_student(s, point, gold + teacher.pseudo_labels(n_pseudo), teacher))
+        measured_teacher = teacher.usd_measured()
+        if measured_teacher is not None:
+            rec['usd_teacher_measured'] = measured_teacher
+            rec['usd_pseudo_label_measured'] = math.fsum(
+                    c['usd'] for c in teacher.chunk_costs() if c['last'] < n_pseudo)
     rec.setdefault('usd_llm', 0.0)
     rec['usd_compute'] = rec['usd_teacher'] + rec['usd_pseudo_label'] + (
             rec.get('usd_student', 0.0) if s.count_student_compute else 0.0)
     return rec
 
 
-def _infeasible(rec: dict, why: str) -> dict:
+def _infeasible(rec: dict, why: str, short: str) -> dict:
+    """A point its budget cannot pay for: `why` is a sentence, `short` a label for plots."""
     log.warning('study: point infeasible: %s', why)
-    rec.update({'status': 'infeasible', 'why': why, 'metric': None, 'usd_compute': 0.0,
-                'usd_llm': 0.0})
+    rec.update({'status': 'infeasible', 'why': why, 'why_short': short, 'metric': None,
+                'usd_compute': 0.0, 'usd_llm': 0.0})
     return rec
 
 
@@ -495,7 +602,8 @@ def study_points(strategies: Sequence[str], n_labels: Sequence[int],
 
 
 _SETTINGS_KEYS = ('data', 'seed', 'teacher', 'student', 'task_feature_lengths', 'pool_size',
-                  'chunk_size', 'student_loss', 'count_student_compute', 'usd_per_label')
+                  'chunk_size', 'student_loss', 'count_student_compute', 'usd_per_label',
+                  'cost_model')
 
 
 def _check_same_study(study_dir: str, fingerprint: dict) -> None:
@@ -520,12 +628,16 @@ def run_study(s: StudySettings, strategies: Sequence[str], n_labels: Sequence[in
         raise ValueError(f'N={max(n_labels)} leaves no unlabeled pool: the train set has '
                          f'{len(s.data.train)} examples.')
     s.usd_per_label    # fails early (naming the fix) when the task has no label price
+    s.cost_model = s.cost_model.resolved()
+    s.cost_model.describe(s.prices)   # fails early when the device has no price or peak
     _check_same_study(s.study_dir, {
             'data': s.data.name, 'seed': s.seed, 'teacher': dataclasses.asdict(s.teacher),
             'student': dataclasses.asdict(s.student),
             'task_feature_lengths': dict(s.task_feature_lengths), 'pool_size': s.pool_size,
             'chunk_size': s.chunk_size, 'student_loss': s.student_loss,
-            'count_student_compute': s.count_student_compute, 'usd_per_label': s.usd_per_label})
+            'count_student_compute': s.count_student_compute, 'usd_per_label': s.usd_per_label,
+            'cost_model': s.cost_model.as_dict(),
+            'cost_model_description': s.cost_model.describe(s.prices)})
     if s.student_loss not in ('sequence', 'token'):
         raise ValueError(f"student_loss={s.student_loss!r}; use 'sequence' (cross entropy on the "
                          "teacher's outputs) or 'token' (the paper's KL at temperature T).")
