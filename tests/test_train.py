@@ -349,8 +349,10 @@ def test_repeated_evaluations_compile_the_decoder_once():
         for seed in range(3):
             params = model.init(jax.random.PRNGKey(seed), enc, enc[:, :4])['params']
             ev.task_metrics(params, batches)
+            # Its prepared weights are not kept beside the train state once it has decoded.
+            assert ev.decoder.weights is None
             enc_global = train_data.to_global(batches[0], mesh, 8)['encoder_input_tokens']
-            predictions.append(np.asarray(ev.decoder.decode_batch(enc_global)[0]))
+            predictions.append(np.asarray(ev.decoder.load(params).decode_batch(enc_global)[0]))
     assert ev.decoder.compile_count == 1
     # The parameters did change between evaluations (otherwise one compile proves nothing).
     assert not np.array_equal(predictions[0], predictions[1])
