@@ -39,6 +39,8 @@ setup(
         'matplotlib>=3.8',
         'scipy>=1.12',
         'pyyaml>=6.0',
+        # tensorflow_datasets' builders (data prepare) import it without declaring it.
+        'importlib_resources>=6.0',
     ],
     extras_require={
         # Accelerator builds of jaxlib: pip install -e '.[cuda12]' (NVIDIA, CUDA 12 wheels from
