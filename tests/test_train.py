@@ -321,12 +321,17 @@ def _toy_lookup_generate(wrong_every: int = 0):
     return generate
 
 
-def test_decode_based_task_metrics_use_the_decoder_and_task_metric():
+def _toy_evaluator():
+    """The evaluator over doa_toy's validation split, batch 8, decoding 8 tokens."""
     mesh = partitioning.make_mesh()
     model = T5(TINY)
-    ev = trainer._Evaluator(TINY, model_apply_fn(model), losses.cross_entropy_loss(), mesh,
-                            partitioning.STANDARD_RULES, 'doa_toy', LENGTHS, 'validation', 8, None,
-                            True, 8, None, 0)
+    return mesh, model, trainer._Evaluator(
+            TINY, model_apply_fn(model), losses.cross_entropy_loss(), mesh,
+            partitioning.STANDARD_RULES, 'doa_toy', LENGTHS, 'validation', 8, None, True, 8, None, 0)
+
+
+def test_decode_based_task_metrics_use_the_decoder_and_task_metric():
+    mesh, model, ev = _toy_evaluator()
     batches = list(ev._batches())
     assert len(batches) == 2      # 16 validation examples, batch 8
     for wrong_every, expected in ((0, 100.0), (2, 50.0)):
@@ -337,11 +342,7 @@ def test_decode_based_task_metrics_use_the_decoder_and_task_metric():
 def test_repeated_evaluations_compile_the_decoder_once():
     """The evaluator decodes through one jitted `decoding.Decoder`: new parameters at every
     evaluation, one compilation for the eval batches' one shape, none after that."""
-    mesh = partitioning.make_mesh()
-    model = T5(TINY)
-    ev = trainer._Evaluator(TINY, model_apply_fn(model), losses.cross_entropy_loss(), mesh,
-                            partitioning.STANDARD_RULES, 'doa_toy', LENGTHS, 'validation', 8, None,
-                            True, 8, None, 0)
+    mesh, model, ev = _toy_evaluator()
     batches = list(ev._batches())
     enc = jnp.ones((1, LENGTHS['inputs']), jnp.int32)
     predictions = []

@@ -237,6 +237,16 @@ def _aliases(entry: Mapping, where: str, default: tuple[str, ...], regex: bool) 
     return tuple(aliases)
 
 
+
+def _positive(entry, key: str, where: str, scale: float, what: str, default):
+    """entry[key] * scale, checked positive; `default` when the entry leaves it out."""
+    if key not in entry:
+        return default
+    value = _field(entry, key, where)
+    if value == 0:
+        raise PriceError(f'{where}.{key}: must be positive; leave it out when {what} is unknown.')
+    return float(value) * scale
+
 def _device_entry(name: str, entry: Any, old: DeviceEntry | None, origin: str) -> DeviceEntry:
     """A YAML device entry, on top of the entry of the same name when there is one."""
     where = f'{origin}: devices.{name}'
@@ -247,20 +257,10 @@ def _device_entry(name: str, entry: Any, old: DeviceEntry | None, origin: str) -
                          f'`peak_bf16_tflops` and/or `memory_gb` (got keys {sorted(entry)}).')
     price = (_field(entry, 'usd_per_hour', where) if 'usd_per_hour' in entry
              else old.usd_per_hour if old else None)
-    peak = old.peak_bf16_flops if old else None
-    if 'peak_bf16_tflops' in entry:
-        tflops = _field(entry, 'peak_bf16_tflops', where)
-        if tflops == 0:
-            raise PriceError(f'{where}.peak_bf16_tflops: must be positive; leave it out when '
-                             f'the peak is unknown.')
-        peak = float(tflops) * 1e12
-    memory = old.memory_bytes if old else None
-    if 'memory_gb' in entry:
-        gb = _field(entry, 'memory_gb', where)
-        if gb == 0:
-            raise PriceError(f'{where}.memory_gb: must be positive; leave it out when the '
-                             f'memory is unknown.')
-        memory = float(gb) * 1e9
+    peak = _positive(entry, 'peak_bf16_tflops', where, 1e12, 'the peak',
+                     old.peak_bf16_flops if old else None)
+    memory = _positive(entry, 'memory_gb', where, 1e9, 'the memory',
+                       old.memory_bytes if old else None)
     source = entry.get('source', 'user override' if 'usd_per_hour' in entry
                        else old.source if old else '')
     flops_source = entry.get('flops_source', 'user override' if 'peak_bf16_tflops' in entry
