@@ -469,7 +469,7 @@ def test_t5x_infer_output_is_a_pseudo_labeled_task(tmp_path):
 
 def test_default_vocabulary_that_cannot_be_read_names_doa_vocab(monkeypatch, tmp_path):
     from doa_jax.data import vocabulary
-    from doa_jax.vocab import VocabularyNotFoundError
+    from doa_jax.data.vocabulary import VocabularyNotFoundError
 
     monkeypatch.delenv('DOA_VOCAB', raising=False)
     monkeypatch.setattr(vocabulary, '_default', None)

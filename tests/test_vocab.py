@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from doa_jax.vocab import VocabularyNotFoundError, get_vocabulary
+from doa_jax.data.vocabulary import VocabularyNotFoundError, get_vocabulary
 
 
 def _train_spm(data_dir, tmp_path, pieces=300):

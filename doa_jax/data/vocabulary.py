@@ -1,11 +1,17 @@
-"""The vocabulary the tasks register with, chosen before `import tasks`.
+"""The T5 vocabulary: which one the tasks register with, and how a path becomes one.
 
-Order: the DOA_VOCAB environment variable ('byte' for seqio.ByteVocabulary, else a SentencePiece
-model path), then `set_default_vocabulary` (the entry points call it from the gin macro VOCABULARY
-before importing MIXTURE_OR_TASK_MODULE), then the public T5 SentencePiece model. SentencePiece
-vocabularies load lazily, so registering tasks never reads the model file; the public model lives
-on gs://t5-data, and when it cannot be read (offline) the error says how to point DOA_VOCAB at a
-local copy.
+A vocabulary is a seqio SentencePieceVocabulary with T5's 100 sentinel (extra) ids; users point it
+at the sentencepiece model they have (the public T5 one is
+gs://t5-data/vocabs/cc_all.32000/sentencepiece.model, 32000 pieces + 100 extra ids = 32100; the
+model's embedding table is padded to 32128). 'byte' selects seqio.ByteVocabulary for offline
+tiny runs.
+
+The default, chosen before `import tasks`: the DOA_VOCAB environment variable ('byte' or a
+SentencePiece model path), then `set_default_vocabulary` (the entry points call it from the gin
+macro VOCABULARY before importing MIXTURE_OR_TASK_MODULE), then the public T5 SentencePiece model.
+SentencePiece vocabularies load lazily, so registering tasks never reads the model file; the public
+model lives on gs://t5-data, and when it cannot be read (offline) the error says how to point
+DOA_VOCAB at a local copy.
 """
 
 from __future__ import annotations
@@ -17,20 +23,36 @@ import tensorflow as tf
 
 T5_SPM_PATH = 'gs://t5-data/vocabs/cc_all.32000/sentencepiece.model'
 EXTRA_IDS = 100
+_HOW_TO_SET = ('set it with --gin.VOCABULARY="\'/path/to/sentencepiece.model\'" (gin macro '
+               "VOCABULARY), or the environment variable DOA_VOCAB; 'byte' selects "
+               'seqio.ByteVocabulary for offline tiny runs')
 _default: seqio.Vocabulary | str | None = None
+
+
+class VocabularyNotFoundError(FileNotFoundError):
+    """The sentencepiece model file does not exist (or cannot be read)."""
+
+
+def get_vocabulary(path: str | None, extra_ids: int = EXTRA_IDS) -> seqio.Vocabulary:
+    """A SentencePieceVocabulary for `path` ('byte' gives seqio.ByteVocabulary).
+
+    Local paths are checked now, so a typo fails before any data is read; remote paths (gs://)
+    load lazily on first use.
+    """
+    if not path:
+        raise VocabularyNotFoundError(f'No vocabulary given; {_HOW_TO_SET}.')
+    if path == 'byte':
+        return seqio.ByteVocabulary()
+    if '://' not in path and not os.path.isfile(path):
+        raise VocabularyNotFoundError(f'Vocabulary file {path!r} does not exist; {_HOW_TO_SET}.')
+    return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
 def vocabulary_from_spec(spec: seqio.Vocabulary | str, extra_ids: int = EXTRA_IDS) -> seqio.Vocabulary:
     """'byte' -> ByteVocabulary; a path -> SentencePieceVocabulary; a Vocabulary passes through."""
     if isinstance(spec, seqio.Vocabulary):
         return spec
-    if spec == 'byte':
-        return seqio.ByteVocabulary()
-    try:
-        from doa_jax import vocab as vocab_lib  # The project's resolver, when present.
-        return vocab_lib.get_vocabulary(spec, extra_ids=extra_ids)
-    except ImportError:
-        return seqio.SentencePieceVocabulary(spec, extra_ids=extra_ids)
+    return get_vocabulary(spec, extra_ids=extra_ids)
 
 
 class _PublicT5Vocabulary(seqio.SentencePieceVocabulary):
@@ -42,7 +64,6 @@ class _PublicT5Vocabulary(seqio.SentencePieceVocabulary):
         try:
             return super()._model_context()
         except (tf.errors.OpError, OSError) as e:
-            from doa_jax.vocab import VocabularyNotFoundError
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise VocabularyNotFoundError(
                     f'cannot read the default T5 vocabulary {self.sentencepiece_model_file} '
