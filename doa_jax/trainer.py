@@ -21,9 +21,9 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from doa_jax import decoding, partitioning, run_identity, train_data
+from doa_jax import checkpoints, decoding, partitioning, run_identity, train_data
 from doa_jax.callbacks import CallbackList, TrainerCallback
-from doa_jax.checkpointing import RunCheckpointer
+from doa_jax.checkpoints import RunCheckpointer
 from doa_jax.data import lengths as feature_lengths
 from doa_jax.flops import DEFAULT_CPU_PEAK_FLOPS, mfu, peak_flops_per_device, train_flops_per_sequence
 from doa_jax.losses import LossFn, cross_entropy_loss, metrics_from_aux
@@ -44,15 +44,6 @@ class TrainResult:
     reason: str
     state: TrainState
     history: list[dict[str, float]]   # one row per logging interval (process-local copy)
-
-
-def _load_initial_params(path: str, config: T5Config):
-    try:
-        from doa_jax.checkpoints import load_checkpoint
-    except ImportError as e:
-        raise ValueError(f'INITIAL_CHECKPOINT_PATH={path!r} was given, but checkpoint import '
-                         f'(doa_jax.checkpoints.load_checkpoint) is not available: {e}') from e
-    return load_checkpoint(path, config)
 
 
 def _check_restorable(checkpointer: RunCheckpointer, step: int, abstract: TrainState,
@@ -173,7 +164,7 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
         skip = int(data_position['batches_consumed'])
         logging.info('Resuming from %s at step %d.', checkpointer.directory, start_step)
     else:
-        params = (_load_initial_params(initial_checkpoint_path, model_config)
+        params = (checkpoints.load_checkpoint(initial_checkpoint_path, model_config)
                   if initial_checkpoint_path else None)
         state = init_train_state(init_params, optimizer, shardings, rng, params, abstract)
         start_step, skip = 0, 0

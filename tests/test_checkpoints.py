@@ -124,7 +124,7 @@ def test_orbax_checkpoints_t5x_style_and_cli_convert(tmp_path):
 
 
 def test_loading_a_trainer_run_directory(tmp_path):
-    from doa_jax.checkpointing import RunCheckpointer
+    from doa_jax.checkpoints import RunCheckpointer
     from doa_jax.train_state import TrainState
 
     cfg, params = _tiny_params()
@@ -137,7 +137,7 @@ def test_loading_a_trainer_run_directory(tmp_path):
 
 
 def test_a_partial_save_is_skipped_or_named(tmp_path):
-    from doa_jax.checkpointing import RunCheckpointer
+    from doa_jax.checkpoints import RunCheckpointer
     from doa_jax.train_state import TrainState
 
     cfg, params = _tiny_params()

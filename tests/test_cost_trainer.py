@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from doa_jax import trainer
-from doa_jax.checkpointing import RunCheckpointer
+from doa_jax.checkpoints import RunCheckpointer
 from doa_jax.cost import CostCallback, Ledger, default_prices
 from doa_jax.models import get_config
 import tasks.toy  # noqa: F401  (registers doa_toy)

@@ -272,7 +272,7 @@ def _params(config: T5Config, seed: int = 0) -> dict:
 
 def _run_dir(tmp_path: pathlib.Path, config: T5Config, step: int) -> tuple[pathlib.Path, dict]:
     """A doa_jax MODEL_DIR with one checkpoint of random parameters of `config`'s shapes."""
-    from doa_jax.checkpointing import RunCheckpointer
+    from doa_jax.checkpoints import RunCheckpointer
     from doa_jax.train_state import TrainState
 
     params = _params(config, seed=step)

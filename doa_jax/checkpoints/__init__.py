@@ -1,7 +1,10 @@
-"""Checkpoint interop: HF directories, t5x (legacy and Orbax), and doa_jax's own run checkpoints.
+"""Checkpoints: a run's own (save and resume), and interop with HF directories and t5x (legacy and
+Orbax).
 
-`load_checkpoint(path, config)` detects the format and returns a plain parameter tree with t5x
-names in the layout `config` asks for (scanned or not), after checking every name and shape.
+`RunCheckpointer` (checkpoints/run.py) saves and restores a training run's sharded state and data
+position under MODEL_DIR/checkpoints/. `load_checkpoint(path, config)` reads any of the formats:
+it detects the format and returns a plain parameter tree with t5x names in the layout `config`
+asks for (scanned or not), after checking every name and shape.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import numpy as np
 
 from doa_jax.checkpoints.errors import CheckpointMismatchError
 from doa_jax.checkpoints.hf import load_hf, save_hf
+from doa_jax.checkpoints.run import RunCheckpointer
 from doa_jax.checkpoints.t5x import config_from_params, read_t5x_legacy, write_t5x_legacy
 from doa_jax.models.config import T5Config
 
-__all__ = ['CheckpointMismatchError', 'checkpoint_step', 'config_from_params', 'detect_format',
-           'export_t5x', 'fit_params', 'load_checkpoint', 'load_hf', 'read_params', 'save_hf',
-           'read_t5x_legacy', 'write_t5x_legacy', 'save_params', 'check_params', 'partial_saves']
+__all__ = ['CheckpointMismatchError', 'RunCheckpointer', 'checkpoint_step', 'config_from_params',
+           'detect_format', 'export_t5x', 'fit_params', 'load_checkpoint', 'load_hf',
+           'read_params', 'save_hf', 'read_t5x_legacy', 'write_t5x_legacy', 'save_params',
+           'check_params', 'partial_saves']
 
 
 def _flatten(tree: Mapping, prefix: str = '') -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Run checkpoints with orbax-checkpoint: the sharded train state plus the data position.
+"""A training run's own checkpoints (orbax-checkpoint): the sharded train state plus the data
+position.
 
 Each checkpoint `MODEL_DIR/checkpoints/<step>/` holds `state` (the TrainState, restored straight
 into its shardings) and `data` (JSON: batches consumed, so the input pipeline resumes where it
@@ -8,12 +9,13 @@ stopped). Saves are synchronous, so a checkpoint that `latest_step` reports is c
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from doa_jax.train_state import TrainState
+if TYPE_CHECKING:
+    from doa_jax.train_state import TrainState
 
 
 class RunCheckpointer:
