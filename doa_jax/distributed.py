@@ -85,9 +85,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def hide_gpus_from_tensorflow() -> None:
-    """TF (used by seqio/tfds for input pipelines) must not grab accelerator memory JAX needs."""
-    try:
-        import tensorflow as tf
-    except ImportError:
-        return
+    """TF (seqio and TFDS input pipelines import it) must not grab accelerator memory JAX needs.
+    The entry points call it before anything touches TF's devices."""
+    import tensorflow as tf
     tf.config.set_visible_devices([], 'GPU')

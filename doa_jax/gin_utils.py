@@ -27,14 +27,13 @@ from typing import Any, Callable, Sequence
 
 import gin
 import jax
-import jax.numpy as jnp
 
 from doa_jax import callbacks as callbacks_lib
 from doa_jax import losses, optimizers, partitioning, run_identity, trainer
+from doa_jax.models import config as config_lib
 from doa_jax.models.config import T5Config, get_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float16}
 _RECORDED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'seqio', 'tensorflow',
                       'gin-config', 'clu', 'numpy')
 
@@ -46,10 +45,8 @@ def get_model_config(name: str, dropout_rate: float = 0.0, activation_dtype: str
 
     attention_impl / matmul_impl: the op backends (see `doa_jax.ops`); 'auto' picks per platform.
     """
-    if activation_dtype not in _DTYPES:
-        raise ValueError(f'get_model_config.activation_dtype={activation_dtype!r}; choose one of '
-                         f'{sorted(_DTYPES)}.')
-    return get_config(name, dropout_rate=dropout_rate, dtype=_DTYPES[activation_dtype],
+    dtype = config_lib.activation_dtype(activation_dtype, 'get_model_config.activation_dtype')
+    return get_config(name, dropout_rate=dropout_rate, dtype=dtype,
                       scan_layers=scan_layers, remat_policy=remat_policy,
                       attention_impl=attention_impl, matmul_impl=matmul_impl)
 
@@ -632,12 +629,6 @@ def run_cli(main: Callable[[Sequence[str] | None], int], prog: str,
     except (ConfigError, run_identity.RunConfigError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
-
-
-def hide_gpus_from_tensorflow() -> None:
-    """seqio imports TensorFlow; it must not reserve accelerator memory that JAX needs."""
-    import tensorflow as tf
-    tf.config.set_visible_devices([], 'GPU')
 
 
 def macro_value(name: str, default: Any = None) -> Any:

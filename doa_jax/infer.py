@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              '(--overwrite replaces the labels INFER_OUTPUT_DIR '
                                              'holds from another teacher or settings).')
     gin_utils.setup_logging()
-    gin_utils.hide_gpus_from_tensorflow()
+    distributed.hide_gpus_from_tensorflow()
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     register_configurables()
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = gin_utils.parse_flags(argv, prog=PROG)
     gin_utils.setup_logging()
-    gin_utils.hide_gpus_from_tensorflow()
+    distributed.hide_gpus_from_tensorflow()
     # Flags, the local launcher, GKE, SLURM or a TPU pod slice; a no-op for one process.
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None

@@ -48,6 +48,19 @@ def test_every_named_config_builds():
         get_config('t5_1_1_huge')
 
 
+def test_one_activation_dtype_table_for_gin_and_the_study():
+    from doa_jax.gin_utils import get_model_config
+    from doa_jax.study.runner import StageConfig
+    for name, dtype in (('bfloat16', jnp.bfloat16), ('float32', jnp.float32),
+                        ('float16', jnp.float16)):
+        assert get_model_config('t5_1_1_tiny', activation_dtype=name).dtype == dtype
+        assert StageConfig(model='t5_1_1_tiny', activation_dtype=name).model_config().dtype == dtype
+    with pytest.raises(ValueError, match=r"get_model_config.activation_dtype='fp8'; choose one of"):
+        get_model_config('t5_1_1_tiny', activation_dtype='fp8')
+    with pytest.raises(ValueError, match=r"activation_dtype='fp8'; choose one of"):
+        StageConfig(activation_dtype='fp8').model_config()
+
+
 def test_t5x_tree_names_and_logical_axes():
     model = T5(get_config('t5_1_1_tiny'))
     tokens = jnp.ones((1, 4), jnp.int32)

@@ -98,3 +98,15 @@ def get_config(name: str, **overrides) -> T5Config:
         raise ValueError(
                 f'Unknown model config {name!r}. Known configs: {", ".join(sorted(NAMED_CONFIGS))}.')
     return NAMED_CONFIGS[name].replace(**overrides)
+
+
+# Activation dtypes by the names gin files and study configs use (parameters stay float32).
+ACTIVATION_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float16}
+
+
+def activation_dtype(name: str, setting: str = 'activation_dtype') -> Any:
+    """The jnp dtype named `name`; an unknown name is an error that names `setting` (where the user
+    wrote it) and the choices."""
+    if name not in ACTIVATION_DTYPES:
+        raise ValueError(f'{setting}={name!r}; choose one of {sorted(ACTIVATION_DTYPES)}.')
+    return ACTIVATION_DTYPES[name]

@@ -120,11 +120,11 @@ def register_configurables() -> None:
 
 
 def run_from_flags(argv: Sequence[str]) -> int:
-    from doa_jax import gin_utils
+    from doa_jax import distributed, gin_utils
     args = gin_utils.parse_flags(argv, prog=PROG, example='gin_configs/studies/quickstart.gin',
                                  description='Run a distill-or-annotate budget study.')
     gin_utils.setup_logging()
-    gin_utils.hide_gpus_from_tensorflow()
+    distributed.hide_gpus_from_tensorflow()
     register_configurables()
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
     sources = gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)

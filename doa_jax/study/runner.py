@@ -86,14 +86,9 @@ class StageConfig:
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def model_config(self, inference: bool = False):
-        import jax.numpy as jnp
-
-        from doa_jax.models.config import get_config
-        dtypes = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
-        if self.activation_dtype not in dtypes:
-            raise ValueError(f'activation_dtype={self.activation_dtype!r}; use one of {sorted(dtypes)}')
+        from doa_jax.models.config import activation_dtype, get_config
         return get_config(self.model, dropout_rate=0.0 if inference else self.dropout_rate,
-                          dtype=dtypes[self.activation_dtype])
+                          dtype=activation_dtype(self.activation_dtype))
 
     def mesh_config(self):
         from doa_jax.partitioning import MeshConfig
