@@ -1,4 +1,4 @@
-"""Training FLOPs of an encoder-decoder and MFU against the device's peak (DESIGN.md).
+"""Training FLOPs of an encoder-decoder and MFU against the device's peak (docs/design.md, "FLOPs").
 
 Peaks come from the device catalog, the `devices` section of doa_jax/cost/prices.yaml, which also
 holds the prices: one table and one matching rule (`PriceTable.match_device`) for both.

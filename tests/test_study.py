@@ -12,7 +12,8 @@ def test_frontier_dominated_ties_single():
 
 
 def test_multipit_headline_distill_wins():
-    # DESIGN.md: distill reaches 81.0 for $161; annotation needs $1,980; full set $17,443 -> 87.5.
+    # The paper's headline (docs/design.md, "The paper's study"): distill reaches 81.0 for $161;
+    # annotation needs $1,980; the full set ($17,443) reaches 87.5.
     pts = [Point('distill', 161, 81.0), Point('annotate', 1980, 81.0),
            Point('annotate', 17443, 87.5), Point('annotate', 161, 70.0)]
     assert best_within_budget(pts, 200).strategy == 'distill'

@@ -252,7 +252,8 @@ def test_flop_formula_matches_design_numbers():
     seq = flops.train_flops_per_sequence(small, 128, 32)
     assert seq == pytest.approx(by_hand, rel=1e-9)
     non_embedding = total - small.vocab_size * small.emb_dim
-    assert seq == pytest.approx(3 * non_embedding * (128 + 32), rel=0.25)   # DESIGN.md's rule
+    # The rule of thumb 3 x N x (S + T) (docs/design.md, "FLOPs").
+    assert seq == pytest.approx(3 * non_embedding * (128 + 32), rel=0.25)
     assert flops.mfu(1e12, 1.0, 2, 1e12) == 0.5
 
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 TARGET_RE = re.compile(r'^#\s*target:(.*)$', re.IGNORECASE)
 _COUNT_KIND = re.compile(r'^\s*(\d+)\s*x\s*(\S.*?)\s*$', re.IGNORECASE)
 _INCLUDE_RE = re.compile(r"""^include\s+['"]([^'"]+)['"]""")
-STORED_TOPK = 10   # the k offline token KD is planned with (README: --gin.TOP_K=10)
+STORED_TOPK = 10   # the k offline token KD is planned with (distill_kd_offline.gin: --gin.TOP_K=10)
 
 
 class RecipeError(ValueError):

@@ -23,7 +23,7 @@ included, as the cost callback bills them): use it on a dedicated cluster, where
 the bill.
 
 The default utilisations reproduce the quickstart's wall-clock costs on this project's quiet
-2-core Zen 5 machine (README, commit 09db977: its mini teacher's 300 steps cost about $0.002,
+2-core Zen 5 machine (its mini teacher's 300 steps cost about $0.002,
 pseudo-labeling its 1,536-example pool about $0.0003, at the CPU entry's 0.35 TFLOP/s and $0.40
 per device-hour). On GPUs and TPUs state your own (t5x reaches roughly 0.25-0.37 when training),
 or use 'measured'.

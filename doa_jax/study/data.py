@@ -20,7 +20,8 @@ from doa_jax.data.vocabulary import vocabulary_from_spec
 
 MetricFn = Callable[[Sequence[str], Sequence[str]], Mapping[str, float]]
 
-# The headline metric of each paper dataset (DESIGN.md): the key its metric function returns.
+# The headline metric of each paper dataset (docs/design.md, "The paper's study"): the key its
+# metric function returns.
 PAPER_METRIC = {'wlp': 'micro_f1', 'stanceosaurus': 'macro_f1', 'fever': 'accuracy',
                 'multipit_id': 'accuracy', 'multipit_gen': 'bert_ibleu', 'nq': 'f1'}
 
