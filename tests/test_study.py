@@ -43,14 +43,3 @@ def test_recommend_headline():
     pts = [Point('distill', 161, 81.0), Point('annotate', 1980, 81.0), Point('annotate', 161, 70.0)]
     r = recommend(pts, 200)
     assert r.strategy == 'distill' and r.expected_metric == 81.0 and 'annotate' in r.explanation
-
-
-def test_grid_points():
-    from doa_jax.cost.prices import default_prices
-    from doa_jax.study.grid import ComputeModel, annotate_point, distill_point
-    task = next(iter(default_prices().annotation))
-    per = float(default_prices().usd_per_label(task))
-    a = annotate_point(task, 100, 10 * per)
-    assert a['n_labels'] == 110
-    d = distill_point(100, 1.875, ComputeModel(1.0, 2.0, 1, 'A100'))
-    assert d['n_unlabeled'] == 1200 and abs(d['usd_compute'] - 1.875) < 1e-9

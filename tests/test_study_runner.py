@@ -169,6 +169,16 @@ def test_changed_settings_refuse_to_mix(tmp_path):
         runner._check_same_study(str(study_dir), {'data': 'synthetic_wlp', 'seed': 1})
 
 
+def test_labels_bought_at_the_paper_price():
+    task = next(iter(default_prices().annotation))
+    per = float(default_prices().usd_per_label(task))
+    assert runner.labels_bought(10 * per, per, 1000) == 10
+    assert runner.labels_bought(10 * per - 1e-6, per, 1000) == 9     # a part label buys none
+    assert runner.labels_bought(0.008, 0.0001, 1000) == 80            # 0.008 // 0.0001 is 79.0
+    assert runner.labels_bought(10 * per, per, 4) == 4                 # only the pool's rows
+    assert runner.labels_bought(10.0, 0.0, 1000) == 0                  # no price: no labels
+
+
 def test_strategies_and_grid():
     assert runner.parse_strategy('mixed:0.25') == runner.Strategy('mixed', 0.25)
     for bad in ('mixed:1.5', 'distil', 'mixed:x'):

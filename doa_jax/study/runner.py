@@ -510,15 +510,20 @@ def _student_key(train_path: str, online_teacher_dir: str | None) -> str:
     return h.hexdigest()
 
 
+def labels_bought(label_usd: float, per_label: float, available: int) -> int:
+    """Gold labels `label_usd` buys at `per_label` each, at most the `available` unlabeled rows."""
+    if per_label <= 0:
+        return 0
+    # label_usd / per_label, not //: 0.008 // 0.0001 is 79.0 in floating point.
+    return max(min(int(label_usd / per_label + 1e-9), available), 0)
+
+
 def run_point(s: StudySettings, point: Mapping, order) -> dict:
     """Runs one point end to end (resuming any finished stage) and returns its record fields."""
     strategy = parse_strategy(point['strategy'])
     n, budget = int(point['n_start']), float(point['budget_usd'])
     per_label = s.usd_per_label
-    label_usd = budget * strategy.label_fraction
-    # label_usd / per_label, not //: 0.008 // 0.0001 is 79.0 in floating point.
-    extra = min(int(label_usd / per_label + 1e-9), len(s.data.train) - n) if per_label > 0 else 0
-    m = n + max(extra, 0)
+    m = n + labels_bought(budget * strategy.label_fraction, per_label, len(s.data.train) - n)
     rec = {'n_labels': m, 'n_extra_labels': m - n, 'usd_labels': (m - n) * per_label,
            'n_pseudo': 0, 'usd_teacher': 0.0, 'usd_pseudo_label': 0.0, 'status': 'done',
            'cost_model': s.cost_model.label()}
