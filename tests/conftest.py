@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 # Tests never touch a GPU and must not let TensorFlow grab one.
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# One persistent compilation cache for the whole run, its xdist workers and every subprocess they
+# start: tests that build the same tiny programs compile them once. A fresh directory per run, so
+# a run never reads programs an earlier build of the code wrote.
+_OWN_XLA_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+_RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'pid{os.getpid()}'
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), f'doa_jax_tests_xla_cache_{_RUN}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+
+def pytest_sessionfinish(session):
+    """The run's own cache goes when the run ends (the xdist controller, or a plain run)."""
+    if _OWN_XLA_CACHE and not hasattr(session.config, 'workerinput'):
+        shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = pathlib.Path(os.environ.get('DOA_DATA_DIR',

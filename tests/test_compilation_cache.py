@@ -16,9 +16,12 @@ HITS = '/jax/compilation_cache/cache_hits'
 
 
 @pytest.fixture
-def fresh_cache():
-    """Cache every program however fast it compiled; afterwards no cache, as before."""
+def fresh_cache(monkeypatch):
+    """No cache directory from the environment; cache every program however fast it compiled;
+    afterwards the cache settings as before."""
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
     min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
+    before = jax.config.jax_compilation_cache_dir
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     events: list[str] = []
     listener = lambda event, **kw: events.append(event)
@@ -26,7 +29,7 @@ def fresh_cache():
     yield events
     jax.monitoring.unregister_event_listener(listener)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', min_secs)
-    jax.config.update('jax_compilation_cache_dir', None)
+    jax.config.update('jax_compilation_cache_dir', before)
     cc.reset_cache()
 
 
@@ -61,3 +64,12 @@ def test_gin_names_another_directory_or_turns_it_off(tmp_path, fresh_cache):
         train.main(TINY + unknown + [f"--gin.MODEL_DIR='{tmp_path / 'b'}'",
                                      "--gin.COMPILATION_CACHE_DIR=''"])
     assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_the_environments_directory_wins_over_the_default(tmp_path, monkeypatch, fresh_cache):
+    mine = tmp_path / 'mine'
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(mine))
+    assert compilation_cache.configure(None, str(tmp_path / 'run')) == str(mine)
+    assert compilation_cache.configure(str(tmp_path / 'gin'), str(tmp_path / 'run')) == str(
+            tmp_path / 'gin')
+    assert compilation_cache.configure('', str(tmp_path / 'run')) is None

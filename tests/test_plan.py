@@ -74,9 +74,8 @@ def test_plan_small_model_parallel_bytes_and_does_not_fit_tiny_memory(tmp_path):
     _check_decode(plan, _kv_bytes('t5_1_1_small', 8, 2, 2, 16, 8))
 
 
-def test_plan_base_fsdp_shards_params_and_optimizer_over_all_devices(tmp_path):
-    # Base is the expensive compile (~50 s on a loaded 2-core CPU): tiny batch and lengths.
-    plan, _ = _plan(tmp_path, '--model=t5_1_1_base', '--mesh=data:2,model:2', '--fsdp',
+def test_plan_fsdp_shards_params_and_optimizer_over_all_devices(tmp_path):
+    plan, _ = _plan(tmp_path, '--model=t5_1_1_small', '--mesh=data:2,model:2', '--fsdp',
                     '--optimizer=adamw', '--batch=2', '--input_len=16', '--target_len=8')
     assert plan['fsdp'] is True and plan['decode']['batch'] == 2
     # FSDP also splits `embed` over data: every big weight is split 4 ways, not 2.
@@ -90,7 +89,7 @@ def test_plan_base_fsdp_shards_params_and_optimizer_over_all_devices(tmp_path):
     # bf16, so as many bytes as the train step's float32 quarter).
     assert plan['decode']['param_bytes_per_device'] == pytest.approx(
             plan['param_bytes_per_device'], rel=0.01)
-    _check_decode(plan, _kv_bytes('t5_1_1_base', 2, 2, 2, 16, 8))
+    _check_decode(plan, _kv_bytes('t5_1_1_small', 2, 2, 2, 16, 8))
 
 
 SHIPPED = {   # the accelerator recipes (each a list of gin files) and the steps each runs
@@ -103,7 +102,7 @@ SHIPPED = {   # the accelerator recipes (each a list of gin files) and the steps
 
 def test_gate_lowers_every_shipped_recipe_scaled_down_on_8_devices(tmp_path):
     """CI's gate: each shipped accelerator recipe as its entry point reads it (remat, scan,
-    optimizer, microbatches, mesh, online teacher), every model scaled to t5_1_1_small, on 8 fake
+    optimizer, microbatches, mesh, online teacher), every model scaled to t5_1_1_tiny, on 8 fake
     devices (data:2 beside model:4), lowered for cuda and tpu. A recipe that pins the CPU
     kernels fails it, and the gate's exit status says so."""
     broken = tmp_path / 'pinned.gin'
@@ -114,17 +113,17 @@ def test_gate_lowers_every_shipped_recipe_scaled_down_on_8_devices(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     r = subprocess.run([sys.executable, '-m', 'doa_jax.benchmark', 'plan',
                         *[f'--recipe={x}' for x in recipes + [str(broken)]],
-                        '--scale=t5_1_1_small', '--devices=8', '--skip_memory', f'--json={out}'],
+                        '--scale=t5_1_1_tiny', '--devices=8', '--skip_memory', f'--json={out}'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 1, r.stderr[-3000:]
     *shipped, pinned = json.loads(out.read_text())
     for (name, (steps, target)), result in zip(SHIPPED.items(), shipped):
         assert result['ok'], (name, result.get('error'), result.get('lowered'))
-        assert result['model'] == 't5_1_1_small' and result['target'] == target
+        assert result['model'] == 't5_1_1_tiny' and result['target'] == target
         assert result['devices'] == 8 and result['mesh']['data'] * result['mesh']['model'] == 8
         assert {p: set(parts) for p, parts in result['lowered'].items()} == {
                 'cuda': steps, 'tpu': steps}
-    assert shipped[-1]['teacher'] == 't5_1_1_small'     # the online teacher, scaled too
+    assert shipped[-1]['teacher'] == 't5_1_1_tiny'      # the online teacher, scaled too
     assert not pinned['ok'] and not pinned['lowered']['cuda']['decode']['ok']
     assert 'cpu_kernels' in pinned['lowered']['cuda']['decode']['error']
     assert 'gate: FAIL' in r.stdout and r.stdout.count('gate: PASS') == len(SHIPPED)

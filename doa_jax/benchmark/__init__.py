@@ -1,4 +1,4 @@
-"""Throughput benchmarks: `python -m doa_jax.benchmark {train,decode,pseudo_label,plan} ...`.
+"""Benchmarks: `python -m doa_jax.benchmark {train,decode,pseudo_label,plan,gpu_check} ...`.
 
 Shared here: the price flags and the money columns every throughput benchmark reports
 (sequences/s and dollars per million tokens at the price table's rate for the device kind), the

@@ -1,4 +1,5 @@
-"""`python -m doa_jax.benchmark <subcommand>`: train-step and decoding throughput."""
+"""`python -m doa_jax.benchmark <subcommand>`: throughput (train, decode, pseudo_label), the recipe
+gate (plan) and the GPU proof (gpu_check)."""
 
 from __future__ import annotations
 
