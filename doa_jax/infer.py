@@ -1,7 +1,8 @@
 """Entry point: `python -m doa_jax.infer --gin_file=gin_configs/runs/pseudo_label.gin
 --gin.CHECKPOINT_PATH=... --gin.INFER_OUTPUT_DIR=...` pseudo-labels an unlabeled pool.
 
-The only place where gin binds the pseudo-labeling job; the logic is `doa_jax.pseudo_label`.
+gin binds the pseudo-labeling job as `doa_jax.infer` (doa_jax.gin_utils.configurables); the logic
+is `doa_jax.pseudo_label`.
 """
 
 from __future__ import annotations
@@ -11,21 +12,10 @@ import os
 import sys
 from typing import Sequence
 
-import gin
-
 from doa_jax import (compilation_cache, distributed, gin_utils, pseudo_label,
                      pseudo_label_manifest, run_identity)
 
 PROG = 'python -m doa_jax.infer'
-_REGISTERED: list[object] = []
-
-
-def register_configurables() -> None:
-    """Makes `infer` (the pseudo-labeling job) bindable from gin (idempotent)."""
-    gin_utils.register_configurables()
-    if not _REGISTERED:
-        _REGISTERED.append(gin.external_configurable(pseudo_label.run_pseudo_labeling, 'infer',
-                                                     module=gin_utils.GIN_MODULE))
 
 
 def check_bindings(sources: gin_utils.GinSources) -> None:
@@ -65,7 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     gin_utils.setup_logging()
     distributed.hide_gpus_from_tensorflow()
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    register_configurables()
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
     sources = gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
     check_bindings(sources)
@@ -73,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     compilation_cache.configure(gin_utils.macro_value('COMPILATION_CACHE_DIR'),
                                 gin_utils.bound_value('infer.output_dir', sources).value)
     gin_utils.CONFIGURABLE['import_task_modules']()
-    result = _REGISTERED[0]()
+    result = gin_utils.CONFIGURABLE['infer']()
     logging.info(summary_line(result, sources))
     return 0
 

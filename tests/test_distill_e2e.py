@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import seqio
 
-from doa_jax import distill_gin, distill_losses as dl, gin_utils, infer, pseudo_label as pl
+from doa_jax import distill_losses as dl, gin_utils, infer, pseudo_label as pl
+from doa_jax.gin_utils import configurables
 from doa_jax import train_data
 from doa_jax.data import paper
 from doa_jax.losses import normalized_loss_weights
@@ -106,7 +107,7 @@ def test_wlp_stored_topk_batch_matches_online_teacher(wlp_pseudo_labels):
     """The trainer's batch carries the stored top-k; with k = the whole vocabulary, the offline KD
     loss on it equals the online-teacher KD loss on the same batch."""
     teacher, plabels = wlp_pseudo_labels
-    task = distill_gin.pseudo_labeled_task(str(plabels), with_topk=True, name='e2e_wlp_topk')
+    task = configurables.pseudo_labeled_task(str(plabels), with_topk=True, name='e2e_wlp_topk')
     ds = train_data.host_dataset(task, LENGTHS, 'train', 8, seed=0, shuffle=False, repeat=False)
     batch = next(train_data.numpy_batches(ds, vocab_size=TOP_K))
     assert batch['teacher_topk_ids'].shape == (8, LENGTHS['targets'], TOP_K)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import pathlib
 import re
@@ -23,11 +22,8 @@ GIN_FILES = sorted(str(pathlib.Path(p).relative_to(REPO))
 
 
 def _register_all_entry_points() -> None:
-    """Entry modules that bind gin expose `register_configurables()`; call each of them."""
-    for path in sorted((REPO / 'doa_jax').rglob('*.py')):
-        if 'def register_configurables' in path.read_text():
-            name = '.'.join(path.relative_to(REPO).with_suffix('').parts)
-            importlib.import_module(name).register_configurables()
+    """Every entry point's configurables: one registration, doa_jax.gin_utils.configurables."""
+    gin_utils.register_configurables()
 
 
 def _include_depth(path: pathlib.Path, seen=()) -> int:

@@ -111,7 +111,6 @@ T5X_API = {
 def t5x_stubs(monkeypatch, tmp_path):
     """t5x's modules as stand-ins; gin's registry restored afterwards (dynamic registration adds
     what the files import). doa_jax's own configurables are registered first, as they would be."""
-    import doa_jax.distill_gin  # noqa: F401  registers at import: before the snapshot
     from tests.test_gin_configs import _register_all_entry_points
     _register_all_entry_points()
     monkeypatch.setattr(gin.config, '_REGISTRY', copy.deepcopy(gin.config._REGISTRY))

@@ -239,10 +239,8 @@ def read_recipe(gin_files: Sequence[str], bindings: Sequence[str] = (),
     import gin
 
     from doa_jax import gin_utils
-    from doa_jax import infer as infer_entry
 
     gin.clear_config()
-    infer_entry.register_configurables()
     sources = gin_utils.parse_gin(gin_files, bindings, search_paths, check_required=False)
     if gin_utils.bound_value('train.model_config', sources) is not None:
         return _train_recipe(sources, scale)

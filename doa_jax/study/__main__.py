@@ -1,17 +1,17 @@
 """`python -m doa_jax.study --gin_file=gin_configs/studies/quickstart.gin --gin.STUDY_DIR=...`
 runs a study; `python -m doa_jax.study report STUDY_DIR` and `... plan --results=...` read one.
 
-gin binds here only: `study(...)`, `StageConfig` (scoped `teacher/` and `student/`),
+gin binds `doa_jax.study(...)`, `StageConfig` (scoped `teacher/` and `student/`),
 `ComputeCostModel` (how compute is priced) and the data sources (`synthetic_wlp`,
-`paper_dataset`); the logic is doa_jax.study.runner.
+`paper_dataset`), all registered in doa_jax.gin_utils.configurables; the logic is
+doa_jax.study.runner.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from doa_jax.cost.prices import format_usd
 from doa_jax.study.frontier import frontiers_by_strategy
@@ -71,61 +71,12 @@ SUBCOMMANDS = {'report': (_report, lambda p: p.add_argument('study_dir')),
                'plan': (_plan, _add_plan)}
 
 
-def study(*, study_dir: str, data, strategies: Sequence[str], n_labels: Sequence[int],
-          budgets_usd: Sequence[float], teacher, student,
-          task_feature_lengths: Mapping[str, int], prices: str | None = None,
-          usd_per_label: float | None = None,
-          usd_per_device_hour: Mapping[str, float] | None = None, seed: int = 0,
-          pool_size: int | None = None, chunk_size: int = 256, infer_batch_size: int = 32,
-          eval_batch_size: int = 32, student_loss: str = 'sequence',
-          count_student_compute: bool = False, show_progress: bool = True,
-          llm=None, cost_model=None) -> dict:
-    """Runs (or resumes) the study, then writes its report; returns write_report's dict.
-    `cost_model` (a `ComputeCostModel`; default: FLOPs at the default utilisations) prices
-    compute."""
-    from doa_jax.cost.cost_model import ComputeCostModel
-    from doa_jax.study import runner
-    from doa_jax.study.report import write_report
-    table = runner.load_prices_for(data, prices, usd_per_label, usd_per_device_hour)
-    settings = runner.StudySettings(
-            study_dir=study_dir, data=data, teacher=teacher, student=student,
-            task_feature_lengths=dict(task_feature_lengths), prices=table, seed=seed,
-            pool_size=pool_size, chunk_size=chunk_size, infer_batch_size=infer_batch_size,
-            eval_batch_size=eval_batch_size, student_loss=student_loss,
-            count_student_compute=count_student_compute, show_progress=show_progress, llm=llm,
-            cost_model=cost_model or ComputeCostModel())
-    ran, skipped = runner.run_study(settings, strategies, n_labels, budgets_usd)
-    logging.info('study: ran %d points, skipped %d finished ones.', len(ran), len(skipped))
-    return write_report(study_dir)
-
-
-_CONFIGURABLE: dict = {}
-
-
-def register_configurables() -> None:
-    """Makes the study bindable from gin, in module `doa_jax` as gin_utils registers the rest
-    (`doa_jax.study`, `doa_jax.StageConfig`, ...; idempotent)."""
-    if _CONFIGURABLE:
-        return
-    import gin
-
-    from doa_jax.cost.cost_model import ComputeCostModel
-    from doa_jax.study import data, runner
-    _CONFIGURABLE['study'] = gin.external_configurable(study, 'study', module='doa_jax')
-    gin.external_configurable(ComputeCostModel, 'ComputeCostModel', module='doa_jax')
-    gin.external_configurable(runner.StageConfig, 'StageConfig', module='doa_jax')
-    gin.external_configurable(runner.LLMAnnotator, 'LLMAnnotator', module='doa_jax')
-    gin.external_configurable(data.synthetic_wlp, 'synthetic_wlp', module='doa_jax')
-    gin.external_configurable(data.paper_dataset, 'paper_dataset', module='doa_jax')
-
-
 def run_from_flags(argv: Sequence[str]) -> int:
     from doa_jax import distributed, gin_utils
     args = gin_utils.parse_flags(argv, prog=PROG, example='gin_configs/studies/quickstart.gin',
                                  description='Run a distill-or-annotate budget study.')
     gin_utils.setup_logging()
     distributed.hide_gpus_from_tensorflow()
-    register_configurables()
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
     sources = gin_utils.parse_gin(args.gin_file, args.gin_bindings, search)
     gin_utils.check_entry_bindings('study', sources)
@@ -136,7 +87,7 @@ def run_from_flags(argv: Sequence[str]) -> int:
     cache_dir = gin_utils.macro_value('COMPILATION_CACHE_DIR')
     compilation_cache.configure(cache_dir, os.path.join(
             gin_utils.bound_value('study.study_dir', sources).value, 'points'))
-    out = _CONFIGURABLE['study']()
+    out = gin_utils.CONFIGURABLE['study']()
     print('\n'.join(['', 'Recommendation per budget:', *out['recommendations'], '',
                      f'Report: {out["report"]}'] +
                     [f'Figure: {out[k]}' for k in ('cost_metric', 'budget_bars') if out[k]]))
