@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Sequence
 
-from doa_jax import compilation_cache, distributed, gin_utils
+from doa_jax import compilation_cache, distributed, gin_macros, gin_utils
 
 PROG = 'python -m doa_jax.train'
 
@@ -54,6 +54,8 @@ def check_initial_step(sources: gin_utils.GinSources) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if gin_macros.FLAG in argv:   # the macros, their values and where each is set; no training
+        return gin_macros.list_macros(argv, prog=PROG)
     args = gin_utils.parse_flags(argv, prog=PROG)
     gin_utils.setup_logging()
     distributed.hide_gpus_from_tensorflow()
