@@ -7,11 +7,7 @@ entry points from gin's VOCABULARY before this import); see that module.
 from tasks.jsonl_task import (read_pseudo_labels, register_budget_tasks, register_jsonl_task,
                               register_pseudo_labeled_task)
 from tasks.paper_tasks import register_paper_tasks
-
-try:  # The synthetic offline task; optional so a checkout without it still imports.
-    from tasks import toy  # noqa: F401
-except ImportError:
-    toy = None
+from tasks import toy  # noqa: F401  (registers doa_toy, the synthetic offline task)
 
 register_paper_tasks()
 
