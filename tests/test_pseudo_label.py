@@ -221,21 +221,3 @@ def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-
-def test_two_process_run_writes_disjoint_covering_shards(data_dir, tmp_path):
-    from tasks.jsonl_task import load_split
-    pool_path, out, n = _wlp_pool(data_dir, tmp_path, 0), tmp_path / 'out', 14
-    env = dict(_env(), DOA_COORDINATOR=f'127.0.0.1:{_free_port()}')
-    procs = [subprocess.Popen([sys.executable, str(WORKER), pool_path, str(out), str(p), '2',
-                               str(n), '0'], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for p in range(2)]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
-    by_shard = {}
-    for path in out.glob('chunk-*.jsonl'):
-        shard = int(path.name.split('-')[1])
-        by_shard.setdefault(shard, []).extend(json.loads(l)['id'] for l in path.open())
-    assert sorted(by_shard) == [0, 1]
-    assert not set(by_shard[0]) & set(by_shard[1])
-    assert pl.merge(str(out), load_split(pool_path, allow_empty_target=True)[0][:n])['count'] == n

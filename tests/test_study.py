@@ -43,3 +43,12 @@ def test_recommend_headline():
     pts = [Point('distill', 161, 81.0), Point('annotate', 1980, 81.0), Point('annotate', 161, 70.0)]
     r = recommend(pts, 200)
     assert r.strategy == 'distill' and r.expected_metric == 81.0 and 'annotate' in r.explanation
+
+
+def test_a_point_that_spends_exactly_its_budget_fits_it():
+    # Three labels at $0.00001 sum to 3.0000000000000004e-05 in floating point.
+    cost = 0.00001 + 0.00001 + 0.00001
+    assert cost > 3e-05
+    pts = [Point('annotate', cost, 27.6), Point('distill', 3.1e-05, 30.0)]
+    assert best_within_budget(pts, 3e-05) == pts[0]
+    assert best_within_budget(pts, 2.99e-05) is None

@@ -39,7 +39,13 @@ def frontiers_by_strategy(points: Iterable[Point]) -> dict[str, list[Point]]:
     return res
 
 
+def within_budget(cost_usd: float, budget_usd: float) -> bool:
+    """`cost_usd <= budget_usd` up to floating-point rounding: 3 labels at $0.00001 sum to
+    3.0000000000000004e-05, which a $3e-05 budget pays for."""
+    return cost_usd <= budget_usd * (1 + 1e-9) + 1e-15
+
+
 def best_within_budget(points: Iterable[Point], budget_usd: float) -> Point | None:
     """Highest-metric point costing at most budget_usd (cheapest on ties)."""
-    ok = [p for p in points if p.cost_usd <= budget_usd]
+    ok = [p for p in points if within_budget(p.cost_usd, budget_usd)]
     return max(ok, key=lambda p: (p.metric, -p.cost_usd)) if ok else None
