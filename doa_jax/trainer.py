@@ -236,11 +236,13 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
                 history.append({'step': step, **row})
                 train_data.log_overlong(counter, mixture_or_task_name)
                 callbacks.on_steps_end(first_step=first + 1, last_step=step, seconds=seconds)
+                for saved in checkpointer.durable():
+                    callbacks.on_checkpoint(step=saved)
                 stop = callbacks.should_stop(step=step)
                 if step % checkpoint_period == 0 or step == train_steps or stop:
+                    # Asynchronous: the files are written while the next steps run.
                     checkpointer.save(step, state, {'step': step, 'batches_consumed': skip + step
                                                     - start_step})
-                    callbacks.on_checkpoint(step=step)
                 if eval_period and (step % eval_period == 0 or step == train_steps):
                     t_eval = time.perf_counter()
                     scalars = evaluator.run(state.params)
@@ -251,9 +253,15 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
                     reason = 'stopped'
                     break
     except BaseException:
-        callbacks.on_train_end(step=step, reason='error')
-        writer.close()
+        try:    # the saves already started complete: the last good checkpoint stays usable
+            for saved in checkpointer.durable(wait=True):
+                callbacks.on_checkpoint(step=saved)
+        finally:
+            callbacks.on_train_end(step=step, reason='error')
+            writer.close()
         raise
+    for saved in checkpointer.durable(wait=True):
+        callbacks.on_checkpoint(step=saved)
     callbacks.on_train_end(step=step, reason=reason)
     writer.close()
     checkpointer.close()

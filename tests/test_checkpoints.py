@@ -192,3 +192,51 @@ def test_bad_paths_and_other_architectures(tmp_path):
             {'model_type': 't5', 'architectures': ['T5EncoderModel']}))
     with pytest.raises(UnsupportedCheckpointError, match='T5EncoderModel'):
         load_hf(encoder_only)
+
+
+_SAVE_THEN_HANG = '''
+import sys, time
+import jax.numpy as jnp, numpy as np
+from doa_jax.checkpoints import RunCheckpointer
+ck = RunCheckpointer(sys.argv[1])
+ck.save(1, {'w': jnp.arange(4.0)}, {'step': 1})
+assert ck.durable(wait=True) == [1]
+big = np.random.default_rng(0).standard_normal((32, 1024, 1024)).astype(np.float32)   # 128 MiB
+ck.save(2, {'w': jnp.asarray(big)}, {'step': 2})
+print('SAVING', flush=True)    # save() returned: orbax writes in the background
+time.sleep(300)
+'''
+
+
+def test_a_process_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import jax
+
+    from doa_jax.checkpoints import RunCheckpointer
+    proc = subprocess.Popen([sys.executable, '-c', _SAVE_THEN_HANG, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == 'SAVING'
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    ckpts = tmp_path / 'checkpoints'
+    assert not (ckpts / '2').exists(), 'the save finished before the kill; nothing was tested'
+    assert any('tmp' in p.name for p in ckpts.iterdir())        # the partial save is left behind
+    ck = RunCheckpointer(str(tmp_path))
+    assert ck.latest_step() == 1 and ck.manager.all_steps() == [1]
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state, data = ck.restore(1, {'w': sharding}, {'w': jax.ShapeDtypeStruct((4,), 'float32')})
+    ck.close()
+    np.testing.assert_array_equal(np.asarray(state['w']), np.arange(4.0))
+    assert data == {'step': 1}
+    # The resumed run saves step 2 again, in place of the partial one.
+    ck = RunCheckpointer(str(tmp_path))
+    ck.save(2, {'w': jnp.ones(3)}, {'step': 2})
+    assert ck.durable(wait=True) == [2]
+    ck.close()
+    assert sorted(p.name for p in ckpts.iterdir()) == ['1', '2']

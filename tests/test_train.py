@@ -400,3 +400,24 @@ def test_initial_checkpoint_is_loaded_and_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpts, 'load_checkpoint', lambda path, config: bad, raising=False)
     with pytest.raises(ValueError, match=r'token_embedder/embedding.*INITIAL_CHECKPOINT_PATH'):
         _train(tmp_path / 'b', 5, initial_checkpoint_path='/ckpt/t5')
+
+
+def test_async_checkpoint_keeps_its_values_while_the_next_steps_run(tmp_path):
+    """Checkpoint 4 is written in the background while steps 5-8 update (and donate) the state:
+    it must hold exactly the state of a run that stopped at step 4."""
+    _train(tmp_path / 'four', 4, checkpoint_period=4, shuffle=False)
+    rec = Recorder()
+    _train(tmp_path / 'eight', 8, checkpoint_period=4, log_period=1, shuffle=False,
+           callbacks=[rec])
+    # Each checkpoint is reported once, after its save completed, in order.
+    assert [c[1] for c in rec.calls if c[0] == 'checkpoint'] == [4, 8]
+    assert rec.calls.index(('checkpoint', 8)) == len(rec.calls) - 2   # then ('end', 8, 'done')
+
+    def saved_state(run):
+        import orbax.checkpoint as ocp
+        return ocp.PyTreeCheckpointer().restore(str(tmp_path / run / 'checkpoints' / '4' / 'state'))
+
+    got, want = saved_state('eight'), saved_state('four')
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

@@ -3,7 +3,14 @@ position.
 
 Each checkpoint `MODEL_DIR/checkpoints/<step>/` holds `state` (the TrainState, restored straight
 into its shardings) and `data` (JSON: batches consumed, so the input pipeline resumes where it
-stopped). Saves are synchronous, so a checkpoint that `latest_step` reports is complete.
+stopped).
+
+Saves are asynchronous (as t5x and maxtext save): `save` returns once the arrays are copied off
+the devices, so the next train steps may reuse (donate) their buffers, and orbax writes the files
+in the background while training goes on. Orbax writes each checkpoint into a temporary directory
+and renames it when complete, so a process killed mid-save leaves the previous checkpoint as the
+latest (the resumed run saves that step again in its place). `durable` says which saves have completed; a
+checkpoint that `latest_step` reports is complete.
 """
 
 from __future__ import annotations
@@ -21,23 +28,41 @@ if TYPE_CHECKING:
 class RunCheckpointer:
     """Periodic/final saves keeping the last `keep` checkpoints, and resume from the latest."""
 
-    def __init__(self, model_dir: str, keep: int = 3):
+    def __init__(self, model_dir: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(model_dir), 'checkpoints')
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=('state', 'data'))
+        self._pending: list[int] = []
 
     def latest_step(self) -> int | None:
+        """The latest complete checkpoint (waits for a save in flight)."""
+        self.manager.wait_until_finished()
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_position: dict[str, Any]) -> None:
+        """Starts saving checkpoint `step` (waiting first for the previous save, as orbax does);
+        `durable` reports it once it is complete."""
         if step in self.manager.all_steps():
             return
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data=ocp.args.JsonSave(data_position)),
                           force=True)
-        self.manager.wait_until_finished()
+        self._pending.append(step)
+
+    def durable(self, wait: bool = False) -> list[int]:
+        """The steps whose saves have completed since the last call; with `wait`, all of them
+        (a background save that failed raises here)."""
+        if not self._pending:
+            return []
+        if wait or not self.manager.is_saving_in_progress():
+            self.manager.wait_until_finished()
+            done, self._pending = self._pending, []
+        else:   # a save starts only after the previous one finished: all but the last are done
+            done, self._pending = self._pending[:-1], self._pending[-1:]
+        return done
 
     def mismatch(self, step: int, abstract_state: TrainState) -> list[str]:
         """How checkpoint `step`'s train state differs in structure from `abstract_state`: the
@@ -89,5 +114,6 @@ class RunCheckpointer:
         return out['state'], dict(out['data'])
 
     def close(self) -> None:
+        """Waits for a save in flight, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
