@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Sequence
 
-from doa_jax import (compilation_cache, distributed, gin_utils, pseudo_label,
+from doa_jax import (compilation_cache, distributed, gin_macros, gin_utils, pseudo_label,
                      pseudo_label_manifest, run_identity)
 
 PROG = 'python -m doa_jax.infer'
@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     overwrite = [a for a in argv if a == '--overwrite']
     argv = [a for a in argv if a != '--overwrite'] + \
         (['--gin.infer.overwrite=True'] if overwrite else [])
+    if gin_macros.FLAG in argv:   # the macros, their values and where each is set; no labeling
+        return gin_macros.list_macros(argv, prog=PROG,
+                                      example='gin_configs/runs/pseudo_label.gin')
     args = gin_utils.parse_flags(argv, prog=PROG, example='gin_configs/runs/pseudo_label.gin',
                                  description='Pseudo-label an unlabeled pool with a teacher '
                                              '(--overwrite replaces the labels INFER_OUTPUT_DIR '

@@ -72,7 +72,10 @@ SUBCOMMANDS = {'report': (_report, lambda p: p.add_argument('study_dir')),
 
 
 def run_from_flags(argv: Sequence[str]) -> int:
-    from doa_jax import distributed, gin_utils
+    from doa_jax import distributed, gin_macros, gin_utils
+    if gin_macros.FLAG in argv:   # the macros, their values and where each is set; no study
+        return gin_macros.list_macros(argv, prog=PROG,
+                                      example='gin_configs/studies/quickstart.gin')
     args = gin_utils.parse_flags(argv, prog=PROG, example='gin_configs/studies/quickstart.gin',
                                  description='Run a distill-or-annotate budget study.')
     gin_utils.setup_logging()
