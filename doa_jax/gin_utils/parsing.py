@@ -53,6 +53,9 @@ def parse_flags(argv: Sequence[str], prog: str = 'python -m doa_jax.train',
                         help='host:port of process 0, for multi-process runs (jax.distributed).')
     parser.add_argument('--num_processes', type=int, default=None)
     parser.add_argument('--process_id', type=int, default=None)
+    parser.add_argument('--list_macros', action='store_true',
+                        help='print every macro, its value and the file:line or flag that sets '
+                             'it last (doa_jax.gin_macros), then exit without running.')
     args = parser.parse_args(rest)
     args.gin_bindings = list(args.gin_bindings) + bindings
     if not args.gin_file:

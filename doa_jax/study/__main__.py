@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ('-h', '--help'):
         print('usage: python -m doa_jax.study --gin_file=gin_configs/studies/quickstart.gin '
               "--gin.STUDY_DIR=\"'/tmp/study'\"   (run a study)\n"
+              '       python -m doa_jax.study --gin_file=... --list_macros   (its macros, '
+              'their values and where each is set)\n'
               '       python -m doa_jax.study report STUDY_DIR\n'
               '       python -m doa_jax.study plan --results=STUDY_DIR/results.json '
               '--budgets 10 100')
