@@ -84,8 +84,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return spec
 
 
+_TF_GPUS_HIDDEN = False
+
+
 def hide_gpus_from_tensorflow() -> None:
     """TF (seqio and TFDS input pipelines import it) must not grab accelerator memory JAX needs.
-    The entry points call it before anything touches TF's devices."""
+
+    Every doa_jax module that imports TF or seqio calls this when it is imported, so a library
+    user's `trainer.train` on a GPU host is covered, not only the entry points. Once per process;
+    if TF already initialized its devices (the user touched TF first), it warns instead.
+    """
+    global _TF_GPUS_HIDDEN
+    if _TF_GPUS_HIDDEN:
+        return
     import tensorflow as tf
-    tf.config.set_visible_devices([], 'GPU')
+    try:
+        tf.config.set_visible_devices([], 'GPU')
+    except RuntimeError as e:   # TF's devices are already initialized
+        if tf.config.get_visible_devices('GPU'):
+            logging.warning('TensorFlow already initialized its GPUs (%s), so it may hold '
+                            'accelerator memory JAX needs. Import doa_jax before using TF, or call '
+                            "tf.config.set_visible_devices([], 'GPU') first.", e)
+    _TF_GPUS_HIDDEN = True

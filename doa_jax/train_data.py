@@ -27,7 +27,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from doa_jax import partitioning
+from doa_jax import distributed, partitioning
+
+distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
 FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
             'decoder_loss_weights')

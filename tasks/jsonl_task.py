@@ -16,9 +16,12 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from doa_jax import distributed
 from doa_jax.data import budget
 from doa_jax.data.jsonl import DataError, iter_jsonl
 from doa_jax.data.vocabulary import default_vocabulary
+
+distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
 PathLike = str | os.PathLike | Callable[[], str | os.PathLike]
 MetricFn = Callable[[Sequence[str], Sequence[str]], Mapping[str, float]]

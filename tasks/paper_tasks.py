@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import seqio
 
-from doa_jax import metrics
+from doa_jax import distributed, metrics
 from doa_jax.data import lengths, paper
 from tasks.jsonl_task import register_budget_tasks, register_jsonl_task
+
+distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
 # BERTScore model for MultiPIT_gen: the paper's by default, DOA_BERTSCORE_MODEL (a hub name or a
 # local directory) to override, DOA_BERTSCORE_LAYERS for the layer (doa_jax.metrics.paraphrase).

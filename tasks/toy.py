@@ -12,6 +12,10 @@ import random
 import seqio
 import tensorflow as tf
 
+from doa_jax import distributed
+
+distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
+
 TASK_NAME = 'doa_toy'
 WORDS = ('red', 'green', 'blue', 'cat', 'dog', 'sun', 'moon', 'tree')
 SPLIT_SIZES = {'train': 32, 'validation': 16}

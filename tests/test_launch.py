@@ -92,3 +92,32 @@ def test_local_launcher_kills_the_rest_when_one_fails():
     r = _local(['-n', '2', '--', sys.executable, '-c', code], timeout=30)
     assert r.returncode == 3, r.stdout + r.stderr
     assert 'stopping the others' in r.stderr
+
+
+_TF_CALLS = '''
+import importlib, sys
+import tensorflow as tf
+calls = []
+tf.config.set_visible_devices = lambda devices, kind=None: calls.append((list(devices), kind))
+from doa_jax import distributed
+for name in sys.argv[1:]:
+    distributed._TF_GPUS_HIDDEN = False
+    calls.clear()
+    module = sys.modules.get(name)
+    importlib.reload(module) if module else importlib.import_module(name)
+    assert calls == [([], 'GPU')], (name, calls)
+print('OK')
+'''
+
+
+def test_every_module_that_touches_tensorflow_hides_the_gpus_from_it():
+    """Not only the entry points: a library user's trainer.train, task or vocabulary import on a
+    GPU host leaves the accelerators to JAX."""
+    import subprocess
+    import sys
+    modules = ['doa_jax.data.vocabulary', 'doa_jax.data.jsonl', 'doa_jax.train_data',
+               'tasks.toy', 'tasks.jsonl_task', 'tasks.paper_tasks', 'doa_jax.study.data',
+               'doa_jax.serving.model', 'doa_jax.data.tfds_builder']
+    r = subprocess.run([sys.executable, '-c', _TF_CALLS, *modules], capture_output=True,
+                       text=True, timeout=300, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and 'OK' in r.stdout, r.stderr[-3000:]

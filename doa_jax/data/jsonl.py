@@ -13,6 +13,10 @@ from collections.abc import Collection, Iterator, Sequence
 
 import tensorflow as tf
 
+from doa_jax import distributed
+
+distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
+
 
 class DataError(ValueError):
     """A problem in a data file, always naming file:line."""

@@ -7,8 +7,11 @@ import pathlib
 
 import tensorflow_datasets as tfds
 
+from doa_jax import distributed
 from doa_jax.data import paper
 from doa_jax.data.jsonl import iter_jsonl
+
+distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
 
 class DistillOrAnnotate(tfds.core.GeneratorBasedBuilder):

@@ -21,6 +21,10 @@ import os
 import seqio
 import tensorflow as tf
 
+from doa_jax import distributed
+
+distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
+
 T5_SPM_PATH = 'gs://t5-data/vocabs/cc_all.32000/sentencepiece.model'
 EXTRA_IDS = 100
 _HOW_TO_SET = ('set it with --gin.VOCABULARY="\'/path/to/sentencepiece.model\'" (gin macro '

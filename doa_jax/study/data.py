@@ -14,9 +14,12 @@ from typing import Callable, Mapping, Sequence
 
 import seqio
 
+from doa_jax import distributed
 from doa_jax.data import budget
 from doa_jax.data.jsonl import read_jsonl
 from doa_jax.data.vocabulary import vocabulary_from_spec
+
+distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
 MetricFn = Callable[[Sequence[str], Sequence[str]], Mapping[str, float]]
 
