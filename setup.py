@@ -34,6 +34,10 @@ setup(
         'tensorboard>=2.15',
         'tqdm>=4.66',
         'httpx>=0.27',
+        # python -m doa_jax.serve: starlette app on uvicorn's h11 protocol (the server subclasses
+        # it for a request-head deadline; timeout_graceful_shutdown, app_state).
+        'starlette>=0.37',
+        'uvicorn>=0.30',
         'scikit-learn>=1.3',
         'sacrebleu>=2.4',
         'matplotlib>=3.8',
