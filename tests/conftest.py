@@ -30,6 +30,31 @@ def pytest_sessionfinish(session):
         shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
+# Test tiers (docs/testing.md). A file's tests are `integration` when they run entry points, whole
+# pipelines or subprocesses, `multiprocess` when they start several jax processes; every test
+# without a tier mark is `unit`. `slow` marks the minute-long end-to-end tests within them.
+MULTIPROCESS_FILES = {'test_cost_resume.py', 'test_launch.py', 'test_launch_pseudo_label.py',
+                      'test_launch_train.py'}
+INTEGRATION_FILES = {
+        'test_annotate_llm.py', 'test_benchmark_cli.py', 'test_benchmark_pseudo_label.py',
+        'test_compilation_cache.py', 'test_core_imports.py', 'test_cost_trainer.py',
+        'test_distill_e2e.py', 'test_distill_offline.py', 'test_gin_configs.py', 'test_infer.py',
+        'test_partitioning.py', 'test_plan.py', 'test_pseudo_label.py', 'test_pseudo_label_mesh.py',
+        'test_run_identity.py', 'test_serve.py', 'test_study_runner.py', 'test_train_resume.py'}
+TIERS = ('unit', 'integration', 'multiprocess', 'accelerator', 'fault_injection')
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if name in MULTIPROCESS_FILES:
+            item.add_marker(pytest.mark.multiprocess)
+        elif name in INTEGRATION_FILES:
+            item.add_marker(pytest.mark.integration)
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = pathlib.Path(os.environ.get('DOA_DATA_DIR',
                                        REPO.parent / 'shared' / 'data' / 'distill_or_annotate'))

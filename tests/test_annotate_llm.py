@@ -183,6 +183,7 @@ def test_budget_caps_spend_with_requests_in_flight(server, tmp_path, prices):
     assert not glob.glob(str(tmp_path / 'out' / '*.COMPLETED'))
 
 
+@pytest.mark.fault_injection
 def test_killed_run_resumes_from_cache_without_paying_again(generate_fn, tmp_path, prices):
     def slow(prompts, max_tokens):
         time.sleep(0.25)  # Slow enough that the kill lands mid-run.

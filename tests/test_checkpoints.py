@@ -208,6 +208,7 @@ time.sleep(300)
 '''
 
 
+@pytest.mark.fault_injection
 def test_a_process_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
     import signal
     import subprocess

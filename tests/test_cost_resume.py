@@ -148,6 +148,7 @@ def _assert_counted_exactly_once(ledger, run_id: str, steps: int) -> None:
 
 
 # ---- tests ------------------------------------------------------------------------------------
+@pytest.mark.fault_injection
 def test_sigkilled_and_resumed_run_counts_every_step_once(tmp_path):
     from doa_jax.cost import Ledger
     # Killed in step 15: steps 1-14 recorded, checkpoint 12 saved, steps 13-14 not covered.

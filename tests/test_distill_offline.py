@@ -186,6 +186,7 @@ def test_empty_unlabeled_pool_says_so_before_the_teacher_loads(tmp_path):
     assert not (tmp_path / 'pl').exists()
 
 
+@pytest.mark.slow
 def test_topk_features_shard_over_the_data_axis_and_microbatch(tmp_path):
     """On 4 fake devices the stored top-k is split by rows over the data axis like the targets,
     and a token-KD step gives the same loss with 2 microbatches as with 1."""

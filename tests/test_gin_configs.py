@@ -73,6 +73,7 @@ def test_flags_turn_gin_dot_into_bindings():
     assert args.gin_search_paths == 'p,q'
 
 
+@pytest.mark.slow
 def test_tiny_entry_point_trains_evaluates_checkpoints_and_records(tmp_path):
     model_dir = tmp_path / 'run'
     cmd = [sys.executable, '-m', 'doa_jax.train', '--gin_file=gin_configs/runs/finetune.gin',

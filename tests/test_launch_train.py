@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ['--gin_file=gin_configs/runs/finetune.gin', '--gin_file=gin_configs/runs/finetune_tiny.gin',
@@ -29,6 +30,7 @@ def _losses(model_dir: pathlib.Path) -> list[float]:
     return [out[k] for k in sorted(out)]
 
 
+@pytest.mark.slow
 def test_two_process_launch_matches_one_process_losses(tmp_path):
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'JAX_PLATFORMS': 'cpu'}
     entry = [sys.executable, '-m', 'doa_jax.train', *ARGS]

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -21,6 +22,7 @@ from doa_jax.train_state import abstract_train_state
 WORKER = pathlib.Path(__file__).with_name('sharded_worker.py')
 
 
+@pytest.mark.slow
 def test_eight_devices_data4_model2_shards_params_and_matches_one_device():
     env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
            'CUDA_VISIBLE_DEVICES': ''}

@@ -56,6 +56,7 @@ def _check_decode(plan: dict, kv_expected: int) -> None:
     assert plan['fits'] == (plan['train_fits'] and dec['fits'])
 
 
+@pytest.mark.slow
 def test_plan_small_model_parallel_bytes_and_does_not_fit_tiny_memory(tmp_path):
     plan, stdout = _plan(tmp_path, '--model=t5_1_1_small', '--mesh=data:2,model:2', '--batch=4',
                          '--decode_batch=8', '--input_len=16', '--target_len=8',
@@ -74,6 +75,7 @@ def test_plan_small_model_parallel_bytes_and_does_not_fit_tiny_memory(tmp_path):
     _check_decode(plan, _kv_bytes('t5_1_1_small', 8, 2, 2, 16, 8))
 
 
+@pytest.mark.slow
 def test_plan_fsdp_shards_params_and_optimizer_over_all_devices(tmp_path):
     plan, _ = _plan(tmp_path, '--model=t5_1_1_small', '--mesh=data:2,model:2', '--fsdp',
                     '--optimizer=adamw', '--batch=2', '--input_len=16', '--target_len=8')
@@ -98,17 +100,26 @@ SHIPPED = {   # the accelerator recipes (each a list of gin files) and the steps
     'pseudo_label': ({'decode'}, '4x A100-40GB'),
     'distill_kd': ({'train', 'decode'}, '4x A100-40GB'),
 }
+# The study files: each stage as the study runs it, with the steps it lowers. paper_main.gin
+# includes wlp_gpu.gin with the same stages, which the gate plans once.
+STUDIES = ('wlp_gpu', 'paper_main')
+STAGES = {'teacher': {'train', 'decode'}, 'pseudo_label': {'decode'},
+          'student': {'train', 'decode'}}
 
 
+@pytest.mark.slow
 def test_gate_lowers_every_shipped_recipe_scaled_down_on_8_devices(tmp_path):
     """CI's gate: each shipped accelerator recipe as its entry point reads it (remat, scan,
-    optimizer, microbatches, mesh, online teacher), every model scaled to t5_1_1_tiny, on 8 fake
-    devices (data:2 beside model:4), lowered for cuda and tpu. A recipe that pins the CPU
-    kernels fails it, and the gate's exit status says so."""
+    optimizer, microbatches, mesh, online teacher), and each stage of the study files as the
+    study runs it (teacher training and evaluation, pseudo-labeling, student training and
+    evaluation), every model scaled to t5_1_1_tiny, on 8 fake devices (data:2 beside model:4),
+    lowered for cuda and tpu. A recipe that pins the CPU kernels fails it, and the gate's exit
+    status says so."""
     broken = tmp_path / 'pinned.gin'
     broken.write_text("include 'gin_configs/runs/pseudo_label.gin'\n"
                       "get_model_config.matmul_impl = 'cpu_kernels'\n")
     recipes = [','.join(f'gin_configs/runs/{f}.gin' for f in r.split(',')) for r in SHIPPED]
+    recipes += [f'gin_configs/studies/{f}.gin' for f in STUDIES]
     out = tmp_path / 'gate.json'
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     r = subprocess.run([sys.executable, '-m', 'doa_jax.benchmark', 'plan',
@@ -117,6 +128,7 @@ def test_gate_lowers_every_shipped_recipe_scaled_down_on_8_devices(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 1, r.stderr[-3000:]
     *shipped, pinned = json.loads(out.read_text())
+    shipped, studies = shipped[:len(SHIPPED)], shipped[len(SHIPPED):]
     for (name, (steps, target)), result in zip(SHIPPED.items(), shipped):
         assert result['ok'], (name, result.get('error'), result.get('lowered'))
         assert result['model'] == 't5_1_1_tiny' and result['target'] == target
@@ -124,6 +136,24 @@ def test_gate_lowers_every_shipped_recipe_scaled_down_on_8_devices(tmp_path):
         assert {p: set(parts) for p, parts in result['lowered'].items()} == {
                 'cuda': steps, 'tpu': steps}
     assert shipped[-1]['teacher'] == 't5_1_1_tiny'      # the online teacher, scaled too
+    assert [(r['recipe'], r['stage']) for r in studies] == [
+            ([f'gin_configs/studies/{f}.gin'], stage) for f in STUDIES for stage in STAGES]
+    for result in studies:
+        assert result['ok'], (result['recipe'], result['stage'], result.get('error'))
+        assert result['model'] == 't5_1_1_tiny' and result['target'] == '4x A100-80GB'
+        assert result['devices'] == 8
+        assert {p: set(parts) for p, parts in result['lowered'].items()} == {
+                'cuda': STAGES[result['stage']], 'tpu': STAGES[result['stage']]}
+    teacher, labeling, student = studies[:3]
+    # The teacher as the study file sets it: split 4 ways over model, rematerialized, scanned;
+    # it pseudo-labels on that split and is evaluated at the study's eval batch.
+    assert teacher['mesh'] == labeling['mesh'] == {'data': 2, 'model': 4}
+    assert (teacher['remat'], teacher['scan_layers'], teacher['fsdp']) == ('full', True, False)
+    assert (teacher['optimizer'], teacher['batch'], teacher['eval_batch']) == ('adamw', 32, 64)
+    assert labeling['batch'] == 64 and labeling['lengths'] == {'inputs': 256, 'targets': 255}
+    assert student['mesh'] == {'data': 8, 'model': 1}
+    assert all(r['same_as'] == ['gin_configs/studies/wlp_gpu.gin'] for r in studies[3:])
     assert not pinned['ok'] and not pinned['lowered']['cuda']['decode']['ok']
     assert 'cpu_kernels' in pinned['lowered']['cuda']['decode']['error']
-    assert 'gate: FAIL' in r.stdout and r.stdout.count('gate: PASS') == len(SHIPPED)
+    assert 'gate: FAIL' in r.stdout and \
+        r.stdout.count('gate: PASS') == len(SHIPPED) + len(STUDIES) * len(STAGES)

@@ -191,6 +191,158 @@ def test_tiny_teacher_labels_with_full_topk(tmp_path):
         assert r['score'] <= 0.0
 
 
+class _TwoPhase:
+    """A fake labeler with dispatch/finish halves, logging each call into `events`."""
+
+    def __init__(self, events):
+        self.events, self.batches = events, 0
+
+    def dispatch(self, batch):
+        k, self.batches = self.batches, self.batches + 1
+        self.events.append(('dispatch', k))
+        return k, list(batch)
+
+    def finish(self, pending):
+        k, batch = pending
+        self.events.append(('finish', k))
+        return _fake(batch)
+
+
+def _log_writes(monkeypatch, events):
+    write = pl.write_chunk
+    monkeypatch.setattr(pl, 'write_chunk', lambda path, *a, **k: (
+            events.append(('write', int(os.path.basename(path)[12:17]))), write(path, *a, **k)))
+
+
+def _log_meters(events):
+    def meter(first, last, generation=0):
+        class Meter:
+            def __enter__(self):
+                events.append(('enter', first))
+
+            def __exit__(self, *exc):
+                events.append(('exit', first))
+        return Meter()
+    return meter
+
+
+def test_next_batch_is_dispatched_before_this_batch_is_finished_and_written(tmp_path, monkeypatch):
+    """Event order, no clocks: batch i+1 is dispatched before batch i is finished (waited for,
+    detokenized) and before its chunk is written; meters never overlap; chunks are the bytes one
+    batch at a time writes."""
+    pool, events = _pool(10), []
+    _log_writes(monkeypatch, events)
+    res = pl.pseudo_label_shard(pool, _TwoPhase(events), str(tmp_path / 'a'), chunk_size=4,
+                                batch_size=2, meter_factory=_log_meters(events))
+    assert res.chunks_written == 3 and res.examples_written == 10
+    at = {e: n for n, e in enumerate(events)}
+    for k in range(4):                                  # batches (0,1) (2,3) | (4,5) (6,7) | (8,9)
+        assert at[('dispatch', k + 1)] < at[('finish', k)]
+    assert at[('dispatch', 2)] < at[('write', 0)] and at[('dispatch', 4)] < at[('write', 1)]
+    assert events == [('enter', 0), ('dispatch', 0), ('dispatch', 1), ('finish', 0),
+                      ('dispatch', 2), ('finish', 1), ('exit', 0), ('enter', 4), ('dispatch', 3),
+                      ('write', 0), ('finish', 2), ('dispatch', 4), ('finish', 3), ('exit', 4),
+                      ('enter', 8), ('write', 1), ('finish', 4), ('exit', 8), ('write', 2)]
+    # The same files as a plain label_batch, called one batch at a time.
+    calls = []
+    pl.pseudo_label_shard(pool, _recording(calls), str(tmp_path / 'b'), chunk_size=4,
+                          batch_size=2)
+    assert calls == [t for _, t in pool]
+    names = sorted(p.name for p in (tmp_path / 'b').iterdir() if p.name.startswith('chunk-'))
+    assert names == sorted(p.name for p in (tmp_path / 'a').iterdir()
+                           if p.name.startswith('chunk-')) and len(names) == 6
+    for name in names:
+        assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+
+
+def test_budget_check_reads_the_priced_chunk_before_the_next_dispatch(tmp_path, monkeypatch):
+    pool, events = _pool(8), []
+    _log_writes(monkeypatch, events)
+
+    def keep_going(chunk_id):
+        events.append(('ask', chunk_id))
+        return chunk_id < 1
+    res = pl.pseudo_label_shard(pool, _TwoPhase(events), str(tmp_path), chunk_size=4,
+                                batch_size=2, meter_factory=_log_meters(events),
+                                keep_going=keep_going)
+    assert res.stopped_by_budget and res.chunks_written == 1 and res.examples_done == 4
+    assert events == [('ask', 0), ('enter', 0), ('dispatch', 0), ('dispatch', 1), ('finish', 0),
+                      ('finish', 1), ('exit', 0), ('ask', 1), ('write', 0)]
+
+
+def test_a_failed_batch_keeps_the_chunks_before_it(tmp_path):
+    pool = _pool(6)
+
+    def label(batch):
+        if 'input 4' in batch:
+            raise RuntimeError('device lost')
+        return _fake(batch)
+    with pytest.raises(RuntimeError, match='device lost'):
+        pl.pseudo_label_shard(pool, label, str(tmp_path), chunk_size=2, batch_size=2)
+    # The chunks before the failed batch are written, the one it completes too.
+    assert [r['id'] for r in pl.read_chunks(str(tmp_path))] == ['ex0', 'ex1', 'ex2', 'ex3']
+
+
+def _one_at_a_time(label, texts):
+    """What TeacherLabeler returned when each batch ran tokenize -> decode -> top-k -> detokenize
+    in turn on host copies: decoded rows copied to host, zero-padded, then forced for top-k."""
+    rows = [list(label.encode(t))[:label.max_input_length - 1] + [label.eos_id] for t in texts]
+    out, scores = label.decoder(rows)
+    size = label.decoder.batch_size
+    enc = np.zeros((size, label.decoder.bucket_for(max(map(len, rows)))), np.int32)
+    for r, ids in enumerate(rows):
+        enc[r, :len(ids)] = ids
+    dec = np.zeros((size, out.shape[1]), np.int32)
+    dec[:len(rows)] = out
+    vals, ids = (np.asarray(a)[:len(rows)] for a in label._run(label._topk, label.params, enc, dec))
+    from doa_jax.decoding import decoded_lengths
+    lengths = decoded_lengths(out, label.eos_id)
+    recs = []
+    for r in range(len(rows)):
+        n = int(lengths[r])
+        recs.append({'prediction': label.decode_text([int(t) for t in out[r, :n]
+                                                      if t != label.eos_id]),
+                     'score': float(scores[r]),
+                     'topk_logprobs': np.round(vals[r, :n], 6).tolist(),
+                     'topk_ids': ids[r, :n].tolist(), 'target_ids': [int(t) for t in out[r, :n]]})
+    return recs
+
+
+def test_teacher_decodes_the_next_batch_while_the_host_writes_and_labels_are_unchanged(
+        tmp_path, monkeypatch):
+    """The real labeler: the decode of batch i+1 is enqueued on the device before batch i's
+    results are read back to host and before its chunk is written; the chunks hold exactly what
+    labeling one batch at a time gives."""
+    import jax
+    import jax.numpy as jnp
+    from doa_jax.models.config import get_config
+    from doa_jax.models.t5 import T5
+    config = get_config('t5_1_1_tiny', dtype=jnp.float32)
+    x = jnp.ones((1, 8), jnp.int32)
+    params = T5(config).init(jax.random.PRNGKey(1), x, x)['params']
+    encode = lambda s: [2 + (ord(c) % 500) for c in s]
+    decode = lambda ids: ' '.join(map(str, ids))
+    label = pl.model_label_batch(params, config, encode, decode, max_input_length=16,
+                                 max_decode_length=5, top_k=4, batch_size=2)
+    pool = [(f'ex{i}', f'input {i} ' * (1 + i % 3)) for i in range(7)]
+    expected = [r for b in range(0, 7, 2) for r in _one_at_a_time(label, [t for _, t in pool[b:b + 2]])]
+    events = []
+    decode_batch, finish = label.decoder.decode_batch, label.finish
+    monkeypatch.setattr(label.decoder, 'decode_batch', lambda *a: (
+            events.append(('decode', sum(e[0] == 'decode' for e in events))), decode_batch(*a))[1])
+    monkeypatch.setattr(label, 'finish', lambda p: (
+            events.append(('to_host', sum(e[0] == 'to_host' for e in events))), finish(p))[1])
+    _log_writes(monkeypatch, events)
+    pl.pseudo_label_shard(pool, label, str(tmp_path), chunk_size=4, batch_size=2)
+    at = {e: n for n, e in enumerate(events)}
+    for k in range(3):                                  # batches (0,1) (2,3) | (4,5) (6)
+        assert at[('decode', k + 1)] < at[('to_host', k)]
+    assert at[('decode', 2)] < at[('write', 0)]
+    recs = pl.read_chunks(str(tmp_path))
+    assert [r['id'] for r in recs] == [i for i, _ in pool]
+    assert [{k: r[k] for k in expected[0]} for r in recs] == json.loads(json.dumps(expected))
+
+
 def _wlp_pool(data_dir, tmp_path, n):
     return str(data_dir / 'wlp' / 'wlp_train_all.json')
 
@@ -199,6 +351,7 @@ def _env():
     return {**os.environ, 'PYTHONPATH': str(REPO), 'CUDA_VISIBLE_DEVICES': ''}
 
 
+@pytest.mark.fault_injection
 def test_sigkilled_run_restarted_labels_each_example_once(data_dir, tmp_path):
     from tasks.jsonl_task import load_split
     pool_path, out, n = _wlp_pool(data_dir, tmp_path, 0), tmp_path / 'out', 24

@@ -66,6 +66,7 @@ def quickstart_run(tmp_path_factory):
     yield study_dir, out.getvalue()
 
 
+@pytest.mark.slow
 def test_quickstart_tiny_overlay_report_and_resume(quickstart_run, monkeypatch):
     study_dir, out = quickstart_run
     records = load_results(str(study_dir))
@@ -124,6 +125,8 @@ def test_quickstart_tiny_overlay_report_and_resume(quickstart_run, monkeypatch):
     assert load_results(str(study_dir)) == records
 
 
+@pytest.mark.slow
+@pytest.mark.fault_injection
 def test_rerun_of_a_lost_record_reuses_the_teacher(quickstart_run, tmp_path, monkeypatch):
     """A study killed after a point's stages but before its record resumes without retraining."""
     import shutil
@@ -409,6 +412,7 @@ def test_paper_dataset_from_real_files(data_dir):
                       train_file=str(data_dir / 'fever' / 'fever_dev_all.json'), eval_fraction=1.5)
 
 
+@pytest.mark.slow
 def test_llm_strategies_against_a_served_model(tmp_path):
     """'llm' and 'human+llm' points label the pool through a real Chat Completions server on
     127.0.0.1 (a tiny random model: garbage labels, real plumbing), priced per token."""
@@ -451,3 +455,136 @@ def test_llm_strategies_against_a_served_model(tmp_path):
         assert len(rows.splitlines()) == gold + r['n_llm']
     ledger = Ledger(tmp_path / 'study' / 'points' / 'llm_N16_B100', readonly=True)
     assert ledger.spent_usd('llm_N16_B100') == pytest.approx(big['usd_llm'])
+
+
+# ---- one vocabulary: a study stage and a runs/*.gin run -----------------------------------------
+# StageConfig fields that have no run-file macro of their name (the model is a run's models/*.gin;
+# the epochs rule replaces TRAIN_STEPS), and finetune.gin's macros a stage does not take: where
+# the run goes and what it is told to stop at, the task (the study makes its own), the study's
+# own seed, and settings the study fixes (one checkpoint kept, no periodic evaluation).
+STUDY_ONLY = {'model', 'epochs', 'min_steps', 'max_steps'}
+RUN_ONLY = {'MODEL_DIR', 'MIXTURE_OR_TASK_NAME', 'MIXTURE_OR_TASK_MODULE', 'VOCABULARY',
+            'DEFAULT_FEATURE_LENGTHS', 'COMPILATION_CACHE_DIR', 'TRAIN_STEPS', 'EVAL_PERIOD',
+            'RANDOM_SEED', 'KEEP_CHECKPOINTS', 'CPU_PEAK_FLOPS', 'BUDGET_USD',
+            'ALLOW_CONFIG_CHANGE'}
+
+
+def test_stage_config_fields_are_the_run_files_knobs():
+    """Every StageConfig field is a finetune.gin macro in lower case or a model setting of
+    get_model_config; every finetune.gin macro that says how a model trains is a field."""
+    import dataclasses
+    import inspect
+    import pathlib
+    import re
+
+    from doa_jax.gin_utils import get_model_config
+    text = (pathlib.Path(__file__).resolve().parents[1] / 'gin_configs/runs/finetune.gin'
+            ).read_text()
+    macros = set(re.findall(r'^([A-Z][A-Z0-9_]*)\s*=', text, flags=re.M))
+    model = set(inspect.signature(get_model_config).parameters) - {'name'}
+    fields = {f.name for f in dataclasses.fields(runner.StageConfig)} - STUDY_ONLY
+    assert {f for f in fields if f.upper() not in macros} <= model
+    assert {f for f in fields if f.upper() not in macros} == model - {'dropout_rate',
+                                                                       'activation_dtype'}
+    assert macros - RUN_ONLY == {f.upper() for f in fields if f.upper() in macros}
+
+
+def _run_train_kwargs(bindings) -> dict:
+    """trainer.train's arguments as `python -m doa_jax.train` binds them from finetune.gin."""
+    import inspect
+
+    from doa_jax import gin_utils, trainer
+    from doa_jax.benchmark.recipe import _value
+    gin.clear_config()
+    try:
+        sources = gin_utils.parse_gin(['gin_configs/runs/finetune.gin',
+                                       'gin_configs/models/t5_1_1_tiny.gin'], bindings)
+        return {p: _value(f'train.{p}', sources) for p in inspect.signature(trainer.train).parameters
+                if p != 'callbacks' and gin_utils.bound_value(f'train.{p}', sources) is not None}
+    finally:
+        gin.clear_config()
+
+
+def _same_optimizer(a, b) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    params = {'w': jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), 'b': jnp.ones((4,))}
+    sa, sb = a.init(params), b.init(params)
+    for i in range(4):
+        grads = jax.tree.map(lambda x: jnp.sin(x * (i + 1)), params)
+        ua, sa = a.update(grads, sa, params)
+        ub, sb = b.update(grads, sb, params)
+        jax.tree.map(np.testing.assert_array_equal, ua, ub)
+
+
+def test_a_stage_and_finetune_gin_with_the_same_settings_call_train_identically(tmp_path,
+                                                                                monkeypatch):
+    """The study's teacher/student training (runner._train) calls trainer.train with the
+    arguments python -m doa_jax.train gives it for runs/finetune.gin with the same settings:
+    model config (remat, scan), optimizer, loss, lengths, packing, microbatches and mesh."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from doa_jax import trainer
+    from doa_jax.study.data import synthetic_wlp
+    stage = runner.StageConfig(
+            model='t5_1_1_tiny', epochs=3, batch_size=8, learning_rate=1e-3,
+            optimizer='adafactor', schedule='linear', warmup_steps=2, activation_dtype='float32',
+            dropout_rate=0.05, z_loss=1e-3, label_smoothing=0.1, loss_normalizing_factor=512.0,
+            initial_checkpoint_path='/ckpt/tiny', mesh_data=-1, mesh_model=1, fsdp=True,
+            log_period=5, checkpoint_period=20, remat_policy='minimal', scan_layers=True,
+            num_microbatches=2, task_feature_lengths={'inputs': 64, 'targets': 24}, pack=True,
+            overlong='drop')
+    steps = stage.steps(40)
+    run = _run_train_kwargs([
+            f"MODEL_DIR='{tmp_path / 'teacher'}'", "MIXTURE_OR_TASK_NAME='doa_toy'",
+            f'TRAIN_STEPS={steps}', 'RANDOM_SEED=3', 'KEEP_CHECKPOINTS=1', 'EVAL_PERIOD=0',
+            'BATCH_SIZE=8', 'LEARNING_RATE=1e-3', "OPTIMIZER='adafactor'", "SCHEDULE='linear'",
+            'WARMUP_STEPS=2', "ACTIVATION_DTYPE='float32'", 'DROPOUT_RATE=0.05', 'Z_LOSS=1e-3',
+            'LABEL_SMOOTHING=0.1', 'LOSS_NORMALIZING_FACTOR=512.0',
+            "INITIAL_CHECKPOINT_PATH='/ckpt/tiny'", 'MESH_DATA=-1', 'MESH_MODEL=1', 'FSDP=True',
+            'LOG_PERIOD=5', 'CHECKPOINT_PERIOD=20', 'NUM_MICROBATCHES=2',
+            "TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 24}", 'PACK=True',
+            "OVERLONG='drop'", "doa_jax.get_model_config.remat_policy='minimal'",
+            'doa_jax.get_model_config.scan_layers=True'])
+    calls = []
+    monkeypatch.setattr(trainer, 'train', lambda **kw: calls.append(kw))
+    s = runner.StudySettings(study_dir=str(tmp_path), data=synthetic_wlp(train_size=8, eval_size=2),
+                             teacher=stage, student=stage, seed=3,
+                             task_feature_lengths={'inputs': 72, 'targets': 88},
+                             prices=default_prices(), show_progress=False)
+    runner._train(s, stage, str(tmp_path / 'teacher'), 'doa_toy', 40)
+    study = calls[0]
+    assert study['model_config'] == run['model_config']
+    assert study['model_config'].remat_policy == 'minimal' and study['model_config'].scan_layers
+    assert study['num_microbatches'] == 2 and study['pack'] is True
+    assert study['task_feature_lengths'] == {'inputs': 64, 'targets': 24}   # the stage's own
+    # Everything else the study gives equals the run's, the optimizer and loss by what they do.
+    opaque = {'optimizer', 'loss_fn', 'callbacks', 'show_progress'}
+    assert {k: v for k, v in study.items() if k not in opaque} == \
+        {k: run[k] for k in study if k not in opaque}
+    _same_optimizer(study['optimizer'], run['optimizer'])
+    logits = jnp.linspace(-3.0, 3.0, 2 * 5 * 16).reshape(2, 5, 16)
+    batch = {'decoder_target_tokens': jnp.array([[3, 4, 1, 0, 0], [5, 1, 0, 0, 0]]),
+             'loss_weights': jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], jnp.float32)}
+    jax.tree.map(np.testing.assert_array_equal, study['loss_fn'](logits, batch),
+                 run['loss_fn'](logits, batch))
+
+
+def test_pseudo_labeling_uses_the_teachers_lengths_and_mesh():
+    teacher = runner.StageConfig(model='t5_1_1_tiny', mesh_model=2, mesh_data=1, fsdp=True,
+                                 scan_layers=True, remat_policy='full',
+                                 task_feature_lengths={'inputs': 40, 'targets': 12})
+    s = runner.StudySettings(study_dir='', data=None, teacher=teacher,
+                             student=runner.StageConfig(),
+                             task_feature_lengths={'inputs': 72, 'targets': 88}, prices=None,
+                             infer_batch_size=16, chunk_size=64)
+    kw = runner.pseudo_label_kwargs(s)
+    assert (kw['max_input_length'], kw['max_decode_length']) == (40, 11)   # + EOS fits
+    assert (kw['batch_size'], kw['chunk_size']) == (16, 64)
+    assert (kw['mesh_config'].data, kw['mesh_config'].model, kw['mesh_config'].fsdp) == (1, 2,
+                                                                                          False)
+    assert kw['model_config'] == get_config('t5_1_1_tiny', dropout_rate=0.0)   # as decoding runs
+    assert s.student.lengths(s.task_feature_lengths) == {'inputs': 72, 'targets': 88}

@@ -55,6 +55,8 @@ def _train(model_dir, steps, **kw):
     return trainer.train(**args)
 
 
+@pytest.mark.slow
+@pytest.mark.fault_injection
 def test_overfits_then_stops_and_nan_keeps_last_checkpoint(tmp_path):
     rec = Recorder()
     result = _train(tmp_path, 60, eval_period=30, callbacks=[rec])

@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 WORKER = pathlib.Path(__file__).with_name('train_worker.py')
 STEPS = 12
@@ -27,6 +28,8 @@ def _start(spec):
     return subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env)
 
 
+@pytest.mark.slow
+@pytest.mark.fault_injection
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     killed_dir = tmp_path / 'killed'
     # The uninterrupted reference runs alongside (the killed run mostly sleeps between intervals).
