@@ -396,12 +396,10 @@ class Decoder:
         return self._run(self._weights(), encoder_input_tokens,
                          jax.random.PRNGKey(0) if rng is None else rng)
 
-    def __call__(self, inputs: Sequence[Sequence[int]] | np.ndarray,
-                 rng: Array | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Decodes up to `batch_size` inputs (lists of ids or a padded array, pad id 0)."""
+    def pad(self, inputs: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+        """1 to `batch_size` inputs (lists of ids or a padded array, pad id 0) as the host array
+        `decode_batch` takes: `batch_size` rows, padded to the inputs' length bucket."""
         rows = [np.trim_zeros(np.asarray(r, np.int32), 'b') for r in inputs]
-        if not rows:
-            return np.zeros((0, 0), np.int32), np.zeros((0,), np.float32)
         if len(rows) > self.batch_size:
             raise ValueError(f'Got {len(rows)} inputs for a decoder with batch_size '
                              f'{self.batch_size}; split the batch.')
@@ -409,6 +407,13 @@ class Decoder:
         padded = np.zeros((self.batch_size, bucket), np.int32)
         for i, r in enumerate(rows):
             padded[i, :len(r)] = r
-        tokens, scores = self.decode_batch(padded, rng)
-        n = len(rows)
+        return padded
+
+    def __call__(self, inputs: Sequence[Sequence[int]] | np.ndarray,
+                 rng: Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Decodes up to `batch_size` inputs (lists of ids or a padded array, pad id 0)."""
+        if not len(inputs):
+            return np.zeros((0, 0), np.int32), np.zeros((0,), np.float32)
+        tokens, scores = self.decode_batch(self.pad(inputs), rng)
+        n = len(inputs)
         return np.asarray(tokens)[:n], np.asarray(scores)[:n]

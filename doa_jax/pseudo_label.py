@@ -9,7 +9,8 @@ Layout of an output directory (read back by `tasks.jsonl_task.register_pseudo_la
                                      chunk layouts and the ledger run id (`pseudo_label_manifest`)
 Each host (shard S of N) takes pool indices S, S+N, S+2N, ... (index striding), so it reads only
 its own examples; its list is cut into chunks of `chunk_size`. A restarted job skips every chunk that
-has a marker, so a SIGKILL loses at most the chunk in flight; with another chunk size, LIMIT or
+has a marker, so a SIGKILL loses at most the chunks in flight (the one decoding and, while its
+next batch is dispatched, the finished one before it); with another chunk size, LIMIT or
 host count it keeps every labeled example and labels only the missing ones (chunks of a new
 layout are named `chunk-SSSSS-CCCCC-gG.jsonl`). Another teacher, task or decode settings is
 refused unless `overwrite`. Temporary files start with '.', which the task reader's glob never
@@ -18,6 +19,7 @@ sees. `merge` checks that every pool id appears exactly once.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -114,8 +116,17 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
     and a restart never double-counts. With one shard they are the pool indices. Under a later
     layout (generation g > 0) it is called with `generation=g` as well: ranges of one generation
     never overlap, those of two may (record them apart, e.g. ComputeMeter(seq=g)).
-    `keep_going(chunk_id)` is asked before each chunk that needs work; False stops the shard there
-    (a budget cap), leaving the completed chunks a prefix of the shard.
+    `keep_going(chunk_id)` is asked before each chunk that needs work, once the chunk before it is
+    priced; False stops the shard there (a budget cap), leaving the completed chunks a prefix of
+    the shard.
+
+    Batches run one ahead: batch i+1 is dispatched before batch i is finished and its chunk
+    written. Where `label_batch` has `dispatch(inputs)` and `finish(pending)` halves
+    (`TeacherLabeler`: tokenize and enqueue the decode; wait, detokenize), the host's tokenizing,
+    detokenizing, scoring and chunk writing thus run while the devices decode the next batch (with
+    `keep_going`, a chunk's last batch is finished before the next chunk starts). Records, chunks
+    and markers are those of labeling one batch at a time. Chunk meters tile the wall clock: one
+    starts where the one before it stops.
     """
     if not pool:
         raise PseudoLabelError('The unlabeled pool is empty: nothing to pseudo-label. Check the '
@@ -127,47 +138,130 @@ def pseudo_label_shard(pool: Sequence[Example], label_batch: LabelBatchFn, outpu
         layout = {'num_shards': num_shards, 'chunk_size': chunk_size, 'pool_size': len(pool)}
         plan = manifest_lib.prepare(output_dir, identity, layout, shard_id, overwrite=overwrite)
     offset = sum(len(range(s, len(pool), num_shards)) for s in range(shard_id))
-    written = skipped = examples = 0
+    dispatch, finish = _stages(label_batch)
+    skipped, stopped = 0, False
+
+    def jobs() -> Iterator[_Job]:   # the chunks that need work, asked lazily, in order
+        nonlocal skipped, stopped
+        for chunk_id, idx in _chunks(indices, chunk_size):
+            path = chunk_path(output_dir, shard_id, chunk_id, plan.generation)
+            todo = [i for i in idx if i not in plan.done]
+            if not todo or is_completed(path):
+                skipped += 1
+                continue
+            if keep_going is not None and not keep_going(chunk_id):
+                stopped = True
+                return
+            # Positions in the shard-major order; a chunk partly labeled under another layout
+            # prices only its missing examples (their first to last position).
+            first, last = (offset + (i - shard_id) // num_shards for i in (todo[0], todo[-1]))
+            yield _Job(chunk_id, path, todo, first, last)
+
+    def batches() -> Iterator[tuple[_Job, list[int], bool]]:   # (chunk, indices, its last?)
+        for job in jobs():
+            for b in range(0, len(job.todo), batch_size):
+                yield job, job.todo[b:b + batch_size], b + batch_size >= len(job.todo)
+
+    written = examples = 0
     done = sum(1 for i in indices if i in plan.done)
-    for chunk_id, idx in _chunks(indices, chunk_size):
-        path = chunk_path(output_dir, shard_id, chunk_id, plan.generation)
-        todo = [i for i in idx if i not in plan.done]
-        if not todo or is_completed(path):
-            skipped += 1
-            continue
-        if keep_going is not None and not keep_going(chunk_id):
-            return ShardResult(shard_id, written, skipped, examples, stopped_by_budget=True,
-                               examples_done=done)
-        # Positions in the shard-major order; a chunk partly labeled under another layout
-        # prices only its missing examples (their first to last position).
-        first, last = (offset + (i - shard_id) // num_shards for i in (todo[0], todo[-1]))
-        ctx = None
+    unpriced: collections.deque[_Job] = collections.deque()   # dispatched; the first is metered
+
+    def open_meter(job: _Job) -> None:
         if meter_factory is not None:
-            ctx = (meter_factory(first, last) if plan.generation == 0 else
-                   meter_factory(first, last, generation=plan.generation))
-        if ctx is not None:
-            ctx.__enter__()
-        records = []
-        for b in range(0, len(todo), batch_size):
-            part = todo[b:b + batch_size]
-            outs = label_batch([pool[i][1] for i in part])
-            if len(outs) != len(part):
-                raise PseudoLabelError(f'label_batch returned {len(outs)} outputs for '
-                                       f'{len(part)} inputs.')
-            for i, out in zip(part, outs):
-                records.append({'id': pool[i][0], 'input': pool[i][1], 'index': i, **out})
-        if ctx is not None:
+            job.meter = (meter_factory(job.first, job.last) if plan.generation == 0 else
+                         meter_factory(job.first, job.last, generation=plan.generation))
+            job.meter.__enter__()
+
+    def retire(entry) -> _Job | None:
+        """Waits for a dispatched batch and keeps its records; prices its chunk if it was the
+        chunk's last batch and returns the chunk, ready to write."""
+        job, part, pending, last = entry
+        outs = finish(pending)
+        if len(outs) != len(part):
+            raise PseudoLabelError(f'label_batch returned {len(outs)} outputs for '
+                                   f'{len(part)} inputs.')
+        for i, out in zip(part, outs):
+            job.records.append({'id': pool[i][0], 'input': pool[i][1], 'index': i, **out})
+        if not last:
+            return None
+        unpriced.popleft()
+        if job.meter is not None:
             # Priced before the marker exists: a crash in between redoes the chunk, and the
             # range-keyed ledger entry keeps it counted once.
-            ctx.__exit__(None, None, None)
-        write_chunk(path, records, manifest_lib.marker_record(
-                records, shard_id=shard_id, chunk_id=chunk_id, generation=plan.generation))
+            job.meter.__exit__(None, None, None)
+        if unpriced:   # the next chunk is already decoding: its meter starts where this one ends
+            open_meter(unpriced[0])
+        return job
+
+    def write(job: _Job) -> None:
+        nonlocal written, examples, done
+        write_chunk(job.path, job.records, manifest_lib.marker_record(
+                job.records, shard_id=shard_id, chunk_id=job.chunk_id,
+                generation=plan.generation))
         written += 1
-        examples += len(records)
-        done += len(records)
+        examples += len(job.records)
+        done += len(job.records)
         if on_chunk is not None:
-            on_chunk(chunk_id)
-    return ShardResult(shard_id, written, skipped, examples, examples_done=done)
+            on_chunk(job.chunk_id)
+
+    # One batch ahead: batch i+1 is dispatched (tokenized, its decode enqueued on the devices)
+    # before batch i is waited for, detokenized and its chunk written, so that host work runs
+    # while the devices decode. Records, chunks and markers are the same as one batch at a time.
+    stream = batches()
+    inflight = ready = None
+    while True:
+        if inflight is not None and inflight[3] and keep_going is not None:
+            # The budget check before the next chunk reads this chunk's price: price it first.
+            ready, inflight = retire(inflight), None
+        try:
+            nxt = next(stream, None)
+            if nxt is not None:
+                job, part, last = nxt
+                if not unpriced or unpriced[-1] is not job:   # the chunk's first batch
+                    unpriced.append(job)
+                    if len(unpriced) == 1:
+                        open_meter(job)
+                nxt = job, part, dispatch([pool[i][1] for i in part]), last
+        except Exception:
+            # A failed batch keeps the chunks before it, as labeling one batch at a time did.
+            if ready is not None:
+                write(ready)
+            if inflight is not None and inflight[3]:
+                write(retire(inflight))
+            raise
+        if ready is not None:   # written while the devices decode the batch just dispatched
+            write(ready)
+            ready = None
+        if inflight is not None:
+            ready = retire(inflight)
+        inflight = nxt
+        if inflight is None and ready is None:
+            break
+    return ShardResult(shard_id, written, skipped, examples, stopped_by_budget=stopped,
+                       examples_done=done)
+
+
+@dataclasses.dataclass
+class _Job:
+    """A chunk being labeled: its pool indices to label, its range in the shard-major order."""
+    chunk_id: int
+    path: str
+    todo: list[int]
+    first: int
+    last: int
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    meter: Any = None
+
+
+def _stages(label_batch: LabelBatchFn) -> tuple[Callable[[Sequence[str]], Any],
+                                                Callable[[Any], list[dict[str, Any]]]]:
+    """(dispatch, finish) of a `label_batch`: its own two halves where it has them
+    (`TeacherLabeler`), else the whole call then the identity."""
+    dispatch = getattr(label_batch, 'dispatch', None)
+    finish = getattr(label_batch, 'finish', None)
+    if callable(dispatch) and callable(finish):
+        return dispatch, finish
+    return label_batch, lambda outs: outs
 
 
 def read_chunks(output_dir: str) -> list[dict[str, Any]]:
@@ -238,6 +332,9 @@ class TeacherLabeler:
     each device holds only its slice of every sharded weight. Batches are padded to `batch_size`
     rows (split over the data axis) and inputs to length buckets, so a stream of batches compiles
     the decoder once per bucket; the optional teacher-forced top-k pass is jitted the same way.
+    `labeler(inputs)` labels one batch; `dispatch(inputs)` and `finish(pending)` are its two
+    halves, which `pseudo_label_shard` uses to keep the next batch decoding while it detokenizes
+    and writes this one.
     """
 
     def __init__(self, params: Any, config: Any, encode: Callable[[str], list[int]],
@@ -287,6 +384,10 @@ class TeacherLabeler:
                         'out_shardings': (matrix, rows)})
 
         def topk(p, enc, targets):
+            # Rows past the batch's inputs (all-zero encoder rows) are forced on zeros, whatever
+            # the decoder wrote there: each row's top-k is what it was when this pass ran on host
+            # copies of the decoded rows.
+            targets = jnp.where((enc != 0).any(axis=1, keepdims=True), targets, 0)
             dec_in = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
             logits = model.apply({'params': p}, enc, dec_in, targets)
             vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), top_k)
@@ -303,35 +404,54 @@ class TeacherLabeler:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return fn(*args)
 
-    def __call__(self, inputs: Sequence[str]) -> list[dict[str, Any]]:
+    def dispatch(self, inputs: Sequence[str]) -> _Pending:
+        """Tokenizes `inputs` and enqueues their decode (and top-k pass) on the devices; returns
+        at once, before the devices finish (JAX dispatch is asynchronous). `finish` reads it."""
+        rows = [list(self.encode(t))[:self.max_input_length - 1] + [self.eos_id] for t in inputs]
+        if not rows:
+            return _Pending(0, np.zeros((0, 0), np.int32), np.zeros((0,), np.float32), None)
+        enc = self.decoder.pad(rows)
+        tokens, scores = self._run(self.decoder.decode_batch, enc)
+        topk = None
+        if self.top_k > 0:   # reads the decoded rows where they are, on the devices
+            topk = self._run(self._topk, self.params, enc, tokens)
+        return _Pending(len(rows), tokens, scores, topk)
+
+    def finish(self, pending: _Pending) -> list[dict[str, Any]]:
+        """Waits for a dispatched batch and detokenizes it: one record per input."""
         from doa_jax.decoding import decoded_lengths
 
-        rows = [list(self.encode(t))[:self.max_input_length - 1] + [self.eos_id] for t in inputs]
-        out, scores = self._run(self.decoder, rows)
+        n = pending.n
+        out, scores = np.asarray(pending.tokens)[:n], np.asarray(pending.scores)[:n]
         lengths = decoded_lengths(out, self.eos_id)
         topk = None
-        if self.top_k > 0:
-            n, size = len(rows), self.decoder.batch_size
-            enc = np.zeros((size, self.decoder.bucket_for(max(map(len, rows)))), np.int32)
-            for r, ids in enumerate(rows):
-                enc[r, :len(ids)] = ids
-            dec = np.zeros((size, out.shape[1]), np.int32)
-            dec[:n] = out
-            vals, ids = self._run(self._topk, self.params, enc, dec)
-            topk = np.asarray(vals)[:n], np.asarray(ids)[:n]
+        if pending.topk is not None:
+            topk = np.asarray(pending.topk[0])[:n], np.asarray(pending.topk[1])[:n]
         results = []
-        for r in range(len(rows)):
-            n = int(lengths[r])
-            body = [int(t) for t in out[r, :n] if t != self.eos_id]
+        for r in range(n):
+            n_r = int(lengths[r])
+            body = [int(t) for t in out[r, :n_r] if t != self.eos_id]
             rec = {'prediction': self.decode_text(body), 'score': float(scores[r])}
             if topk is not None:
-                rec['topk_logprobs'] = np.round(topk[0][r, :n], 6).tolist()
-                rec['topk_ids'] = topk[1][r, :n].tolist()
+                rec['topk_logprobs'] = np.round(topk[0][r, :n_r], 6).tolist()
+                rec['topk_ids'] = topk[1][r, :n_r].tolist()
                 # The decoded ids (EOS included): the student's reader checks that the
                 # re-tokenized prediction gives exactly these before it trusts the top-k rows.
-                rec['target_ids'] = [int(t) for t in out[r, :n]]
+                rec['target_ids'] = [int(t) for t in out[r, :n_r]]
             results.append(rec)
         return results
+
+    def __call__(self, inputs: Sequence[str]) -> list[dict[str, Any]]:
+        return self.finish(self.dispatch(inputs))
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A batch in flight: its size and the device arrays its decode will fill."""
+    n: int
+    tokens: Any
+    scores: Any
+    topk: tuple[Any, Any] | None
 
 
 def model_label_batch(params: Any, config: Any, encode: Callable[[str], list[int]],

@@ -325,7 +325,8 @@ def test_teacher_decodes_the_next_batch_while_the_host_writes_and_labels_are_unc
     label = pl.model_label_batch(params, config, encode, decode, max_input_length=16,
                                  max_decode_length=5, top_k=4, batch_size=2)
     pool = [(f'ex{i}', f'input {i} ' * (1 + i % 3)) for i in range(7)]
-    expected = [r for b in range(0, 7, 2) for r in _one_at_a_time(label, [t for _, t in pool[b:b + 2]])]
+    expected = [r for b in range(0, 7, 2)
+                for r in _one_at_a_time(label, [t for _, t in pool[b:b + 2]])]
     events = []
     decode_batch, finish = label.decoder.decode_batch, label.finish
     monkeypatch.setattr(label.decoder, 'decode_batch', lambda *a: (
