@@ -4,8 +4,9 @@ allocated), and the same steps lowered for GPU and TPU.
 
 The gate, `plan --gin_file=<recipe> [--gin.X=...]` (or `--recipe=a.gin,b.gin`, repeatable): reads
 the recipe as its entry point does (`benchmark.recipe`: model, remat, scan, batch, lengths,
-packing, optimizer, microbatches, mesh, an online KD teacher; or a pseudo-labeling job), on as
-many fake devices as its `# target: 4x A100-80GB` header names, and
+packing, optimizer, microbatches, mesh, an online KD teacher; or a pseudo-labeling job; or a
+study's stages: the teacher's training and evaluation, its pseudo-labeling, the student's training
+and evaluation), on as many fake devices as its `# target: 4x A100-80GB` header names, and
 - compiles the train step (a training recipe) or the pseudo-labeling decode (an infer recipe) on
   the CPU backend and reads its memory; a training recipe's evaluation decodes with the train
   state resident, so that is planned too (`eval decode`);
@@ -369,8 +370,8 @@ def _decode_of(recipe, mesh, platform: str):
                          'TASK_FEATURE_LENGTHS["inputs"] or set EVAL_PERIOD = 0.')
     rules = partitioning.param_rules(recipe.mesh_config.fsdp)
     return rules, _decode_step(for_platform(recipe.model, platform), mesh, rules,
-                               recipe.batch_size, bucket, recipe.max_decode_length,
-                               labeler=False)
+                               recipe.eval_batch_size or recipe.batch_size, bucket,
+                               recipe.max_decode_length, labeler=False)
 
 
 def _lower(build, mesh, platform: str) -> dict[str, Any]:
@@ -412,7 +413,8 @@ def _describe(recipe, mesh) -> dict[str, Any]:
                     'microbatches': recipe.num_microbatches,
                     'teacher': None if recipe.teacher is None else _model_name(recipe.teacher),
                     'stored_topk': recipe.stored_topk,
-                    'eval_decode': recipe.eval_decode})
+                    'eval_decode': recipe.eval_decode,
+                    'eval_batch': recipe.eval_batch_size or recipe.batch_size})
     else:
         out.update({'lengths': {'inputs': recipe.max_input_length,
                                 'targets': recipe.max_decode_length},
@@ -431,11 +433,10 @@ def _model_name(config) -> str:
 
 
 def gate_recipe(files: Sequence[str], bindings: Sequence[str], args: argparse.Namespace
-                ) -> dict[str, Any]:
-    """Plans one recipe: memory per device against its target, and lowering per platform."""
-    import jax
-
-    from doa_jax import partitioning
+                ) -> list[dict[str, Any]]:
+    """Plans one recipe: memory per device against its target, and lowering per platform. A
+    run file gives one result; a study one per stage (teacher, pseudo_label, student), each
+    with its 'stage'."""
     from doa_jax.benchmark import recipe as recipe_lib
 
     search = args.gin_search_paths.split(',') if args.gin_search_paths else None
@@ -447,13 +448,43 @@ def gate_recipe(files: Sequence[str], bindings: Sequence[str], args: argparse.Na
                 f'{" ".join(files)} states no target: add a header line such as '
                 '"# target: 4x A100-80GB" to the recipe, or pass --target.')
     recipe = recipe_lib.read_recipe(files, bindings, search, args.scale)
-    n = args.devices or target.count
+    head = {'recipe': list(files), 'bindings': list(bindings), 'scale': args.scale,
+            'target': target.label(), 'target_where': target.where,
+            'device_memory_gb': target.memory_bytes / 1e9, 'margin': args.margin,
+            'devices': args.devices or target.count}
+    if recipe.kind != 'study':
+        return [{**head, **_gate_one(recipe, head, args)}]
+    out = []
+    for name, stage, key in recipe.stages:
+        # The same stage of another study file (paper_main.gin includes wlp_gpu.gin) on the same
+        # devices plans the same programs: planned once per run of the gate.
+        key = repr((key, head['devices'], target.memory_bytes, args.margin, args.platforms,
+                    args.skip_memory))
+        if key not in _STAGES_PLANNED:
+            try:
+                result = _gate_one(stage, head, args)
+            except ValueError as e:   # this stage cannot run as configured; the others are planned
+                result = {'ok': False, 'error': str(e)}
+            _STAGES_PLANNED[key] = {**head, 'stage': name, **result}
+        first = _STAGES_PLANNED[key]
+        out.append({**first, 'recipe': list(files), 'bindings': list(bindings),
+                    **({'same_as': first['recipe']} if first['recipe'] != list(files) else {})})
+    return out
+
+
+_STAGES_PLANNED: dict[str, dict[str, Any]] = {}
+
+
+def _gate_one(recipe, head: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Plans one train or decode recipe on head['devices'] against head's target."""
+    import jax
+
+    from doa_jax import partitioning
+
+    n = head['devices']
     mesh = partitioning.make_mesh(recipe.mesh_config, jax.devices()[:n])
-    out = {'recipe': list(files), 'bindings': list(bindings), 'scale': args.scale,
-           'target': target.label(), 'target_where': target.where,
-           'device_memory_gb': target.memory_bytes / 1e9, 'margin': args.margin,
-           'devices': n, **_describe(recipe, mesh)}
-    budget = target.memory_bytes * (1 - args.margin)
+    out = _describe(recipe, mesh)
+    budget = head['device_memory_gb'] * 1e9 * (1 - args.margin)
     checks: dict[str, bool] = {}
     if not args.skip_memory:
         out.update(_gate_memory(recipe, mesh))
@@ -525,20 +556,30 @@ def _gate_memory(recipe, mesh) -> dict[str, Any]:
 
 
 def _print_gate(result: dict) -> None:
+    stage = f" [{result['stage']}]" if result.get('stage') else ''
     if 'error' in result:
-        print(f"gate {' '.join(result['recipe'])}: ERROR {result['error']}")
+        print(f"gate {' '.join(result['recipe'])}{stage}: ERROR {result['error']}")
+        print('  gate: FAIL')
+        return
+    if result.get('same_as'):
+        print(f"gate {' + '.join(result['recipe'])}{stage}: the same stage as "
+              f"{' + '.join(result['same_as'])}, planned above")
+        print(f"  gate: {'PASS' if result['ok'] else 'FAIL'}")
         return
     mesh = result['mesh']
     lengths = result['lengths']
     scale = f" scaled to {result['scale']}" if result['scale'] else ''
-    print(f"gate {' + '.join(result['recipe'])}{scale}: {result['kind']} {result['model']}"
+    print(f"gate {' + '.join(result['recipe'])}{stage}{scale}: {result['kind']} {result['model']}"
           + (f" with teacher {result['teacher']}" if result.get('teacher') else '')
           + f"; target {result['target']} ({result['target_where']}), "
           f"{result['devices']} devices")
     print(f"  mesh data:{mesh['data']},model:{mesh['model']} fsdp={result['fsdp']}; batch "
           f"{result['batch']}, lengths {lengths['inputs']}/{lengths['targets']}"
           + (f" ({result['lengths_source']}), pack={result['pack']}, {result['optimizer']}, "
-             f"microbatches {result['microbatches']}" if result['kind'] == 'train' else
+             f"microbatches {result['microbatches']}"
+             + (f", eval batch {result['eval_batch']}"
+                if result['eval_batch'] != result['batch'] else '')
+             if result['kind'] == 'train' else
              f", {result['method']}")
           + f", remat {result['remat']}, scan {result['scan_layers']}, {result['dtype']}")
     train, dec = result.get('train'), result.get('decode')
@@ -646,11 +687,12 @@ def run(args: argparse.Namespace) -> dict | list:
     results = []
     for files in recipes:
         try:
-            result = gate_recipe(files, getattr(args, 'gin_bindings', []), args)
+            gated = gate_recipe(files, getattr(args, 'gin_bindings', []), args)
         except (RecipeError, gin_utils.ConfigError, ValueError) as e:
-            result = {'recipe': files, 'ok': False, 'error': str(e)}
-        _print_gate(result)
-        results.append(result)
+            gated = [{'recipe': files, 'ok': False, 'error': str(e)}]
+        for result in gated:
+            _print_gate(result)
+        results.extend(gated)
     write_json(args.json, results if len(results) > 1 else results[0], indent=2)
     if not all(r['ok'] for r in results):
         raise SystemExit(1)

@@ -3,7 +3,10 @@
 
 A recipe is a training run (`train.*`: model with its remat and scan, batch, feature lengths,
 packing, optimizer, microbatches, mesh, loss, with the online KD teacher when the loss has one)
-or a pseudo-labeling job (`infer.*`: teacher, batch, lengths, decode method, mesh).
+or a pseudo-labeling job (`infer.*`: teacher, batch, lengths, decode method, mesh), or a study
+(`study.*`, gin_configs/studies/*.gin): its stages, each read as the study runs it, from the same
+settings (`StageConfig.train_kwargs`, `runner.pseudo_label_kwargs`): the teacher's training (and
+its evaluation), the teacher's pseudo-labeling, the student's training (and its evaluation).
 
 Its target hardware is a header line of the gin file, `# target: 4x A100-80GB`: a device count
 and a device kind the device catalog (doa_jax/cost/prices.yaml `devices`, `memory_gb`) knows.
@@ -121,6 +124,7 @@ class TrainRecipe:
     eval_decode: bool               # the trainer decodes its eval split with the train state
     max_decode_length: int
     stored_topk: int = 0            # offline token KD: the k of the batch's stored teacher top-k
+    eval_batch_size: int | None = None   # the evaluation's decode batch (None: batch_size)
     kind: str = 'train'
 
 
@@ -137,6 +141,15 @@ class InferRecipe:
     top_k: int
     mesh_config: Any
     kind: str = 'infer'
+
+
+@dataclasses.dataclass
+class StudyRecipe:
+    """A study's stages, in the order it runs them: (name, TrainRecipe | InferRecipe, key); equal
+    keys (two study files with the same stage settings) plan the same programs."""
+
+    stages: list[tuple[str, Any, str]]
+    kind: str = 'study'
 
 
 def _value(key: str, sources, default: Any = None, evaluate: bool = True) -> Any:
@@ -230,9 +243,83 @@ def _infer_recipe(sources, scale: str | None) -> InferRecipe:
             mesh_config=_value('infer.mesh_config', sources) or partitioning.MeshConfig())
 
 
+def stage_train_recipe(kwargs: dict, scale: str | None, *, lengths_source: str,
+                       optimizer_name: str, eval_batch_size: int | None,
+                       teacher: Any = None, kd: dict | None = None) -> TrainRecipe:
+    """The TrainRecipe of `trainer.train(**kwargs)` as a study stage calls it (evaluated once
+    after training, by decoding at `eval_batch_size`); `teacher`/`kd`: the online KD teacher's
+    config and loss settings (its parameters are not read)."""
+    lengths = kwargs['task_feature_lengths']
+    return TrainRecipe(
+            model=scaled(kwargs['model_config'], scale), batch_size=int(kwargs['batch_size']),
+            lengths=dict(lengths), lengths_source=lengths_source, pack=bool(kwargs['pack']),
+            optimizer=kwargs['optimizer'], optimizer_name=optimizer_name,
+            num_microbatches=int(kwargs['num_microbatches']),
+            mesh_config=kwargs['mesh_config'],
+            loss_fn=None if teacher is not None else kwargs['loss_fn'],
+            loss_normalizing_factor=kwargs['loss_normalizing_factor'],
+            teacher=scaled(teacher, scale) if teacher is not None else None, kd=dict(kd or {}),
+            eval_decode=True, max_decode_length=int(lengths['targets']),
+            eval_batch_size=eval_batch_size)
+
+
+def _study_recipe(sources, scale: str | None) -> StudyRecipe:
+    """The stages of a study as `doa_jax.study.runner` runs them; the study's data (and any path
+    it names) is not read."""
+    import inspect
+
+    from doa_jax.gin_utils import configurables
+    from doa_jax.study import runner
+
+    defaults = {k: p.default for k, p in
+                inspect.signature(configurables.study).parameters.items()}
+
+    def setting(name: str) -> Any:
+        return _value(f'study.{name}', sources, defaults.get(name))
+
+    stages = {}
+    for name in ('teacher', 'student'):
+        stage = setting(name)
+        if not isinstance(stage, runner.StageConfig):
+            raise RecipeError(f'{sources.files_flag()}: study.{name} is {stage!r}, not a '
+                              f'StageConfig; bind it to @{name}/doa_jax.StageConfig().')
+        stages[name] = stage
+    s = runner.StudySettings(
+            study_dir='', data=None, teacher=stages['teacher'], student=stages['student'],
+            task_feature_lengths=dict(setting('task_feature_lengths')), prices=None,
+            chunk_size=int(setting('chunk_size')),
+            infer_batch_size=int(setting('infer_batch_size')),
+            eval_batch_size=int(setting('eval_batch_size')),
+            student_loss=str(setting('student_loss')))
+    out = []
+    for name, stage in stages.items():
+        teacher, kd = None, None
+        if name == 'student' and s.student_loss == 'token':   # the online teacher's forward
+            teacher, kd = s.teacher.model_config(inference=True), runner.kd_settings(s)
+        kwargs = stage.train_kwargs(model_dir='', task='', steps=max(stage.min_steps, 1000),
+                                    study_lengths=s.task_feature_lengths, random_seed=s.seed)
+        where = (f'{name}/StageConfig.task_feature_lengths' if stage.task_feature_lengths
+                 else 'TASK_FEATURE_LENGTHS')
+        key = (name, stage, s.task_feature_lengths, s.eval_batch_size, s.teacher
+               if teacher is not None else None, kd, scale)
+        out.append((name, stage_train_recipe(kwargs, scale, lengths_source=where,
+                                             optimizer_name=stage.optimizer,
+                                             eval_batch_size=s.eval_batch_size,
+                                             teacher=teacher, kd=kd), repr(key)))
+        if name == 'teacher':
+            pl = runner.pseudo_label_kwargs(s)
+            out.append(('pseudo_label', InferRecipe(
+                    model=scaled(pl['model_config'], scale), batch_size=int(pl['batch_size']),
+                    max_input_length=int(pl['max_input_length']),
+                    max_decode_length=int(pl['max_decode_length']), method='greedy',
+                    num_beams=4, top_k=0, mesh_config=pl['mesh_config']),
+                        repr(('pseudo_label', pl, scale))))
+    return StudyRecipe(out)
+
+
 def read_recipe(gin_files: Sequence[str], bindings: Sequence[str] = (),
                 search_paths: Sequence[str] | None = None, scale: str | None = None
-                ) -> TrainRecipe | InferRecipe:
+                ) -> TrainRecipe | InferRecipe | StudyRecipe:
     """The recipe the gin files and `--gin.X` bindings describe; `%gin.REQUIRED` paths may stay
     unset (nothing is read from them). `scale` names a model config that replaces every model's
     architecture (student and teacher), keeping everything else."""
@@ -246,6 +333,8 @@ def read_recipe(gin_files: Sequence[str], bindings: Sequence[str] = (),
         return _train_recipe(sources, scale)
     if gin_utils.bound_value('infer.model_config', sources) is not None:
         return _infer_recipe(sources, scale)
-    raise RecipeError(f'{sources.files_flag()} binds neither train.model_config nor '
-                      'infer.model_config: give a runs/*.gin recipe (a training run or a '
-                      'pseudo-labeling job).')
+    if gin_utils.bound_value('study.teacher', sources) is not None:
+        return _study_recipe(sources, scale)
+    raise RecipeError(f'{sources.files_flag()} binds none of train.model_config, '
+                      'infer.model_config and study.teacher: give a runs/*.gin recipe (a '
+                      'training run or a pseudo-labeling job) or a studies/*.gin study.')

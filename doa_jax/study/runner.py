@@ -58,9 +58,25 @@ STRATEGY_HELP = ("'annotate', 'distill', 'mixed:F' (F in (0, 1): the share of B 
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """How the study trains one model (the teacher or the student): by epochs over its data, as
-    the paper does. Steps = ceil(epochs x examples / batch_size), clipped to [min_steps,
-    max_steps] (max_steps None: no cap)."""
+    """How the study trains one model (the teacher or the student), in the run configs' words.
+
+    Each field is the run-file macro of the same name in lower case, with the same meaning
+    (gin_configs/runs/finetune.gin: BATCH_SIZE -> batch_size, NUM_MICROBATCHES ->
+    num_microbatches, PACK -> pack, TASK_FEATURE_LENGTHS -> task_feature_lengths, MESH_MODEL ->
+    mesh_model, ...), or the model's setting of the same name (get_model_config.remat_policy ->
+    remat_policy, .scan_layers, .attention_impl, .matmul_impl), and reaches `trainer.train` and
+    the model config as a run's does (`train_kwargs`, `model_config`): a stage and a runs/*.gin
+    run with the same settings train identically (tests/test_study_runner.py checks the two
+    against each other).
+
+    Study-only: `model` (a run includes gin_configs/models/<model>.gin), and the paper's rule in
+    place of TRAIN_STEPS: every model trains for `epochs` over its own data, steps =
+    ceil(epochs x examples / batch_size) clipped to [min_steps, max_steps] (max_steps None: no
+    cap). `task_feature_lengths=None` takes the study's TASK_FEATURE_LENGTHS. The study keeps one
+    checkpoint per run and evaluates once after training (no EVAL_PERIOD).
+
+    The defaults are finetune.gin's, except `pack` (False, trainer.train's default: packed rows
+    hold several examples, so the epochs rule would count more passes than it states)."""
 
     model: str = 't5_1_1_small'
     epochs: float = 50.0
@@ -80,19 +96,72 @@ class StageConfig:
     fsdp: bool = False
     log_period: int = 100
     checkpoint_period: int = 1000
+    # What fits a model on its devices: remat, scanned layers, gradient accumulation.
+    remat_policy: str | None = None
+    scan_layers: bool = False
+    num_microbatches: int = 1
+    # The data: per-stage lengths (None: the study's), packing, what to do with longer examples.
+    task_feature_lengths: Mapping[str, int] | None = None
+    pack: bool = False
+    overlong: str = 'truncate'
+    # The loss.
+    label_smoothing: float = 0.0
+    loss_normalizing_factor: float | str | None = None
+    # The op backends ('auto': per platform; doa_jax.ops).
+    attention_impl: str = 'auto'
+    matmul_impl: str = 'auto'
 
     def steps(self, num_examples: int) -> int:
         steps = max(self.min_steps, math.ceil(self.epochs * num_examples / self.batch_size))
         return min(steps, self.max_steps) if self.max_steps else steps
 
+    def lengths(self, study_lengths: Mapping[str, int]) -> dict[str, int]:
+        """The feature lengths this stage trains (and its model decodes) with."""
+        return {k: int(v) for k, v in (self.task_feature_lengths or study_lengths).items()}
+
     def model_config(self, inference: bool = False):
+        """The model as gin's get_model_config makes it from the same settings (inference: no
+        dropout; the layout, scanned or not, stays that of the stage's checkpoints)."""
         from doa_jax.models.config import activation_dtype, get_config
         return get_config(self.model, dropout_rate=0.0 if inference else self.dropout_rate,
-                          dtype=activation_dtype(self.activation_dtype))
+                          dtype=activation_dtype(self.activation_dtype,
+                                                 'StageConfig.activation_dtype'),
+                          scan_layers=self.scan_layers, remat_policy=self.remat_policy,
+                          attention_impl=self.attention_impl, matmul_impl=self.matmul_impl)
 
     def mesh_config(self):
         from doa_jax.partitioning import MeshConfig
         return MeshConfig(data=self.mesh_data, model=self.mesh_model, fsdp=self.fsdp)
+
+    def decode_mesh_config(self):
+        """The mesh the stage's model decodes on when pseudo-labeling (as runs/pseudo_label.gin:
+        MESH_DATA, MESH_MODEL; FSDP is train-only)."""
+        from doa_jax.partitioning import MeshConfig
+        return MeshConfig(data=self.mesh_data, model=self.mesh_model)
+
+    def train_kwargs(self, *, model_dir: str, task: str, steps: int,
+                     study_lengths: Mapping[str, int], random_seed: int = 0, loss_fn=None,
+                     show_progress: bool = True, callbacks: Sequence = ()) -> dict:
+        """The keyword arguments of `trainer.train` for this stage, as runs/finetune.gin binds
+        them from its macros (TRAIN_STEPS = `steps`, KEEP_CHECKPOINTS = 1, EVAL_PERIOD = 0)."""
+        from doa_jax.losses import cross_entropy_loss
+        from doa_jax.optimizers import make_optimizer
+        return dict(
+                model_dir=model_dir, model_config=self.model_config(),
+                mixture_or_task_name=task, task_feature_lengths=self.lengths(study_lengths),
+                pack=self.pack, train_steps=steps, batch_size=self.batch_size,
+                optimizer=make_optimizer(self.optimizer, self.learning_rate,
+                                         schedule=self.schedule, warmup_steps=self.warmup_steps,
+                                         total_steps=steps),
+                loss_fn=loss_fn or cross_entropy_loss(z_loss=self.z_loss,
+                                                      label_smoothing=self.label_smoothing),
+                mesh_config=self.mesh_config(), random_seed=random_seed,
+                num_microbatches=self.num_microbatches,
+                loss_normalizing_factor=self.loss_normalizing_factor,
+                initial_checkpoint_path=self.initial_checkpoint_path,
+                log_period=min(self.log_period, steps), checkpoint_period=self.checkpoint_period,
+                keep_checkpoints=1, eval_period=0, overlong=self.overlong,
+                show_progress=show_progress, callbacks=list(callbacks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,29 +256,38 @@ def _json_load(path: str):
 
 # --- stages ------------------------------------------------------------------------------------
 
+def pseudo_label_kwargs(s: StudySettings) -> dict:
+    """How the study's teacher pseudo-labels (`pseudo_label.run_pseudo_labeling`'s settings, as
+    runs/pseudo_label.gin names them): the teacher's model (loaded unscanned and without remat,
+    as decoding runs it) and mesh, its stage's input length and decode length (targets - 1, so
+    that EOS fits), the study's infer_batch_size and chunk_size."""
+    lengths = s.teacher.lengths(s.task_feature_lengths)
+    config = s.teacher.model_config(inference=True).replace(scan_layers=False, remat_policy=None)
+    return dict(model_config=config,
+                max_input_length=lengths['inputs'], max_decode_length=lengths['targets'] - 1,
+                batch_size=s.infer_batch_size, chunk_size=s.chunk_size,
+                mesh_config=s.teacher.decode_mesh_config())
+
+
+def kd_settings(s: StudySettings) -> dict:
+    """The token-level KD loss of a student trained against the online teacher
+    (student_loss='token'): `online_teacher_kd_loss`'s temperature, alpha and z_loss."""
+    return dict(temperature=s.kd_temperature, alpha=0.0, z_loss=s.student.z_loss)
+
+
 def _train(s: StudySettings, stage: StageConfig, model_dir: str, task: str, num_examples: int,
            loss_fn=None):
     """Trains (or resumes) a model on `task`; every run prices itself into its dir's ledger."""
     from doa_jax import trainer
     from doa_jax.cost import CostCallback
-    from doa_jax.losses import cross_entropy_loss
-    from doa_jax.optimizers import make_optimizer
     steps = stage.steps(num_examples)
-    optimizer = make_optimizer(stage.optimizer, stage.learning_rate, schedule=stage.schedule,
-                               warmup_steps=stage.warmup_steps, total_steps=steps)
     _json_dump_once(os.path.join(model_dir, 'stage.json'),
                     {'stage': dataclasses.asdict(stage), 'task': task, 'examples': num_examples,
                      'train_steps': steps})
-    return trainer.train(
-            model_dir=model_dir, model_config=stage.model_config(), mixture_or_task_name=task,
-            task_feature_lengths=dict(s.task_feature_lengths), train_steps=steps,
-            batch_size=stage.batch_size, optimizer=optimizer,
-            loss_fn=loss_fn or cross_entropy_loss(z_loss=stage.z_loss),
-            mesh_config=stage.mesh_config(), random_seed=s.seed,
-            initial_checkpoint_path=stage.initial_checkpoint_path,
-            log_period=min(stage.log_period, steps), checkpoint_period=stage.checkpoint_period,
-            keep_checkpoints=1, eval_period=0, show_progress=s.show_progress,
-            callbacks=[CostCallback(prices=s.prices)])
+    return trainer.train(**stage.train_kwargs(
+            model_dir=model_dir, task=task, steps=steps, study_lengths=s.task_feature_lengths,
+            random_seed=s.seed, loss_fn=loss_fn, show_progress=s.show_progress,
+            callbacks=[CostCallback(prices=s.prices)]))
 
 
 def _json_dump_once(path: str, obj) -> None:
@@ -226,7 +304,7 @@ def _evaluate(s: StudySettings, stage: StageConfig, params, task: str, cache: st
     from doa_jax import trainer
     scores = trainer.evaluate(params, model_config=stage.model_config(inference=True),
                               mixture_or_task_name=task,
-                              task_feature_lengths=dict(s.task_feature_lengths),
+                              task_feature_lengths=stage.lengths(s.task_feature_lengths),
                               batch_size=s.eval_batch_size, mesh_config=stage.mesh_config())
     _json_dump(cache, scores)
     return scores
@@ -265,7 +343,8 @@ class _Teacher:
         """The teacher's fine-tuning priced by the FLOPs cost model (known before it runs)."""
         s = self.s
         return s.cost_model.train_usd(s.prices, s.teacher.model_config(), s.teacher.steps(self.m),
-                                      s.teacher.batch_size, s.task_feature_lengths)
+                                      s.teacher.batch_size,
+                                      s.teacher.lengths(s.task_feature_lengths))
 
     def train(self, order) -> float:
         """Fine-tunes (or resumes, or finds finished) the teacher; returns what the study's cost
@@ -310,17 +389,13 @@ class _Teacher:
             return
         pl.run_pseudo_labeling(
                 checkpoint_path=self.dir, output_dir=self.pl_dir,
-                model_config=s.teacher.model_config(inference=True),
-                mixture_or_task_name=self.pool_task,
-                max_input_length=s.task_feature_lengths['inputs'],
-                max_decode_length=self.decode_length,
-                batch_size=s.infer_batch_size, chunk_size=s.chunk_size,
+                mixture_or_task_name=self.pool_task, **pseudo_label_kwargs(s),
                 shard_id=0, num_shards=1, cost_ledger_dir=self.dir, prices=s.prices,
                 max_usd=max_usd, limit=limit)
 
     @property
     def decode_length(self) -> int:
-        return self.s.task_feature_lengths['targets'] - 1    # + EOS fits
+        return pseudo_label_kwargs(self.s)['max_decode_length']
 
     def labeled(self, below: int) -> int:
         """Pseudo-labels in completed chunks of the pool's first `below` examples."""
@@ -342,8 +417,8 @@ class _Teacher:
         for first in range(0, size, s.chunk_size):
             last = min(first + s.chunk_size, size) - 1
             out.append({'first': first, 'last': last, 'usd': s.cost_model.decode_usd(
-                    s.prices, cfg, last - first + 1, s.task_feature_lengths['inputs'],
-                    self.decode_length)})
+                    s.prices, cfg, last - first + 1,
+                    s.teacher.lengths(s.task_feature_lengths)['inputs'], self.decode_length)})
         return out
 
     def pseudo_labels(self, count: int) -> list[dict]:
@@ -473,8 +548,7 @@ def _train_student(s: StudySettings, point: Mapping, rows: Sequence[Mapping],
         if token_kd:
             from doa_jax.distill_losses import online_teacher_kd_loss
             loss_fn = online_teacher_kd_loss(
-                    teacher.params(), s.teacher.model_config(inference=True), s.kd_temperature,
-                    0.0, s.student.z_loss)
+                    teacher.params(), s.teacher.model_config(inference=True), **kd_settings(s))
         result = _train(s, s.student, os.path.join(pdir, 'student'), task, len(rows), loss_fn)
         scores = _evaluate(s, s.student, result.state.params, task, cache)
         _json_dump(index_path, {**(_json_load(index_path) or {}), key: point['point_id']})
@@ -490,7 +564,8 @@ def _train_student(s: StudySettings, point: Mapping, rows: Sequence[Mapping],
         usd = measured
     else:
         usd = s.cost_model.train_usd(s.prices, s.student.model_config(), steps,
-                                     s.student.batch_size, s.task_feature_lengths,
+                                     s.student.batch_size,
+                                     s.student.lengths(s.task_feature_lengths),
                                      s.teacher.model_config() if token_kd else None)
     out = {'metric': scores[metric], 'metric_name': s.data.metric, 'student_steps': steps,
            'usd_student': usd, 'usd_student_measured': measured,
@@ -606,6 +681,9 @@ _SETTINGS_KEYS = ('data', 'seed', 'teacher', 'student', 'task_feature_lengths', 
                   'cost_model')
 
 
+_STAGE_DEFAULTS = dataclasses.asdict(StageConfig())
+
+
 def _check_same_study(study_dir: str, fingerprint: dict) -> None:
     path = os.path.join(study_dir, 'study.json')
     old = _json_load(path)
@@ -613,6 +691,9 @@ def _check_same_study(study_dir: str, fingerprint: dict) -> None:
         os.makedirs(study_dir, exist_ok=True)
         _json_dump(path, fingerprint)
         return
+    for stage in ('teacher', 'student'):   # written before a StageConfig field existed: its
+        if isinstance(old.get(stage), dict):   # default, which is what that study ran with
+            old[stage] = {**_STAGE_DEFAULTS, **old[stage]}
     diff = [k for k in _SETTINGS_KEYS if old.get(k) != fingerprint.get(k)]
     if diff:
         raise ValueError(f'{study_dir} holds a study with other settings ({", ".join(diff)}: '
