@@ -70,3 +70,14 @@ def data_dir() -> pathlib.Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return DATA_DIR
+
+
+@pytest.fixture
+def gin_at_repo_root(monkeypatch):
+    """A clean gin config before and after the test, run from the repository root (gin files are
+    given relative to it, as in the docs)."""
+    import gin
+    monkeypatch.chdir(REPO)
+    gin.clear_config()
+    yield
+    gin.clear_config()

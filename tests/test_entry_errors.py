@@ -23,12 +23,7 @@ TRAIN_FLAGS = [f'--gin_file={f}' for f in FINETUNE]
 PSEUDO_LABEL = ['gin_configs/runs/pseudo_label.gin', 'gin_configs/runs/pseudo_label_tiny.gin']
 
 
-@pytest.fixture(autouse=True)
-def clean_gin(monkeypatch):
-    monkeypatch.chdir(REPO)   # the gin files are given relative to the repository, as in the docs
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures('gin_at_repo_root')
 
 
 @pytest.fixture

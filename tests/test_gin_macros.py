@@ -18,12 +18,7 @@ FINETUNE_TINY = ['--gin_file=gin_configs/runs/finetune.gin',
                  '--gin_file=gin_configs/runs/finetune_tiny.gin']
 
 
-@pytest.fixture(autouse=True)
-def clean_gin(monkeypatch):
-    monkeypatch.chdir(REPO)   # the gin files are given relative to the repository, as in the docs
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures('gin_at_repo_root')
 
 
 def _line_of(path: str, key: str) -> str:

@@ -15,12 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--gin_file=gin_configs/runs/finetune.gin', '--gin_file=gin_configs/runs/finetune_tiny.gin']
 
 
-@pytest.fixture(autouse=True)
-def clean_gin(monkeypatch):
-    monkeypatch.chdir(REPO)
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures('gin_at_repo_root')
 
 
 def _fingerprint(**kw):
