@@ -70,6 +70,20 @@ def estimate_from_benchmark(entry: Mapping, steps: int, batch_size: int, device_
     return Estimate(sps, steps, device_count, float(usd_per_device_hour), f'benchmark {name}')
 
 
+BUDGET_SCOPES = ('run', 'study', 'ledger')
+
+
+def check_cap_settings(budget_usd: float | None, budget_scope: str, owner: str = '') -> None:
+    """The checks every cost meter (CostCallback, t5x's CostAction) makes of its cap settings;
+    `owner` ('CostAction.') prefixes the setting names in the messages."""
+    if budget_scope not in BUDGET_SCOPES:
+        raise ValueError(f"{owner}budget_scope must be 'run' (this run's spending) or 'study' (the "
+                         f"whole ledger's), got {budget_scope!r}.")
+    if budget_usd is not None and budget_usd <= 0:
+        raise ValueError(f'{owner}budget_usd must be positive (or None for no cap), got '
+                         f'{budget_usd}; set BUDGET_USD to the dollars this run may spend.')
+
+
 def check_budget(estimate: Estimate, budget_usd: float | None, spent_usd: float = 0.0,
                  force: bool = False) -> float:
     """Remaining budget after the run; raises BudgetExceededError unless it fits or `force`."""

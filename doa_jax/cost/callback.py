@@ -9,7 +9,7 @@ from typing import Any
 
 from doa_jax import run_identity
 from doa_jax.callbacks import TrainerCallback
-from doa_jax.cost.budget import BudgetExceededError, Estimate, check_budget
+from doa_jax.cost.budget import BudgetExceededError, Estimate, check_budget, check_cap_settings
 from doa_jax.cost.ledger import Ledger
 from doa_jax.cost.meter import DeviceInfo, device_info, is_writer_process
 from doa_jax.cost.prices import PriceError, PriceTable, device_cost_usd, load_prices
@@ -45,12 +45,7 @@ class CostCallback(TrainerCallback):
                  device_price_fallback: str | None = None,
                  planned_steps: int | None = None, seconds_per_step: float | None = None,
                  force: bool = False, write: bool | None = None):
-        if budget_scope not in ('run', 'study', 'ledger'):
-            raise ValueError(f"budget_scope must be 'run' (this run's spending) or 'study' (the "
-                             f"whole ledger's), got {budget_scope!r}.")
-        if budget_usd is not None and budget_usd <= 0:
-            raise ValueError(f'budget_usd must be positive (or None for no cap), got '
-                             f'{budget_usd}; set BUDGET_USD to the dollars this run may spend.')
+        check_cap_settings(budget_usd, budget_scope)
         self.ledger = Ledger(ledger) if isinstance(ledger, (str, os.PathLike)) else ledger
         self.prices = prices if isinstance(prices, PriceTable) else load_prices(prices)
         self.run_id, self.stage = run_id, stage

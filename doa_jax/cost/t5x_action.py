@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from doa_jax.cost.budget import FORCE_HINT, BudgetExceededError, Estimate, check_budget
+from doa_jax.cost.budget import (FORCE_HINT, BudgetExceededError, Estimate, check_budget,
+                                 check_cap_settings)
 from doa_jax.cost.ledger import Ledger
 from doa_jax.cost.meter import DeviceInfo, device_info, is_writer_process
 from doa_jax.cost.prices import PriceError, PriceTable, load_prices
@@ -70,12 +71,7 @@ class CostAction:
                  include_other: bool = True, device_price_fallback: str | None = None,
                  force: bool = False, devices: DeviceInfo | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        if budget_scope not in ('run', 'study', 'ledger'):
-            raise ValueError(f"CostAction.budget_scope must be 'run' (this run's spending) or "
-                             f"'study' (the whole ledger's), got {budget_scope!r}.")
-        if budget_usd is not None and budget_usd <= 0:
-            raise ValueError(f'CostAction.budget_usd must be positive (or None for no cap), got '
-                             f'{budget_usd}; set BUDGET_USD to the dollars this run may spend.')
+        check_cap_settings(budget_usd, budget_scope, 'CostAction.')
         where = os.fspath(ledger if ledger is not None else model_dir)
         if '://' in where:
             raise ValueError(f'CostAction: the cost ledger needs a local or POSIX file system, '
