@@ -20,6 +20,7 @@ from doa_jax import distributed
 from doa_jax.data import budget
 from doa_jax.data.jsonl import DataError, iter_jsonl
 from doa_jax.data.vocabulary import default_vocabulary
+from tasks.prepared_source import PreparedOrJsonlSource, Slice
 
 distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
@@ -66,7 +67,10 @@ def withhold_targets(example: dict) -> dict:
 
 def _add_task(name: str, dataset_fn, splits: Sequence[str], metric_fns: Sequence[MetricFn],
               vocabulary: seqio.Vocabulary | None, overwrite: bool,
-              extra_preprocessors: Sequence = ()) -> seqio.Task:
+              extra_preprocessors: Sequence = (), source: seqio.DataSource | None = None
+              ) -> seqio.Task:
+    """Registers a task over `source`, by default the JSONL reader `dataset_fn` as a
+    FunctionDataSource."""
     if name in seqio.TaskRegistry.names():
         if not overwrite:
             raise ValueError(f'task {name!r} is already registered; pick another name or pass '
@@ -75,7 +79,7 @@ def _add_task(name: str, dataset_fn, splits: Sequence[str], metric_fns: Sequence
     vocab = vocabulary or default_vocabulary()
     features = {k: seqio.Feature(vocab, add_eos=True) for k in ('inputs', 'targets')}
     return seqio.TaskRegistry.add(
-            name, source=seqio.FunctionDataSource(dataset_fn, splits=tuple(splits)),
+            name, source=source or seqio.FunctionDataSource(dataset_fn, splits=tuple(splits)),
             preprocessors=[*extra_preprocessors, seqio.preprocessors.tokenize,
                            seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos],
             output_features=features, metric_fns=list(metric_fns))
@@ -86,8 +90,13 @@ def register_jsonl_task(name: str, files: Mapping[str, PathLike], prefix: str = 
                         vocabulary: seqio.Vocabulary | None = None,
                         labels: Collection[str] | None = None,
                         fields: tuple[str, str] = ('source', 'target'), on_error: str = 'raise',
-                        allow_empty_target: bool = False, overwrite: bool = False) -> seqio.Task:
-    """Registers a text-to-text task over JSONL files, one per split: inputs = prefix + source."""
+                        allow_empty_target: bool = False, overwrite: bool = False,
+                        prepared: str | None = None) -> seqio.Task:
+    """Registers a text-to-text task over JSONL files, one per split: inputs = prefix + source.
+
+    `prepared` names a paper dataset (doa_jax.data.paper.DATASETS) whose TFDS records, where
+    `data prepare` wrote them, are read instead of the files (tasks/prepared_source.py).
+    """
     files = dict(files)
 
     def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
@@ -96,7 +105,11 @@ def register_jsonl_task(name: str, files: Mapping[str, PathLike], prefix: str = 
                                            allow_empty_target)
         return _to_dataset(ids, [prefix + s for s in sources], targets)
 
-    return _add_task(name, dataset_fn, list(files), metric_fns, vocabulary, overwrite)
+    source = None if not prepared else PreparedOrJsonlSource(
+            prepared, {s: Slice(s) for s in files}, files, dataset_fn, prefix=prefix,
+            order_seed=None)     # whole splits: any stored order will do
+    return _add_task(name, dataset_fn, list(files), metric_fns, vocabulary, overwrite,
+                     source=source)
 
 
 def register_budget_tasks(base_name: str, files: Mapping[str, PathLike], prefix: str,
@@ -104,9 +117,15 @@ def register_budget_tasks(base_name: str, files: Mapping[str, PathLike], prefix:
                           seed: int = 0, pool_size: int | None = None,
                           vocabulary: seqio.Vocabulary | None = None,
                           labels: Collection[str] | None = None, on_error: str = 'raise',
-                          allow_empty_target: bool = False, overwrite: bool = False) -> list[str]:
+                          allow_empty_target: bool = False, overwrite: bool = False,
+                          prepared: str | None = None) -> list[str]:
     """Registers `{base}_labeled_{N}` for each N and `{base}_unlabeled` (the pool after the largest
-    N, targets withheld); evaluation splits are those of `files`. Returns the task names."""
+    N, targets withheld); evaluation splits are those of `files`. Returns the task names.
+
+    `prepared` names a paper dataset whose TFDS records, where `data prepare` wrote them with this
+    `seed`, are read instead of the files: the slices are then `train[:N]` and
+    `train[max N:]` of its train split, stored in this order (tasks/prepared_source.py).
+    """
     sizes = budget.check_sizes(sizes)
     pool_start, order_seed = sizes[-1], seed
     files = dict(files)
@@ -135,20 +154,37 @@ def register_budget_tasks(base_name: str, files: Mapping[str, PathLike], prefix:
 
     def pool_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
         ids, sources, _ = train_lines()
-        if len(ids) <= pool_start:
-            raise ValueError(f'{base_name}_unlabeled: the train file has {len(ids)} lines, none left '
-                             f'after the largest labeled slice ({pool_start}).')
+        budget.check_pool(len(ids), pool_start, f'{base_name}_unlabeled')
         idx = budget.pool_indices(len(ids), pool_start, order_seed, pool_size)
         # The gold targets are never put into the pool's dataset.
         return _to_dataset([ids[i] for i in idx], [prefix + sources[i] for i in idx], [''] * len(idx))
 
+    def source(fn, train: Slice | None, splits: Sequence[str], withhold: bool = False):
+        if not prepared:
+            return None     # the JSONL files only
+        slices = {s: train if s == 'train' else Slice(s) for s in splits}
+        return PreparedOrJsonlSource(prepared, slices, files, fn, prefix=prefix,
+                                     order_seed=order_seed, withhold_targets=withhold)
+
+    def labeled_slice(size: int) -> Slice:
+        where = f'{base_name}_labeled_{size}'
+        return Slice('train', 0, size,
+                     check=lambda n: budget.check_labeled(n, size, pool_start, where))
+
+    pool_slice = Slice('train', pool_start, None if pool_size is None else pool_start + pool_size,
+                       check=lambda n: budget.check_pool(n, pool_start, f'{base_name}_unlabeled',
+                                                         'prepared train split'))
+
     names = []
     for size in sizes:
         name = f'{base_name}_labeled_{size}'
-        _add_task(name, make_labeled(size), ['train', *eval_splits], metric_fns, vocabulary, overwrite)
+        splits, fn = ['train', *eval_splits], make_labeled(size)
+        _add_task(name, fn, splits, metric_fns, vocabulary, overwrite,
+                  source=source(fn, labeled_slice(size), splits))
         names.append(name)
     _add_task(f'{base_name}_unlabeled', pool_fn, ['train'], (), vocabulary, overwrite,
-              extra_preprocessors=[withhold_targets])
+              extra_preprocessors=[withhold_targets],
+              source=source(pool_fn, pool_slice, ['train'], withhold=True))
     return names + [f'{base_name}_unlabeled']
 
 

@@ -1,7 +1,8 @@
 """The six datasets of the paper as seqio tasks `doa_<dataset>` plus their budget slices.
 
-Inputs are the source prefixed with "<task>: " as the paper's runs did; files are looked up in the
-data dir (DOA_DATA_DIR, see doa_jax.data.paper) when a split is read.
+Inputs are the source prefixed with "<task>: " as the paper's runs did. When a split is read, the
+tasks read the dataset's TFDS records if `python -m doa_jax.data prepare` wrote them, else its JSONL
+files in the data dir (DOA_DATA_DIR, see doa_jax.data.paper); tasks/prepared_source.py decides.
 """
 
 from __future__ import annotations
@@ -78,11 +79,11 @@ def register_paper_tasks(vocabulary: seqio.Vocabulary | None = None, overwrite: 
         fns = _metric_fns(dataset)
         register_jsonl_task(name, files, spec.prefix, fns, vocabulary=vocabulary,
                             labels=spec.labels, allow_empty_target=spec.allow_empty_target,
-                            overwrite=overwrite)
+                            overwrite=overwrite, prepared=dataset)
         derived = register_budget_tasks(name, files, spec.prefix, spec.budget_sizes, fns,
                                         seed=seed, vocabulary=vocabulary, labels=spec.labels,
                                         allow_empty_target=spec.allow_empty_target,
-                                        overwrite=overwrite)
+                                        overwrite=overwrite, prepared=dataset)
         for key, measured in FEATURE_LENGTHS.items():
             if dataset in measured:
                 lengths.record([name, *derived], key, measured[dataset])

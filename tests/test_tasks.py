@@ -20,6 +20,7 @@ BYTE = seqio.ByteVocabulary()
 def byte_tasks(data_dir):
     mp = pytest.MonkeyPatch()
     mp.setenv('DOA_DATA_DIR', str(data_dir))
+    mp.delenv('DOA_TFDS_DIR', raising=False)   # the JSONL files unless a test prepares records
     tasks.register_paper_tasks(vocabulary=BYTE, overwrite=True)
     yield
     mp.undo()
@@ -188,3 +189,110 @@ def test_seqio_evaluator_scores_with_the_task_metric(tmp_path, data_dir):
     # (REFUTES), right for the 6 of those 10 rows whose gold label is REFUTES.
     assert result['accuracy_strict'] == pytest.approx(50.0)
     assert result['accuracy'] == pytest.approx(80.0)
+
+
+# Prepared TFDS records (python -m doa_jax.data prepare) against the JSONL files they came from.
+
+UNCACHED = 'Using an uncached FunctionDataset for training'
+# One of each kind: a whole train split, an evaluation split, budget slices, the pool.
+WLP_SPLITS = [('doa_wlp', 'train'), ('doa_wlp_labeled_1000', 'test'),
+              ('doa_wlp_labeled_1000', 'train'), ('doa_wlp_labeled_5000', 'train'),
+              ('doa_wlp_unlabeled', 'train')]
+
+
+@pytest.fixture(scope='module')
+def prepared_wlp(data_dir, tmp_path_factory):
+    """WLP's TFDS records, prepared once into a temporary folder."""
+    from doa_jax.data.__main__ import main
+    root = tmp_path_factory.mktemp('tfds')
+    assert main(['prepare', '--tasks=wlp', f'--data_dir={data_dir}', f'--tfds_dir={root}']) == 0
+    return root
+
+
+def _raw(name, split):
+    return list(seqio.get_mixture_or_task(name).source.get_dataset(split, shuffle=False)
+                .as_numpy_iterator())
+
+
+def _rows(name, split):
+    """(id, inputs, targets) of a task split's source, read in batches (fast)."""
+    ds = seqio.get_mixture_or_task(name).source.get_dataset(split, shuffle=False).batch(4096)
+    return [row for b in ds.as_numpy_iterator()
+            for row in zip(b['id'].tolist(), b['inputs'].tolist(), b['targets'].tolist())]
+
+
+def test_prepared_records_give_the_jsonl_examples(prepared_wlp, tmp_path, monkeypatch):
+    """Every kind of WLP task split, the budget slices and the pool included: the same ids,
+    inputs and targets from the TFDS records as from the JSONL files, in the same order (the
+    full train split, which no slice takes part of, is stored in the budget order)."""
+    monkeypatch.setenv('DOA_TFDS_DIR', str(tmp_path))            # nothing prepared there
+    jsonl = {key: _rows(*key) for key in WLP_SPLITS}
+    assert not any(seqio.get_mixture_or_task(n).source.tfds_source(s) for n, s in WLP_SPLITS)
+    monkeypatch.setenv('DOA_TFDS_DIR', str(prepared_wlp))
+    for name, split in WLP_SPLITS:
+        assert seqio.get_mixture_or_task(name).source.tfds_source(split) is not None, name
+        got, want = _rows(name, split), jsonl[name, split]
+        if (name, split) == ('doa_wlp', 'train'):
+            got, want = sorted(got), sorted(want)
+        assert got == want, (name, split)
+    assert [len(jsonl[k]) for k in WLP_SPLITS] == [14271, 3562, 1000, 5000, 9271]
+    assert {row[2] for row in jsonl['doa_wlp_unlabeled', 'train']} == {b''}
+
+
+def test_prepared_training_read_has_no_uncached_warning(prepared_wlp, tmp_path, monkeypatch,
+                                                        caplog):
+    """seqio warns on training reads of the JSONL path (a FunctionDataSource), and not on those of
+    the prepared records; both tokenize to the same examples."""
+    task = seqio.get_mixture_or_task('doa_wlp_labeled_1000')
+
+    def first_ids():
+        ds = task.get_dataset(LENGTHS, split='train', shuffle=True, seed=5)
+        return sorted(e['id'] for e in ds.as_numpy_iterator())
+
+    monkeypatch.setenv('DOA_TFDS_DIR', str(tmp_path))
+    with caplog.at_level('WARNING'):
+        fallback = first_ids()
+    assert UNCACHED in caplog.text
+    caplog.clear()
+    monkeypatch.setenv('DOA_TFDS_DIR', str(prepared_wlp))
+    with caplog.at_level('WARNING'):
+        prepared = first_ids()
+    assert UNCACHED not in caplog.text
+    assert prepared == fallback and len(prepared) == 1000
+
+
+def test_prepared_records_without_files_stale_files_and_other_seeds(prepared_wlp, data_dir,
+                                                                    tmp_path, monkeypatch):
+    """Records serve when the JSONL files are gone; a file changed since prepare is an error
+    that says how to fix it; slices with another seed read the JSONL files; a slice too large for
+    the records fails as it does on the JSONL path."""
+    monkeypatch.setenv('DOA_TFDS_DIR', str(prepared_wlp))
+    monkeypatch.setenv('DOA_DATA_DIR', str(tmp_path))               # no JSONL file there
+    assert len(_raw('doa_wlp_labeled_1000', 'train')) == 1000
+    (tmp_path / 'wlp').mkdir()
+    lines = (data_dir / 'wlp/wlp_test_all.json').read_text().splitlines(keepends=True)
+    (tmp_path / 'wlp/wlp_test_all.json').write_text(''.join(lines[:-1]))
+    with pytest.raises(jsonl.DataError, match=r"'test' records were prepared from a 866585-byte "
+                                              r'wlp_test_all.json.*Prepare again'):
+        _raw('doa_wlp', 'test')
+
+    monkeypatch.setenv('DOA_DATA_DIR', str(data_dir))
+    spec = paper.DATASETS['wlp']
+    files = {s: str(data_dir / rel) for s, rel in spec.files.items()}
+    names = tasks.register_budget_tasks('test_wlp_seed3', files, spec.prefix, (1000,), seed=3,
+                                        vocabulary=BYTE, allow_empty_target=True, overwrite=True,
+                                        prepared='wlp')
+    source = seqio.get_mixture_or_task(names[0]).source
+    assert source.tfds_source('train') is None and source.tfds_source('test') is not None
+    assert _raw(names[0], 'train')[0]['id'] != _raw('doa_wlp_labeled_1000', 'train')[0]['id']
+    names = tasks.register_budget_tasks('test_wlp_big', files, spec.prefix, (14271,),
+                                        vocabulary=BYTE, allow_empty_target=True, overwrite=True,
+                                        prepared='wlp')
+    source = lambda name: seqio.get_mixture_or_task(name).source
+    assert source(names[0]).tfds_source('train') is not None     # all 14271: fits
+    with pytest.raises(ValueError, match='test_wlp_big_unlabeled: the prepared train split has 14271'):
+        source(names[1]).tfds_source('train')
+    tasks.register_budget_tasks('test_wlp_huge', files, spec.prefix, (20000,), vocabulary=BYTE,
+                                overwrite=True, prepared='wlp')
+    with pytest.raises(ValueError, match='a labeled slice of 20000 needs 20000 examples'):
+        source('test_wlp_huge_labeled_20000').tfds_source('train')

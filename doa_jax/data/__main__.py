@@ -26,7 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help='where the files are served (a mirror, or file:///path/ offline)')
     parser.add_argument('--include_unverified', action='store_true',
                         help='also fetch files with no recorded checksum (recorded on first fetch)')
-    parser.add_argument('--tfds_dir', default=None, help='TFDS output (default: <data_dir>/tfds)')
+    parser.add_argument('--tfds_dir', default=None,
+                        help='TFDS output (default: <data_dir>/tfds, where the paper tasks look '
+                             'for it; elsewhere, point DOA_TFDS_DIR at it)')
     parser.add_argument('--vocabulary', default=None,
                         help="lengths: 'byte' or a SentencePiece model path (default: as the "
                              'runs pick it: $DOA_VOCAB, else the T5 model)')

@@ -20,12 +20,26 @@ def shuffled_order(num_examples: int, seed: int) -> np.ndarray:
 def labeled_indices(num_examples: int, size: int, seed: int, pool_start: int | None = None,
                     where: str = 'train split') -> np.ndarray:
     """The indices of the first `size` examples of the shuffled order."""
+    check_labeled(num_examples, size, pool_start, where)
+    return shuffled_order(num_examples, seed)[:size]
+
+
+def check_labeled(num_examples: int, size: int, pool_start: int | None = None,
+                  where: str = 'train split') -> None:
+    """A labeled slice of `size` must fit before the pool: else an error saying how to fix it."""
     limit = num_examples if pool_start is None else min(pool_start, num_examples)
     if size > limit:
         raise ValueError(f'{where}: a labeled slice of {size} needs {size} examples but only {limit} '
                          f'are available ({num_examples} lines, pool starts at {pool_start}); use a '
                          'smaller N or a larger train file.')
-    return shuffled_order(num_examples, seed)[:size]
+
+
+def check_pool(num_examples: int, pool_start: int, where: str = 'unlabeled pool',
+               what: str = 'train file') -> None:
+    """The pool must hold at least one example after the largest labeled slice."""
+    if num_examples <= pool_start:
+        raise ValueError(f'{where}: the {what} has {num_examples} lines, none left after the '
+                         f'largest labeled slice ({pool_start}).')
 
 
 def pool_indices(num_examples: int, pool_start: int, seed: int, pool_size: int | None = None
