@@ -242,11 +242,12 @@ def test_prepared_records_give_the_jsonl_examples(prepared_wlp, tmp_path, monkey
 def test_prepared_training_read_has_no_uncached_warning(prepared_wlp, tmp_path, monkeypatch,
                                                         caplog):
     """seqio warns on training reads of the JSONL path (a FunctionDataSource), and not on those of
-    the prepared records; both tokenize to the same examples."""
+    the prepared records; both tokenize to the same examples, which two hosts split between
+    them."""
     task = seqio.get_mixture_or_task('doa_wlp_labeled_1000')
 
-    def first_ids():
-        ds = task.get_dataset(LENGTHS, split='train', shuffle=True, seed=5)
+    def first_ids(shard=None):
+        ds = task.get_dataset(LENGTHS, split='train', shuffle=True, seed=5, shard_info=shard)
         return sorted(e['id'] for e in ds.as_numpy_iterator())
 
     monkeypatch.setenv('DOA_TFDS_DIR', str(tmp_path))
@@ -259,6 +260,9 @@ def test_prepared_training_read_has_no_uncached_warning(prepared_wlp, tmp_path, 
         prepared = first_ids()
     assert UNCACHED not in caplog.text
     assert prepared == fallback and len(prepared) == 1000
+    # Two hosts read disjoint halves of the slice.
+    halves = [first_ids(seqio.ShardInfo(index=i, num_shards=2)) for i in range(2)]
+    assert sorted(halves[0] + halves[1]) == prepared and len(halves[0]) == 500
 
 
 def test_prepared_records_without_files_stale_files_and_other_seeds(prepared_wlp, data_dir,
