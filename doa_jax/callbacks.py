@@ -1,20 +1,36 @@
 """The trainer's callback protocol (shared with the cost meter and other observers).
 
 Hooks are keyword-only. The trainer calls them on every process alike; a callback decides itself
-whether only process 0 writes. Resume semantics: after a crash the trainer restarts from the latest
-checkpoint step S and calls `on_train_start(start_step=S)`; steps after S that ran before the crash
-are redone, so a callback should treat an interval as final only once `on_checkpoint` covers it.
+whether only process 0 writes. `on_plan` comes first, before `on_train_start` and before anything
+compiles: what the run will do, for estimates (the cost meter refuses a run it cannot pay for).
+Resume semantics: after a crash the trainer restarts from the latest checkpoint step S and calls
+`on_train_start(start_step=S)`; steps after S that ran before the crash are redone, so a callback
+should treat an interval as final only once `on_checkpoint` covers it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """What `train` is about to run, known before it compiles (doa_jax.flops counts the FLOPs)."""
+    train_steps: int                # the step training ends at (TRAIN_STEPS)
+    flops_per_step: float           # one training step, global batch, an online teacher included
+    eval_flops: float               # a lower bound on one evaluation's FLOPs (0: no evaluation)
+    peak_flops_per_device: float | None   # the device's peak FLOP/s; None: not in the catalog
+
+
 class TrainerCallback:
     """Base class: every hook is a no-op."""
+
+    def on_plan(self, *, plan: TrainPlan) -> None:
+        """Once per `train` call, before on_train_start; raising here stops the run before it
+        compiles or writes anything."""
 
     def on_train_start(self, *, model_dir: str, start_step: int, mesh: jax.sharding.Mesh) -> None:
         pass
@@ -36,6 +52,12 @@ class TrainerCallback:
         """Checked once per logging interval; True makes the trainer save at `step` and stop."""
         return False
 
+    def skip_eval(self, *, step: int, final: bool) -> str | None:
+        """Asked before each evaluation (`final`: the one at TRAIN_STEPS), after should_stop: a
+        reason to skip it, or None to run it. A skipped periodic evaluation also stops the run
+        (saved at `step`); a skipped final one leaves the finished run without its scores."""
+        return None
+
     def on_train_end(self, *, step: int, reason: str) -> None:
         """reason: 'done' | 'stopped' | 'error'."""
 
@@ -45,6 +67,10 @@ class CallbackList(TrainerCallback):
 
     def __init__(self, callbacks: Sequence[TrainerCallback] = ()):
         self.callbacks = list(callbacks)
+
+    def on_plan(self, **kw) -> None:
+        for c in self.callbacks:
+            c.on_plan(**kw)
 
     def on_train_start(self, **kw) -> None:
         for c in self.callbacks:
@@ -68,6 +94,11 @@ class CallbackList(TrainerCallback):
 
     def should_stop(self, **kw) -> bool:
         return any([c.should_stop(**kw) for c in self.callbacks])
+
+    def skip_eval(self, **kw) -> str | None:
+        """Every callback is asked (each may agree with the other processes); the reasons join."""
+        reasons = [r for r in [c.skip_eval(**kw) for c in self.callbacks] if r]
+        return '; '.join(reasons) or None
 
     def on_train_end(self, **kw) -> None:
         for c in self.callbacks:

@@ -22,10 +22,11 @@ import optax
 from jax.experimental import multihost_utils
 
 from doa_jax import checkpoints, decoding, partitioning, run_identity, train_data
-from doa_jax.callbacks import CallbackList, TrainerCallback
+from doa_jax.callbacks import CallbackList, TrainerCallback, TrainPlan
 from doa_jax.checkpoints import RunCheckpointer
 from doa_jax.data import lengths as feature_lengths
-from doa_jax.flops import DEFAULT_CPU_PEAK_FLOPS, mfu, peak_flops_per_device, train_flops_per_sequence
+from doa_jax.flops import (DEFAULT_CPU_PEAK_FLOPS, decode_flops_per_sequence, mfu,
+                           peak_flops_per_device, train_flops_per_sequence)
 from doa_jax.losses import LossFn, cross_entropy_loss, metrics_from_aux
 from doa_jax.metrics_writer import TrainMetricsWriter
 from doa_jax.models.config import T5Config
@@ -44,6 +45,7 @@ class TrainResult:
     reason: str
     state: TrainState
     history: list[dict[str, float]]   # one row per logging interval (process-local copy)
+    notes: list[str] = dataclasses.field(default_factory=list)   # e.g. an evaluation skipped
 
 
 def _check_restorable(checkpointer: RunCheckpointer, step: int, abstract: TrainState,
@@ -72,6 +74,33 @@ def _place_teacher(loss_fn: LossFn | None, mesh, rules, placed: tuple = (None, N
     if teacher is None:
         return None
     return placed[1] if teacher is placed[0] else teacher.place(mesh, rules)
+
+
+def _train_plan(model_config: T5Config, loss_fn: LossFn, eval_loss_fn: LossFn,
+                lengths: Mapping[str, int], batch_size: int, train_steps: int, eval_period: int,
+                eval_steps: int | None, decode_metrics: bool, peak: float | None) -> TrainPlan:
+    """The FLOPs `train` will spend (doa_jax.flops), for the callbacks' estimates before anything
+    compiles. An evaluation counts what it surely runs: one batch (the split's size is unknown
+    until it is read), teacher-forced, plus one greedy decode step per row (decoding may stop at
+    EOS)."""
+    src, tgt = int(lengths['inputs']), int(lengths['targets'])
+
+    def forward(config: T5Config | None) -> float:
+        return 0.0 if config is None else train_flops_per_sequence(config, src, tgt) / 3
+
+    def online_teacher(loss: LossFn) -> T5Config | None:
+        return getattr(getattr(loss, 'teacher', None), 'config', None)
+
+    per_step = batch_size * (train_flops_per_sequence(model_config, src, tgt)
+                             + forward(online_teacher(loss_fn)))
+    eval_flops = 0.0
+    if eval_period and eval_steps != 0:
+        per_row = forward(model_config) + forward(online_teacher(eval_loss_fn))
+        if decode_metrics:
+            per_row += decode_flops_per_sequence(model_config, src, 1)
+        eval_flops = batch_size * per_row
+    return TrainPlan(train_steps=train_steps, flops_per_step=per_step, eval_flops=eval_flops,
+                     peak_flops_per_device=peak)
 
 
 def _next_boundary(step: int, periods: Sequence[int], last: int) -> int:
@@ -191,10 +220,14 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
                            loss_normalizing_factor, random_seed,
                            _place_teacher(eval_loss, mesh, param_rules,
                                           (getattr(loss_fn, 'teacher', None), teacher_params)))
+    callbacks.on_plan(plan=_train_plan(model_config, loss_fn, eval_loss, task_feature_lengths,
+                                       batch_size, train_steps, eval_period, eval_steps,
+                                       decode_metrics, peak))
     callbacks.on_train_start(model_dir=model_dir, start_step=start_step, mesh=mesh)
 
     step = start_step
     history: list[dict[str, float]] = []
+    notes: list[str] = []
     reason = 'done'
     try:
         compiled = None
@@ -239,11 +272,21 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
                 for saved in checkpointer.durable():
                     callbacks.on_checkpoint(step=saved)
                 stop = callbacks.should_stop(step=step)
+                eval_due = bool(eval_period) and (step % eval_period == 0 or step == train_steps)
+                # An evaluation is billed too: the callbacks may skip one they cannot pay for.
+                skipped = callbacks.skip_eval(step=step, final=step == train_steps) \
+                    if eval_due else None
+                if skipped:
+                    notes.append(f'{"final " if step == train_steps else ""}evaluation at step '
+                                 f'{step} skipped: {skipped}; the checkpoint at step {step} is '
+                                 'kept')
+                    logging.warning('%s.', notes[-1])
+                    stop = True
                 if step % checkpoint_period == 0 or step == train_steps or stop:
                     # Asynchronous: the files are written while the next steps run.
                     checkpointer.save(step, state, {'step': step, 'batches_consumed': skip + step
                                                     - start_step})
-                if eval_period and (step % eval_period == 0 or step == train_steps):
+                if eval_due and not skipped:
                     t_eval = time.perf_counter()
                     scalars = evaluator.run(state.params)
                     writer.write_eval(step, scalars)
@@ -265,7 +308,7 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
     callbacks.on_train_end(step=step, reason=reason)
     writer.close()
     checkpointer.close()
-    return TrainResult(step=step, reason=reason, state=state, history=history)
+    return TrainResult(step=step, reason=reason, state=state, history=history, notes=notes)
 
 
 def evaluate(params, *, model_config: T5Config, mixture_or_task_name: str,

@@ -11,10 +11,12 @@ import types
 import numpy as np
 import pytest
 
+from doa_jax.callbacks import TrainPlan
 from doa_jax.cost import (BudgetExceededError, ComputeMeter, CostCallback, Ledger, LedgerError,
                           PriceError, annotation_cost_usd, check_budget, default_prices,
-                          device_cost_usd, estimate_from_benchmark, estimate_from_warmup,
-                          llm_cost_usd, load_prices)
+                          device_cost_usd, estimate_from_benchmark, estimate_from_flops,
+                          estimate_from_warmup, llm_cost_usd, load_prices)
+from doa_jax.cost.prices import format_usd
 from doa_jax.cost.report import collect, format_table, main as report_main
 
 
@@ -222,6 +224,81 @@ def test_callback_preflight_from_warmup_or_given_speed(tmp_path):
     with pytest.raises(BudgetExceededError, match='seconds_per_step'):
         start(seconds_per_step=3.6)                    # e.g. from a benchmark table: no warm-up
     start(seconds_per_step=1.0).on_steps_end(first_step=21, last_step=30, seconds=10.0)
+
+
+@pytest.mark.parametrize('usd,text', [
+    (0.0, '$0'), (-0.0, '$0'), (0.0000891, '$0.0000891'), (0.00448, '$0.00448'),
+    (0.0999999, '$0.100'), (0.4, '$0.400'), (7.425, '$7.42'), (1980, '$1,980'),
+    (-0.0000123, '-$0.0000123'), (9.78e-7, '$0.000000978')])
+def test_money_has_three_significant_digits_below_a_dollar_and_no_negative_zero(usd, text):
+    assert format_usd(usd) == text
+
+
+def test_lowest_cost_and_an_exhausted_budget_read_plainly():
+    # 100 steps of 3.12e12 FLOPs on 4 A100s (312 TFLOP/s each): 2.5 ms a step at best,
+    # 0.25 s x 4 devices x $1.875/h = $0.000520833.
+    lowest = estimate_from_flops(3.12e12, 100, 4, 312e12, 1.875)
+    assert lowest.seconds_per_step == pytest.approx(0.0025) and lowest.usd == pytest.approx(
+        0.25 * 4 * 1.875 / 3600)
+    with pytest.raises(BudgetExceededError) as e:
+        check_budget(lowest, budget_usd=0.0005, spent_usd=0.0001)
+    msg = str(e.value)
+    assert msg.startswith('Refusing to start: its lowest possible cost $0.000521 = ')
+    assert 'the remaining budget $0.000400 (BUDGET_USD $0.000500 - already spent $0.000100)' \
+        in msg and 'Lower TRAIN_STEPS, BATCH_SIZE or the model' in msg
+    with pytest.raises(BudgetExceededError) as e:            # spent past the cap already
+        check_budget(lowest, budget_usd=0.00001, spent_usd=0.0000133)
+    assert ('the remaining budget, none (BUDGET_USD $0.0000100, already spent $0.0000133)'
+            in str(e.value)) and '$-' not in str(e.value) and '-$' not in str(e.value)
+
+
+def test_callback_refuses_before_recording_when_the_flops_cannot_fit(tmp_path):
+    def start(budget, **kw):
+        cb = CostCallback(Ledger(tmp_path), default_prices(), 'r', 'train', budget_usd=budget,
+                          planned_steps=1000, write=True, **kw)
+        cb.on_plan(plan=TrainPlan(train_steps=1000, flops_per_step=3.12e14, eval_flops=0,
+                                  peak_flops_per_device=None))     # the A100 catalog peak
+        cb.on_train_start(model_dir=str(tmp_path), start_step=400, mesh=fake_mesh(n=4))
+        return cb
+
+    # 600 steps left x 3.12e14 FLOPs / (4 x 312e12 FLOP/s) = 150 s on 4 A100s: $0.3125.
+    with pytest.raises(BudgetExceededError, match=r'lowest possible cost \$0\.312 = 0\.25 '
+                       r's/step x 600 steps x 4 device\(s\).*remaining budget \$0\.300 '):
+        start(0.30)
+    assert Ledger(tmp_path).runs() == []              # no attempt recorded for a refused run
+    start(0.30, force=True)                           # forced: it runs (and stops at the cap)
+    assert start(0.32).attempt == 2
+
+
+def test_an_evaluation_is_skipped_when_its_estimate_does_not_fit(tmp_path):
+    cb = CostCallback(Ledger(tmp_path), default_prices(), 'r', 'train', budget_usd=0.2,
+                      include_other=False, write=True)
+    cb.on_plan(plan=TrainPlan(train_steps=100, flops_per_step=1.248e14, eval_flops=1.248e15,
+                              peak_flops_per_device=None))
+    cb.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh(n=4))
+    # Before any step: the eval's 1.248e15 FLOPs at the peak 4 x 312e12 FLOP/s take 1 s on 4
+    # devices: $0.00208, which fits.
+    assert cb.skip_eval(step=0, final=False) is None
+    # 10 steps in 40 s: 3.12e13 FLOP/s measured, so the eval takes 40 s: 160 device-seconds =
+    # $0.0833; $0.0833 is spent, $0.1167 left: it fits. With a cap of $0.15 it would not.
+    cb.on_steps_end(first_step=1, last_step=10, seconds=40.0)
+    assert cb.skip_eval(step=10, final=False) is None
+    cb.budget_usd = 0.15
+    why = cb.skip_eval(step=10, final=False)
+    assert why.startswith('the BUDGET_USD cap: it would cost $0.0833 (at least 1.25e+15 FLOPs '
+                          "at 3.12e+13 FLOP/s, the training steps' measured FLOP/s), more than "
+                          'the remaining budget $0.0667 (BUDGET_USD $0.150 - already spent '
+                          '$0.0833)')
+    assert cb.stopped_at == 10
+    # Once an evaluation ran, its measured time is the estimate: 100 s on 4 devices = $0.208.
+    cb.budget_usd = 1.0
+    cb.on_eval_end(step=10, seconds=100.0)              # spent: $0.0833 + $0.208 = $0.292
+    assert cb.skip_eval(step=20, final=False) is None   # $0.708 left
+    cb.budget_usd = 0.45
+    assert 'it would cost $0.208 (the last evaluation took 100 s)' in cb.skip_eval(
+        step=20, final=True)
+    cb.include_eval = False                             # an unbilled evaluation always runs
+    assert cb.skip_eval(step=20, final=True) is None
 
 
 # ---- report -----------------------------------------------------------------------------------

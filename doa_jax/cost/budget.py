@@ -6,7 +6,7 @@ import dataclasses
 import statistics
 from typing import Mapping, Sequence
 
-from doa_jax.cost.prices import device_cost_usd
+from doa_jax.cost.prices import device_cost_usd, format_usd
 
 FORCE_HINT = ('pass --gin.CostCallback.force=True (a --force flag where the entry point has one; '
               'Python: force=True)')
@@ -23,6 +23,7 @@ class Estimate:
     device_count: int
     usd_per_device_hour: float
     source: str          # 'warm-up (N steps)' or 'benchmark ...': where the speed came from
+    lower_bound: bool = False   # the speed is the fastest possible (FLOPs at the peak FLOP/s)
 
     @property
     def seconds(self) -> float:
@@ -33,9 +34,25 @@ class Estimate:
         return device_cost_usd(self.seconds, self.device_count, self.usd_per_device_hour)
 
     def describe(self) -> str:
-        return (f'${self.usd:,.2f} = {self.seconds_per_step:.4g} s/step x {self.steps} steps x '
-                f'{self.device_count} device(s) x ${self.usd_per_device_hour}/device-hour '
-                f'(speed from {self.source})')
+        return (f'{format_usd(self.usd)} = '
+                f'{self.seconds_per_step:.4g} s/step x {self.steps} steps x '
+                f'{self.device_count} device(s) x {format_usd(self.usd_per_device_hour)}'
+                f'/device-hour (speed from {self.source})')
+
+
+def estimate_from_flops(flops_per_step: float, steps: int, device_count: int,
+                        peak_flops_per_device: float, usd_per_device_hour: float) -> Estimate:
+    """The cheapest `steps` training steps can possibly be: their FLOPs at the devices' peak
+    FLOP/s. Known before anything compiles; a run whose lower bound the budget cannot pay is
+    refused before it spends anything."""
+    if flops_per_step <= 0 or peak_flops_per_device <= 0 or device_count <= 0:
+        raise ValueError(f'flops_per_step ({flops_per_step}), peak_flops_per_device '
+                         f'({peak_flops_per_device}) and device_count ({device_count}) must be '
+                         'positive.')
+    sps = flops_per_step / (peak_flops_per_device * device_count)
+    return Estimate(sps, steps, device_count, float(usd_per_device_hour),
+                    f'{flops_per_step:.4g} FLOPs/step at the peak {peak_flops_per_device:.4g} '
+                    'FLOP/s per device', lower_bound=True)
 
 
 def seconds_per_step_from_warmup(step_seconds: Sequence[float], skip_first: int = 1) -> float:
@@ -84,6 +101,17 @@ def check_cap_settings(budget_usd: float | None, budget_scope: str, owner: str =
                          f'{budget_usd}; set BUDGET_USD to the dollars this run may spend.')
 
 
+def describe_remaining(budget_usd: float, spent_usd: float) -> str:
+    """'the remaining budget $0.0000100 (BUDGET_USD $0.0000200 - already spent $0.0000100)';
+    once the spending reached the cap, 'the remaining budget, none (...)', never a negative $."""
+    remaining = budget_usd - spent_usd
+    if remaining <= 0:
+        return (f'the remaining budget, none (BUDGET_USD {format_usd(budget_usd)}, already '
+                f'spent {format_usd(spent_usd)})')
+    return (f'the remaining budget {format_usd(remaining)} (BUDGET_USD {format_usd(budget_usd)}'
+            f' - already spent {format_usd(spent_usd)})')
+
+
 def check_budget(estimate: Estimate, budget_usd: float | None, spent_usd: float = 0.0,
                  force: bool = False) -> float:
     """Remaining budget after the run; raises BudgetExceededError unless it fits or `force`."""
@@ -91,9 +119,11 @@ def check_budget(estimate: Estimate, budget_usd: float | None, spent_usd: float 
         return float('inf')
     remaining = budget_usd - spent_usd
     if estimate.usd > remaining and not force:
+        what, lower = (('its lowest possible cost', 'TRAIN_STEPS, BATCH_SIZE or the model')
+                       if estimate.lower_bound else ('estimated cost',
+                                                     'TRAIN_STEPS or the device count'))
         raise BudgetExceededError(
-            f'Refusing to start: estimated cost {estimate.describe()} exceeds the remaining '
-            f'budget ${remaining:,.2f} (BUDGET_USD ${budget_usd:,.2f} - already spent '
-            f'${spent_usd:,.2f}). Lower TRAIN_STEPS or the device count, raise BUDGET_USD, or '
+            f'Refusing to start: {what} {estimate.describe()} exceeds '
+            f'{describe_remaining(budget_usd, spent_usd)}. Lower {lower}, raise BUDGET_USD, or '
             f'{FORCE_HINT} to start anyway; the run will still stop at the cap.')
     return remaining - estimate.usd

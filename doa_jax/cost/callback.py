@@ -8,11 +8,13 @@ import time
 from typing import Any
 
 from doa_jax import run_identity
-from doa_jax.callbacks import TrainerCallback
-from doa_jax.cost.budget import BudgetExceededError, Estimate, check_budget, check_cap_settings
+from doa_jax.callbacks import TrainerCallback, TrainPlan
+from doa_jax.cost.budget import (BudgetExceededError, Estimate, check_budget, check_cap_settings,
+                                 describe_remaining, estimate_from_flops)
 from doa_jax.cost.ledger import Ledger
 from doa_jax.cost.meter import DeviceInfo, device_info, is_writer_process
-from doa_jax.cost.prices import PriceError, PriceTable, device_cost_usd, load_prices
+from doa_jax.cost.prices import (PriceError, PriceTable, device_cost_usd, format_usd,
+                                 load_prices)
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +32,20 @@ class CostCallback(TrainerCallback):
     Defaults suit a gin binding: `ledger=None` uses MODEL_DIR's ledger, `prices` may be a YAML
     path, `run_id=None` is the run id recorded in MODEL_DIR (`run_identity.folder_run_id`: the
     directory's name when it was first metered), so a moved or renamed MODEL_DIR resumes its own
-    ledger rows and its crashed attempt's unfinished steps count as redone. Pre-flight: with
-    `planned_steps` (TRAIN_STEPS), the run is refused unless `force` when its estimated cost
-    exceeds the remaining budget; the speed is `seconds_per_step` (e.g. from a benchmark table,
-    checked before the first step) or else measured on the first logging interval (a short
+    ledger rows and its crashed attempt's unfinished steps count as redone.
+
+    Pre-flight: with `planned_steps` (TRAIN_STEPS), the run is refused unless `force` when its
+    cost exceeds the remaining budget. First before anything compiles or is recorded, at the
+    lowest cost the steps can have: their FLOPs (the trainer's plan) at the device's peak FLOP/s
+    (the catalog's, or CPU_PEAK_FLOPS); again right after compiling, which is billed and has no
+    price before it ran. Then at a measured speed: the given `seconds_per_step` (e.g. from a
+    benchmark table, before the first step) or else the first logging interval (a short
     warm-up, checked right after it).
+
+    An evaluation is billed too: before each one, the final one included, `skip_eval` skips it
+    (and the trainer stops, its checkpoint saved) when what it would cost does not fit what is
+    left of the cap: the last evaluation's measured seconds or, for the first, its minimum FLOPs
+    (the trainer's plan) at the FLOP/s the training steps reached, at most the device's peak.
     """
 
     def __init__(self, ledger: Ledger | str | None = None,
@@ -65,8 +76,15 @@ class CostCallback(TrainerCallback):
         self._seq = 0
         self._last_event = time.monotonic()
         self.stopped_at: int | None = None
+        self.plan: TrainPlan | None = None
+        self._start_step = 0
+        self._eval_seconds: float | None = None      # the last evaluation's, measured
+        self._flops_per_second: float | None = None  # the training steps', measured
 
     # ---- protocol ---------------------------------------------------------------------------
+    def on_plan(self, *, plan: TrainPlan) -> None:
+        self.plan = plan
+
     def on_train_start(self, *, model_dir: str, start_step: int, mesh: Any) -> None:
         if self.ledger is None:
             self.ledger = Ledger(model_dir)
@@ -89,17 +107,21 @@ class CostCallback(TrainerCallback):
         except PriceError as e:
             raise PriceError(f'CostCallback cannot price this run ({self.device.count} x '
                              f'{self.device.kind!r}), so it stops before step 0. {e}') from None
-        self._seq, self._other_seconds = 0, 0.0
-        if self.write:
-            self.attempt = self.ledger.begin_attempt(self.run_id, self.stage, start_step)
-            log.info('cost: run %s stage %s attempt %d from step %d on %d x %s at $%s/device-h; '
-                     'ledger %s', self.run_id, self.stage, self.attempt, start_step,
-                     self.device.count, self.device.kind, self.usd_per_device_hour,
-                     self.ledger.path)
+        self._seq, self._other_seconds, self._start_step = 0, 0.0, start_step
+        self._eval_seconds = self._flops_per_second = None
         self._last_event = time.monotonic()
         self._preflight_pending = self.budget_usd is not None and self.planned_steps is not None
+        # Both checks come before the attempt is recorded: a refused run leaves no ledger row.
+        if self._preflight_pending:
+            self._preflight_flops(start_step)
         if self._preflight_pending and self.seconds_per_step is not None:
             self._preflight(start_step, self.seconds_per_step, 'the given seconds_per_step')
+        if self.write:
+            self.attempt = self.ledger.begin_attempt(self.run_id, self.stage, start_step)
+            log.info('cost: run %s stage %s attempt %d from step %d on %d x %s at %s/device-h; '
+                     'ledger %s', self.run_id, self.stage, self.attempt, start_step,
+                     self.device.count, self.device.kind, format_usd(self.usd_per_device_hour),
+                     self.ledger.path)
 
     def on_steps_end(self, *, first_step: int, last_step: int, seconds: float) -> None:
         self._require_started('on_steps_end')
@@ -108,15 +130,23 @@ class CostCallback(TrainerCallback):
                                      last_step, seconds, self.device.kind, self.device.count,
                                      self.usd_per_device_hour)
         self._tick(seconds)
+        n = last_step - first_step + 1
+        if self.plan is not None and seconds > 0:
+            self._flops_per_second = self.plan.flops_per_step * n / seconds
         if self._preflight_pending:
-            n = last_step - first_step + 1
             self._preflight(last_step, seconds / n, f'a measured warm-up of {n} step(s)')
 
     def on_compile(self, *, seconds: float) -> None:
         self._overhead('compile', 0, seconds, self.include_compile)
+        if self._preflight_pending and self.include_compile:
+            # Compiling is billed and cannot be priced before it ran: a cap it used up is
+            # refused now, before the warm-up steps.
+            self._preflight_flops(self._start_step,
+                                  f'Compiling the train step took {seconds:.3g} s. ')
 
     def on_eval_end(self, *, step: int, seconds: float) -> None:
         self._overhead('eval', step, seconds, self.include_eval)
+        self._eval_seconds = seconds
 
     def on_checkpoint(self, *, step: int) -> None:
         self._require_started('on_checkpoint')
@@ -133,12 +163,29 @@ class CostCallback(TrainerCallback):
             spent = self.spent_usd()
             stop = spent >= self.budget_usd
             if stop:
-                log.warning('cost: run %s spent $%.4f of its $%.4f budget at step %d; stopping.',
-                            self.run_id, spent, self.budget_usd, step)
+                log.warning('cost: run %s spent %s of its %s budget at step %d; stopping.',
+                            self.run_id, format_usd(spent), format_usd(self.budget_usd), step)
         stop = _agree_with_process_0(stop)
         if stop:
             self.stopped_at = step
         return stop
+
+    def skip_eval(self, *, step: int, final: bool) -> str | None:
+        """The cap's reason to skip the evaluation due at `step`, or None: it fits (or is not
+        billed: include_eval=False)."""
+        if self.budget_usd is None or not self.include_eval:
+            return None
+        why = ''
+        if self.write:
+            spent = self.spent_usd()
+            usd, source = self._eval_estimate()
+            if spent >= self.budget_usd or spent + usd > self.budget_usd:
+                why = (f'the BUDGET_USD cap: it would cost {format_usd(usd)} ({source}), more '
+                       f'than {describe_remaining(self.budget_usd, spent)}')
+        if not _agree_with_process_0(bool(why)):
+            return None
+        self.stopped_at = step
+        return why or 'the BUDGET_USD cap cannot pay for it (process 0 says so; see its log)'
 
     def on_train_end(self, *, step: int, reason: str) -> None:
         self._require_started('on_train_end')
@@ -148,26 +195,69 @@ class CostCallback(TrainerCallback):
             self.ledger.end_attempt(self.run_id, self.stage, self.attempt, step, reason)
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _peak_flops(self) -> float | None:
+        """The device's peak FLOP/s: the higher of the trainer's (CPU_PEAK_FLOPS on CPU) and the
+        price table's catalog, so that a cost at it is a lower bound; None when neither knows."""
+        known = [p for p in ((self.plan and self.plan.peak_flops_per_device),
+                             self.prices.peak_flops(self.device.kind)) if p]
+        return max(known) if known else None
+
+    def _preflight_flops(self, step: int, context: str = '') -> None:
+        """The first check, before compiling (and again right after it, `context` saying so):
+        the planned steps' FLOPs at the peak FLOP/s."""
+        peak = self._peak_flops()
+        if self.plan is None or peak is None or self.plan.flops_per_step <= 0:
+            if not context:
+                log.info('cost: no FLOP count or peak FLOP/s for %s, so the budget is first '
+                         'checked after the warm-up steps.', self.device.kind)
+            return
+        steps = max(0, self.planned_steps - step)
+        self._check(estimate_from_flops(self.plan.flops_per_step, steps, self.device.count, peak,
+                                        float(self.usd_per_device_hour)),
+                    in_flight=bool(context), context=context)
+
+    def _eval_estimate(self) -> tuple[float, str]:
+        """Dollars the next evaluation will cost, and where the figure comes from."""
+        rate, n = self.usd_per_device_hour, self.device.count
+        if self._eval_seconds is not None:
+            return (device_cost_usd(self._eval_seconds, n, rate),
+                    f'the last evaluation took {self._eval_seconds:.3g} s')
+        peak = self._peak_flops()
+        flops = self.plan.eval_flops if self.plan is not None else 0.0
+        if flops <= 0 or (peak is None and self._flops_per_second is None):
+            return 0.0, 'its cost is unknown before the first evaluation'
+        speeds = [f for f in (self._flops_per_second, peak and peak * n) if f]
+        speed = min(speeds)
+        where = ('the training steps\' measured FLOP/s' if speed == self._flops_per_second
+                 else 'the devices\' peak FLOP/s')
+        return (device_cost_usd(flops / speed, n, rate),
+                f'at least {flops:.3g} FLOPs at {speed:.3g} FLOP/s, {where}')
+
     def _preflight(self, step: int, seconds_per_step: float, source: str) -> None:
-        """Refuse (on every process alike) a run whose remaining steps the budget cannot pay."""
+        """The measured check: the remaining steps at a measured (or given) speed."""
         self._preflight_pending = False
-        estimate = Estimate(seconds_per_step, max(0, self.planned_steps - step),
-                            self.device.count, float(self.usd_per_device_hour), source)
+        self._check(Estimate(seconds_per_step, max(0, self.planned_steps - step),
+                             self.device.count, float(self.usd_per_device_hour), source))
+
+    def _check(self, estimate: Estimate, in_flight: bool = True, context: str = '') -> None:
+        """Refuse (on every process alike) a run whose remaining steps the budget cannot pay."""
         message = ''
         if self.write:
             try:
-                check_budget(estimate, self.budget_usd, self.spent_usd(), self.force)
+                check_budget(estimate, self.budget_usd, self.spent_usd(in_flight), self.force)
             except BudgetExceededError as e:
-                message = str(e)
+                message = context + str(e)
         if _agree_with_process_0(bool(message)):
             raise BudgetExceededError(message or 'Refusing to continue: process 0 estimated '
                                       'that the run exceeds its budget (see its log).')
-        log.info('cost: pre-flight estimate %s fits the budget $%.2f.', estimate.describe(),
-                 self.budget_usd)
+        log.info('cost: pre-flight estimate %s fits the budget %s.', estimate.describe(),
+                 format_usd(self.budget_usd))
 
-    def spent_usd(self) -> float:
+    def spent_usd(self, in_flight: bool = True) -> float:
         """Ledger total for this run (or the whole ledger) plus in-flight 'other' time."""
         recorded = self.ledger.spent_usd(self.run_id if self.budget_scope == 'run' else None)
+        if not in_flight:
+            return recorded
         in_flight = 0.0
         if self.device and self.include_other:
             pending = self._other_seconds + max(0.0, time.monotonic() - self._last_event)

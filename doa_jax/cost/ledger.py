@@ -35,7 +35,7 @@ import time
 import urllib.parse
 from typing import Iterator
 
-from doa_jax.cost.prices import device_cost_usd, to_decimal
+from doa_jax.cost.prices import device_cost_usd, format_usd, to_decimal
 
 LEDGER_FILENAME = 'cost_ledger.sqlite'
 
@@ -384,7 +384,7 @@ class Ledger:
                     return False          # the same interval again: idempotent no-op
                 raise LedgerError(
                     f'{category} range [{first}, {last}] of run {run_id!r} stage {stage!r} '
-                    f'overlaps the recorded range [{f}, {l}] (${u:.4f}); recording it would '
+                    f'overlaps the recorded range [{f}, {l}] ({format_usd(u)}); recording it would '
                     f'count money twice. Record disjoint ranges, or the identical range again.')
             con.execute('INSERT INTO entries(run_id, stage, attempt, category, seq, first, last, '
                         'device_kind, device_count, seconds, quantity, unit, rate_usd, usd, '

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import os
 import re
 from decimal import Decimal
@@ -362,13 +363,18 @@ def llm_cost_usd(model: str, input_tokens: int, output_tokens: int,
 
 
 def format_usd(x: float) -> str:
-    """'$1,980' style for whole dollars, cents below $100, 3 significant digits below a dollar
-    (a tiny CPU run costs $0.00x): readable at every scale a study spans."""
+    """'$1,980' style for whole dollars, cents below $100, 3 significant digits below a dollar in
+    plain decimals (a tiny CPU run costs $0.0000891, not $8.91e-05): readable at every scale a
+    study spans, and never a rounded '$0.00' for money that was spent. Zero (-0.0 too) is '$0';
+    a negative amount is '-$0.0000123'."""
     x = float(x)
     if x == 0:
         return '$0'
-    if abs(x) >= 100:
-        return f'${x:,.0f}'
-    if abs(x) >= 1:
-        return f'${x:,.2f}'
-    return f'${x:.3g}'
+    sign, x = ('-' if x < 0 else ''), abs(x)
+    if x >= 100:
+        return f'{sign}${x:,.0f}'
+    if x >= 1:
+        return f'{sign}${x:,.2f}'
+    rounded = float(f'{x:.3g}')                  # 0.0999999 -> 0.1: three digits from here
+    decimals = 2 - math.floor(math.log10(rounded))
+    return f'{sign}${rounded:.{decimals}f}'

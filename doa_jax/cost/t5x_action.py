@@ -34,7 +34,7 @@ from doa_jax.cost.budget import (FORCE_HINT, BudgetExceededError, Estimate, chec
                                  check_cap_settings)
 from doa_jax.cost.ledger import Ledger
 from doa_jax.cost.meter import DeviceInfo, device_info, is_writer_process
-from doa_jax.cost.prices import PriceError, PriceTable, load_prices
+from doa_jax.cost.prices import PriceError, PriceTable, format_usd, load_prices
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,9 @@ class CostAction:
             if self.relative_steps:       # t5x: the run ends relative_steps after its start
                 self.planned_steps = first - 1 + self.relative_steps
             self.attempt = self.ledger.begin_attempt(self.run_id, self.stage, first - 1)
-            log.info('cost: t5x run %s attempt %d from step %d on %d x %s at $%s/device-h; '
+            log.info('cost: t5x run %s attempt %d from step %d on %d x %s at %s/device-h; '
                      'ledger %s', self.run_id, self.attempt, first - 1, self.device.count,
-                     self.device.kind, self.usd_per_device_hour, self.ledger.path)
+                     self.device.kind, format_usd(self.usd_per_device_hour), self.ledger.path)
         self.ledger.record_steps(self.run_id, self.stage, self.attempt, first, step, seconds,
                                  self.device.kind, self.device.count, self.usd_per_device_hour)
         if other > 0:
@@ -129,8 +129,9 @@ class CostAction:
                                         self.device.count, self.usd_per_device_hour,
                                         self.include_other)
         if self.budget_usd is not None and self.spent_usd() >= self.budget_usd:
-            log.warning('cost: run %s spent $%.4f of its $%.4f budget at step %d; stopping.',
-                        self.run_id, self.spent_usd(), self.budget_usd, step)
+            log.warning('cost: run %s spent %s of its %s budget at step %d; stopping.',
+                        self.run_id, format_usd(self.spent_usd()), format_usd(self.budget_usd),
+                        step)
             self.stopped_at = step
             self.ledger.end_attempt(self.run_id, self.stage, self.attempt, step, 'stopped')
             return True
@@ -166,5 +167,5 @@ class CostAction:
             self.ledger.end_attempt(self.run_id, self.stage, self.attempt, step, 'stopped')
             raise BudgetExceededError(str(e).replace(
                     FORCE_HINT, 'pass --gin.t5x_action.CostAction.force=True')) from None
-        log.info('cost: pre-flight estimate %s fits the budget $%.2f.', estimate.describe(),
-                 self.budget_usd)
+        log.info('cost: pre-flight estimate %s fits the budget %s.', estimate.describe(),
+                 format_usd(self.budget_usd))

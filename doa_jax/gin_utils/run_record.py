@@ -112,6 +112,8 @@ class RunSummary(callbacks_lib.TrainerCallback):
         text = f'train: {why} at step {result.step} (ran {ran} steps from step {self.start_step})'
         if ran == 0 and result.reason == 'done':
             text += '; the checkpoint in MODEL_DIR had already reached TRAIN_STEPS'
+        for note in result.notes:     # e.g. an evaluation the BUDGET_USD cap could not pay for
+            text += f'; {note}'
         spent = self._spent()
         if spent is None:
             text += '; cost not metered (no ledger; bind train.callbacks = [@CostCallback()])'
