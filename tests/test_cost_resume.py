@@ -199,6 +199,7 @@ def _attempt(ledger, model_dir, start, last, checkpoints=(), end=None):
     return cb.run_id
 
 
+@pytest.mark.fault_injection
 def test_moved_run_folder_resumes_its_own_rows_and_marks_redone_steps(tmp_path):
     from doa_jax.cost import Ledger
     from doa_jax.cost.report import collect

@@ -50,6 +50,7 @@ def test_infer_writes_complete_chunks_and_resumes(teacher, tmp_path):
     assert stage.run_id == 'pl' and stage.compute_device_hours > 0
 
 
+@pytest.mark.fault_injection
 @pytest.mark.slow
 def test_limit_then_full_run_with_another_chunk_size_then_another_teacher(teacher, tmp_path):
     """A LIMIT=10 trial, then the whole pool with another CHUNK_SIZE: only the missing ids are

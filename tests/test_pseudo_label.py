@@ -76,6 +76,7 @@ def _ids_once(out, pool):
     return pl.merge(str(out), [i for i, _ in pool])['count'] == len(pool)
 
 
+@pytest.mark.fault_injection
 def test_limit_then_full_run_labels_only_the_missing_ids(tmp_path):
     """A LIMIT=10 trial, then the whole pool: the trial's labels are kept (its last chunk held
     fewer ids than the full run's grid), the rest is labeled once."""
@@ -96,6 +97,7 @@ def test_limit_then_full_run_labels_only_the_missing_ids(tmp_path):
     assert {(m['first_id'], m['last_id']) for m in markers} >= {('ex0', 'ex3'), ('ex8', 'ex9')}
 
 
+@pytest.mark.fault_injection
 def test_changed_chunk_size_keeps_finished_ids_and_prices_each_example_once(tmp_path):
     from doa_jax.cost import Ledger
     pool, out, ledger = _pool(23), tmp_path / 'out', Ledger(tmp_path)
@@ -130,6 +132,7 @@ def test_changed_chunk_size_keeps_finished_ids_and_prices_each_example_once(tmp_
     assert res.chunks_written == 0 and len(calls) == 11
 
 
+@pytest.mark.fault_injection
 def test_another_teacher_is_refused_with_the_difference_and_overwrite_replaces(tmp_path):
     pool = _pool(9)
     teacher_a = {'teacher': 'a' * 64, 'task': 'doa_toy', 'decode': {'method': 'greedy'}}
@@ -270,6 +273,7 @@ def test_budget_check_reads_the_priced_chunk_before_the_next_dispatch(tmp_path, 
                       ('finish', 1), ('exit', 0), ('ask', 1), ('write', 0)]
 
 
+@pytest.mark.fault_injection
 def test_a_failed_batch_keeps_the_chunks_before_it(tmp_path):
     pool = _pool(6)
 

@@ -27,6 +27,7 @@ def _fingerprint(**kw):
     return run_identity.training_fingerprint(**args)
 
 
+@pytest.mark.fault_injection
 def test_resume_with_another_task_lr_or_seed_is_refused_unless_allowed(tmp_path):
     run_identity.record_training_fingerprint(str(tmp_path), _fingerprint(), None, [])
     other = _fingerprint(mixture_or_task_name='doa_fever', random_seed=1,
@@ -66,6 +67,7 @@ def test_train_steps_budget_and_eval_period_are_not_in_the_description():
     assert describe("OPTIMIZER='adafactor'")['optimizer']['name'] == 'adafactor'
 
 
+@pytest.mark.fault_injection
 @pytest.mark.slow
 def test_train_entry_refuses_another_config_names_a_foreign_checkpoint_and_allows_on_request(
         tmp_path):
