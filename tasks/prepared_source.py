@@ -28,7 +28,7 @@ import seqio
 import tensorflow as tf
 
 from doa_jax import distributed
-from doa_jax.data import paper, tfds_builder
+from doa_jax.data import paper
 from doa_jax.data.jsonl import DataError
 
 distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
@@ -87,7 +87,7 @@ class PreparedOrJsonlSource(seqio.DataSource):
         """(tfds dir, metadata) of this dataset's prepared records, or None (with the reason
         logged) when they are absent or do not fit this task."""
         root = tfds_dir()
-        where = tfds_builder.prepared_dir(root, self._dataset)
+        where = paper.prepared_dir(root, self._dataset)
         if not (where / 'dataset_info.json').exists():
             logging.info('%s: no prepared TFDS records at %s; reading the JSONL files (run '
                          '`python -m doa_jax.data prepare --tasks=%s` to prepare them).',
@@ -117,7 +117,7 @@ class PreparedOrJsonlSource(seqio.DataSource):
             return None
         root, meta = found
         piece = self._slices[split]
-        where = tfds_builder.prepared_dir(root, self._dataset)
+        where = paper.prepared_dir(root, self._dataset)
         if piece.is_slice and meta.get('order_seed') != self._order_seed:
             logging.warning('%s: the records at %s hold the train split in the order of seed %s; '
                             'this task slices it with seed %s, so it reads the JSONL files.',
@@ -125,9 +125,9 @@ class PreparedOrJsonlSource(seqio.DataSource):
             return None
         key = (str(root), split)
         if key not in self._tfds:
-            source = seqio.TfdsDataSource(
-                    f'{tfds_builder.NAME}/{self._dataset}:{tfds_builder.DistillOrAnnotate.VERSION}',
-                    tfds_data_dir=str(root), splits={split: piece.spec()}, read_only=True)
+            # Read from the directory (tfds.builder_from_directory), never built here.
+            source = seqio.TfdsDataSource(tfds_data_dir=str(where), splits={split: piece.spec()},
+                                          read_only=True)
             self._tfds[key] = source
         source = self._tfds[key]
         available = source.tfds_dataset.info.splits

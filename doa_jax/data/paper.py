@@ -67,6 +67,19 @@ CHECKSUMS: dict[str, tuple[int, str]] = {
 }
 
 
+# `python -m doa_jax.data prepare` (doa_jax.data.tfds_builder) writes a dataset's TFDS records to
+# <tfds dir>/<TFDS_NAME>/<dataset>/<TFDS_VERSION>, the train split in the budget order of
+# TFDS_ORDER_SEED (tasks.register_paper_tasks' default seed); tasks/prepared_source.py reads them.
+TFDS_NAME = 'distill_or_annotate'
+TFDS_VERSION = '1.1.0'
+TFDS_ORDER_SEED = 0
+
+
+def prepared_dir(tfds_dir: str | os.PathLike, dataset: str) -> pathlib.Path:
+    """Where `prepare` writes a dataset's records (its dataset_info.json marks them complete)."""
+    return pathlib.Path(tfds_dir) / TFDS_NAME / dataset / TFDS_VERSION
+
+
 def data_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
     """--data_dir, else DOA_DATA_DIR, else ~/.cache/doa_jax/distill_or_annotate."""
     return pathlib.Path(override or os.environ.get('DOA_DATA_DIR') or DEFAULT_DATA_DIR)

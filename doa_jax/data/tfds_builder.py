@@ -4,7 +4,7 @@ manual dir (the data dir that `python -m doa_jax.data download` fills).
 The records are ordered (`disable_shuffling`): evaluation splits in file order, and the train split
 in the budget order of `ORDER_SEED` (doa_jax.data.budget), so that the paper's labeled slice of N
 is the TFDS slice `train[:N]` and the unlabeled pool `train[N_max:]`, exactly the examples the
-JSONL path gives (tasks/prepared_source.py reads them). `metadata.json` records that seed and the
+JSONL path gives (tasks/prepared_source.py reads them, from the directory alone: no builder code). `metadata.json` records that seed and the
 size of each source file, so a task can tell records built with another seed, or from an older
 copy of a file, from current ones.
 """
@@ -22,15 +22,14 @@ from doa_jax.data.jsonl import iter_jsonl
 
 distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
-NAME = 'distill_or_annotate'
-# The seed of the stored train order: tasks.register_paper_tasks' default seed.
-ORDER_SEED = 0
+ORDER_SEED = paper.TFDS_ORDER_SEED
 
 
 class DistillOrAnnotate(tfds.core.GeneratorBasedBuilder):
     """{'id', 'source', 'target'} examples; splits are the files present in the manual dir."""
 
-    VERSION = tfds.core.Version('1.1.0')
+    name = paper.TFDS_NAME
+    VERSION = tfds.core.Version(paper.TFDS_VERSION)
     RELEASE_NOTES = {
         '1.0.0': 'Splits in TFDS hash order.',
         '1.1.0': 'Ordered records: the train split in the budget order of ORDER_SEED, evaluation '
@@ -74,11 +73,6 @@ class DistillOrAnnotate(tfds.core.GeneratorBasedBuilder):
         # Integer keys: an ordered builder writes the examples sorted by key.
         for position, index in enumerate(order):
             yield position, records[index]
-
-
-def prepared_dir(tfds_dir: str | os.PathLike, dataset: str) -> pathlib.Path:
-    """Where `prepare` writes a dataset's records (its dataset_info.json marks them complete)."""
-    return pathlib.Path(tfds_dir) / NAME / dataset / str(DistillOrAnnotate.VERSION)
 
 
 def prepare(datasets: list[str], data_dir: str, tfds_dir: str) -> dict[str, dict[str, int]]:
