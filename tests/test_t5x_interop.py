@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import pathlib
 import re
+import shlex
 import sys
 import types
 
@@ -207,6 +208,126 @@ def test_every_t5x_run_file_parses_with_its_tiny_overlay(t5x_stubs, files, entry
     if entry == 'train':
         made = gin.query_parameter('MIXTURE_OR_TASK_NAME/macro.value')
         assert made.configurable.wrapped.__name__ == 'pseudo_labeled_task'
+
+
+# ---- the commands of docs/t5x.md ---------------------------------------------------------------
+DOCS = REPO / 'docs' / 't5x.md'
+T5X_ENTRIES = ('t5x.train', 't5x.infer', 't5x.eval')
+
+
+def _doc_blocks() -> dict[str, list[list[str]]]:
+    """docs/t5x.md's bash blocks that run t5x, by their index among the file's bash blocks: each
+    a list of commands (the words after `python -m`)."""
+    blocks = {}
+    for i, block in enumerate(re.findall(r'```bash\n(.*?)```', DOCS.read_text(), flags=re.S)):
+        commands = [shlex.split(line)[2:] for line in block.replace('\\\n', ' ').splitlines()
+                    if line.startswith('python -m ')]
+        if any(c[0] in T5X_ENTRIES for c in commands):
+            blocks[f'block{i}'] = commands
+    return blocks
+
+
+DOC_BLOCKS = _doc_blocks()
+TINY_MODEL = 'gin_configs/t5x/models/t5_1_1_tiny.gin'
+
+
+def _flags(command: list[str]) -> tuple[list[str], list[str]]:
+    files = [a.split('=', 1)[1] for a in command if a.startswith('--gin_file=')]
+    return files, [a[len('--gin.'):] for a in command if a.startswith('--gin.')]
+
+
+# t5x.train / .infer / .eval register their entry point as `__main__.<name>` before they read the
+# gin files, and doa_jax's configurables are not registered there: in their flags, `infer.x` and
+# `__main__.infer.x` name t5x's; the run files' aliases do not resolve (checked with t5x cc342d4:
+# "No configurable matching 'infer_script.infer'"). The stand-ins are registered under the
+# aliases, next to doa_jax's, so a flag is read here by its alias.
+T5X_FLAG_NAMES = {'train': 'train_script.train', 'infer': 'infer_script.infer',
+                  'evaluate': 'eval_script.evaluate'}
+
+
+def _t5x_binding(binding: str) -> str:
+    selector = binding.split('=', 1)[0].strip()
+    assert not selector.startswith(('train_script.', 'infer_script.', 'eval_script.')), \
+        f'--gin.{binding}: t5x does not know the run files\' aliases in flags'
+    name = selector.removeprefix('__main__.').split('.')[0]
+    if name in T5X_FLAG_NAMES and '.' in selector.removeprefix('__main__.'):
+        rest = binding.removeprefix('__main__.')[len(name):]
+        return T5X_FLAG_NAMES[name] + rest
+    return binding
+
+
+def _step(path: str) -> int:
+    match = re.fullmatch(r'.*/checkpoint_(\d+)', path)
+    assert match, f'{path!r} is not a t5x checkpoint_<step>'
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize('name', sorted(DOC_BLOCKS))
+def test_the_docs_t5x_commands_chain_stage_to_stage(t5x_stubs, name):
+    """Every t5x command of docs/t5x.md parses with its flags, and the stages chain: infer and
+    eval read a checkpoint that an earlier command of the block writes (t5x.train: MODEL_DIR/
+    checkpoint_<TRAIN_STEPS>; export-t5x: --to/checkpoint_<the doa_jax run's TRAIN_STEPS>) with
+    the model file that wrote it, the student reads the pseudo-labels' folder, and a t5x.train
+    from a checkpoint stops past its step (t5x's TRAIN_STEPS is absolute). Commands with the tiny
+    model keep runs/tiny.gin's sizes: gin flags come after every file in t5x, so a
+    full-size command's TRAIN_STEPS or INITIAL_CHECKPOINT_PATH would override it."""
+    written: dict[str, str] = {}      # checkpoint path -> the model file that wrote it
+    written_dirs: set[str] = set()    # the folders they go to: MODEL_DIRs, --to folders
+    doa_runs: dict[str, int] = {}     # doa_jax MODEL_DIR -> its last step
+    label_dirs: set[str] = set()
+
+    def read_checkpoint(path, model_file):
+        folder = path.rsplit('/', 1)[0]
+        if folder in written_dirs:    # from this block: a checkpoint it writes, same model
+            assert path in written, f'{path} is not written by an earlier command: {written}'
+            assert written[path] in (model_file, None), (path, written[path], model_file)
+
+    for command in DOC_BLOCKS[name]:
+        gin.clear_config()
+        entry = command[0]
+        if entry == 'doa_jax.train':
+            files, bindings = _flags(command)
+            _parse(*files, bindings=bindings)
+            doa_runs[_macro('MODEL_DIR')] = _macro('TRAIN_STEPS')
+            continue
+        if entry == 'doa_jax.checkpoints':
+            assert command[1] == 'export-t5x' and command[3] == '--to', command
+            step = doa_runs[command[2]]
+            written[f'{command[4]}/checkpoint_{step}'] = None   # doa_jax's own model config
+            written_dirs.add(command[4])
+            continue
+        assert entry in T5X_ENTRIES, command
+        files, bindings = _flags(command)
+        bindings = [_t5x_binding(b) for b in bindings]
+        model_file = files[0]
+        assert model_file.startswith('gin_configs/t5x/models/'), command
+        tiny = model_file == TINY_MODEL
+        if tiny:
+            assert files[-1] == 'gin_configs/t5x/runs/tiny.gin', command
+        _parse(*files, bindings=bindings)
+        if entry == 't5x.train':
+            model_dir, steps = _macro('MODEL_DIR'), _macro('TRAIN_STEPS')
+            restore = _macro('INITIAL_CHECKPOINT_PATH')
+            if restore is not None:
+                read_checkpoint(restore, model_file)
+                assert _step(restore) < steps, f'TRAIN_STEPS={steps} trains nothing from {restore}'
+            if 'finetune_student.gin' in ' '.join(files):
+                assert _macro('INFER_OUTPUT_DIR') in label_dirs, command
+            if tiny:
+                assert steps - (_step(restore) if restore else 0) <= 20, command
+                assert _macro('NUM_PARTITIONS') == 1 and _macro('BATCH_SIZE') == 8
+            written[f'{model_dir}/checkpoint_{steps}'] = model_file
+            written_dirs.add(model_dir)
+        else:
+            read_checkpoint(_macro('CHECKPOINT_PATH'), model_file)
+            if entry == 't5x.infer':
+                label_dirs.add(_macro('INFER_OUTPUT_DIR'))
+                if tiny:   # a slice of the pool, shard 0
+                    assert gin.query_parameter('infer_script.infer.num_shards') > 1
+                    assert gin.query_parameter('infer_script.infer.shard_id') == 0
+        if tiny:
+            assert _macro('TASK_FEATURE_LENGTHS') == {'inputs': 96, 'targets': 96}
+    assert written, 'no command of the block writes a checkpoint'
 
 
 @pytest.fixture
