@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import time
 
 import gin
@@ -25,14 +26,16 @@ QUICKSTART = ['--gin_file=gin_configs/studies/quickstart.gin',
               '--gin_file=gin_configs/studies/quickstart_tiny.gin']
 
 
-def _run_quickstart(study_dir, *flags: str) -> int:
+def _run_quickstart(study_dir, cache, *flags: str) -> int:
+    """The tiny overlay with its pretrained checkpoint looked up in `cache` (_cached_tiny_start)."""
     import jax
 
     from doa_jax import compilation_cache
     before = jax.config.jax_compilation_cache_dir
     gin.clear_config()
     try:
-        return study_main(QUICKSTART + [f"--gin.STUDY_DIR='{study_dir}'", *flags])
+        return study_main(QUICKSTART + [f"--gin.STUDY_DIR='{study_dir}'",
+                                        f"--gin.PRETRAIN_CACHE_DIR='{cache}'", *flags])
     finally:
         gin.clear_config()
         compilation_cache.configure(before or '', None)    # later tests: the cache as before
@@ -53,22 +56,64 @@ def _clocks_ten_times_fast():
             setattr(time, name, real)
 
 
+PRETRAINING_RUN = 'the_pretraining_run'
+
+
+def _cached_tiny_start(cache) -> str:
+    """Puts the overlay's pretrained checkpoint (t5_1_1_tiny, 20 steps: teacher and student) in
+    the cache, as a finished pretraining run leaves it, with a ledger that charges the run $1,000.
+    Its weights are the tiny model's seed-0 initialisation, so the study's numbers are those of a
+    start from scratch and no pretraining runs in CI; tests/test_pretraining.py checks that a
+    stage starts from the checkpoint's weights, and that the cache builds once."""
+    import jax
+    import numpy as np
+    from flax.core.meta import unbox
+
+    from doa_jax.checkpoints import save_params
+    from doa_jax.models.t5 import T5
+    from doa_jax.study import pretrained
+
+    def build(model, p, model_dir):
+        t5 = T5(get_config(model, dtype='float32'))
+        ones = np.ones((1, 8), np.int32)
+        save_params(jax.device_get(unbox(t5.init(jax.random.PRNGKey(0), ones, ones)['params'])),
+                    os.path.join(model_dir, 'checkpoints', str(p.steps), 'state'))
+        ledger = Ledger(model_dir)
+        a = ledger.begin_attempt(PRETRAINING_RUN, 'train', start_step=0)
+        ledger.record_steps(PRETRAINING_RUN, 'train', a, 1, p.steps, seconds=3600.0,
+                            device_count=1, device_kind='cpu', usd_per_device_hour=1000.0)
+        ledger.end_attempt(PRETRAINING_RUN, 'train', a, p.steps, 'done')
+        ledger.close()
+    return pretrained.ensure_pretrained(
+            't5_1_1_tiny', pretrained.Pretraining(steps=20, cache_dir=str(cache)), build=build)
+
+
+def _no_pretraining(*args, **kwargs):
+    raise AssertionError('the pretrained checkpoint is cached: nothing may pretrain')
+
+
 @pytest.fixture(scope='module')
 def quickstart_run(tmp_path_factory):
     """One run of the quickstart's tiny overlay (the tests that change it work on a copy), on
-    clocks that run ten times fast: the study's costs and answer must not see it (issue 20)."""
-    study_dir = tmp_path_factory.mktemp('quickstart') / 'study'
+    clocks that run ten times fast: the study's costs and answer must not see it (issue 20).
+    Its pretrained start comes from the cache; pretraining itself would fail."""
+    from doa_jax.study import pretrained
+    root = tmp_path_factory.mktemp('quickstart')
+    study_dir, cache = root / 'study', root / 'cache'
+    start = _cached_tiny_start(cache)
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), _clocks_ten_times_fast():
+    with contextlib.redirect_stdout(out), _clocks_ten_times_fast(), \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrained, '_run', _no_pretraining)
         t0 = time.perf_counter()
-        assert _run_quickstart(study_dir) == 0
+        assert _run_quickstart(study_dir, cache) == 0
         assert time.perf_counter() - t0 > 10, 'the clocks did not run fast'
-    yield study_dir, out.getvalue()
+    yield study_dir, out.getvalue(), cache, start
 
 
 @pytest.mark.slow
 def test_quickstart_tiny_overlay_report_and_resume(quickstart_run, monkeypatch):
-    study_dir, out = quickstart_run
+    study_dir, out, cache, start = quickstart_run
     records = load_results(str(study_dir))
     assert sorted(records) == ['annotate_N32_B3e-05', 'annotate_N32_B4e-05',
                                'distill_N32_B3e-05', 'distill_N32_B4e-05']
@@ -117,11 +162,28 @@ def test_quickstart_tiny_overlay_report_and_resume(quickstart_run, monkeypatch):
     assert 'Recommendation per budget' in out
     assert report.count('**annotate**') == 2
 
+    # Both models started from the cached pretrained checkpoint, and said so; its $1,000 run is
+    # in no ledger of the study (every point's costs above are the study's own stages').
+    for r in records.values():
+        assert r['student_initial_checkpoint'] == start
+        assert r.get('teacher_initial_checkpoint', start) == start
+    assert records['distill_N32_B4e-05']['teacher_initial_checkpoint'] == start
+    assert 'teacher_initial_checkpoint' not in records['annotate_N32_B4e-05']
+    ledgers = sorted(study_dir.rglob('cost_ledger.sqlite'))
+    assert len(ledgers) >= 3
+    for path in ledgers:
+        ledger = Ledger(str(path.parent), readonly=True)
+        assert PRETRAINING_RUN not in {run for run, _ in ledger.runs()}, path
+        ledger.close()
+    assert f'Teacher and student started from {start}' in report
+
     # A rerun skips every finished point: no stage may run again.
     def fail(*a, **k):
         raise AssertionError('a finished point ran again')
     monkeypatch.setattr(runner, 'run_point', fail)
-    assert _run_quickstart(study_dir) == 0
+    from doa_jax.study import pretrained
+    monkeypatch.setattr(pretrained, '_run', _no_pretraining)
+    assert _run_quickstart(study_dir, cache) == 0
     assert load_results(str(study_dir)) == records
 
 
@@ -132,6 +194,8 @@ def test_rerun_of_a_lost_record_reuses_the_teacher(quickstart_run, tmp_path, mon
     import shutil
     study_dir = tmp_path / 'study'
     shutil.copytree(quickstart_run[0], study_dir)
+    from doa_jax.study import pretrained
+    monkeypatch.setattr(pretrained, '_run', _no_pretraining)
     records = load_results(str(study_dir))
     lost = records.pop('distill_N32_B4e-05')
     assert lost['status'] == 'done' and lost['n_pseudo'] > 0
@@ -139,7 +203,7 @@ def test_rerun_of_a_lost_record_reuses_the_teacher(quickstart_run, tmp_path, mon
     def no_training(*args, **kwargs):
         raise AssertionError('no model should train again')
     monkeypatch.setattr(runner, '_train', no_training)
-    assert _run_quickstart(study_dir) == 0
+    assert _run_quickstart(study_dir, quickstart_run[2]) == 0
     again = load_results(str(study_dir))[lost['point_id']]
     assert again['metric'] == lost['metric'] and again['total_usd'] == pytest.approx(lost['total_usd'])
 
@@ -462,7 +526,8 @@ def test_llm_strategies_against_a_served_model(tmp_path):
 # the epochs rule replaces TRAIN_STEPS), and finetune.gin's macros a stage does not take: where
 # the run goes and what it is told to stop at, the task (the study makes its own), the study's
 # own seed, and settings the study fixes (one checkpoint kept, no periodic evaluation).
-STUDY_ONLY = {'model', 'epochs', 'min_steps', 'max_steps'}
+# `pretraining` makes the stage's INITIAL_CHECKPOINT_PATH (a cached pretraining run).
+STUDY_ONLY = {'model', 'epochs', 'min_steps', 'max_steps', 'pretraining'}
 RUN_ONLY = {'MODEL_DIR', 'MIXTURE_OR_TASK_NAME', 'MIXTURE_OR_TASK_MODULE', 'VOCABULARY',
             'DEFAULT_FEATURE_LENGTHS', 'COMPILATION_CACHE_DIR', 'TRAIN_STEPS', 'EVAL_PERIOD',
             'RANDOM_SEED', 'KEEP_CHECKPOINTS', 'CPU_PEAK_FLOPS', 'BUDGET_USD',

@@ -9,6 +9,12 @@ lists the entity strings in source order, each followed by its label, as WLP tar
 
 Examples are drawn by a `random.Random` seeded with the split name and index, so a split of size n
 is a prefix of the same split of any larger size.
+
+`corpus` is the unlabeled text the quickstart's models are pretrained on (tasks/synthetic_corpus.py,
+span corruption): sentences alone, no tags, drawn from splits of their own ('pretrain',
+'pretrain_validation'), never from the study's 'train' (its labels and pool) or 'validation'.
+The grammar is small, so the same sentence text can occur in several splits; what pretraining
+never sees is a tag.
 """
 
 from __future__ import annotations
@@ -80,3 +86,16 @@ def examples(split: str, n: int) -> list[dict[str, str]]:
     if n < 0:
         raise ValueError(f'n must be >= 0, got {n}')
     return [example(split, i) for i in range(n)]
+
+
+# The pretraining corpus: the corpus split name -> the generator's split it draws from.
+CORPUS_SPLITS = {'train': 'pretrain', 'validation': 'pretrain_validation'}
+# Bumped when the corpus's sentences change (cached pretrained checkpoints are keyed by it).
+CORPUS_VERSION = 1
+
+
+def corpus(split: str, n: int) -> list[str]:
+    """The first n sentences of a pretraining corpus split ('train' or 'validation')."""
+    if split not in CORPUS_SPLITS:
+        raise ValueError(f'the corpus has splits {sorted(CORPUS_SPLITS)}, not {split!r}')
+    return [e['source'] for e in examples(CORPUS_SPLITS[split], n)]

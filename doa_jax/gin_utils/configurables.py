@@ -56,6 +56,7 @@ def _table() -> dict[str, Callable]:
         # teacher/ and student/.
         'study': study,
         'StageConfig': runner.StageConfig,
+        'Pretraining': runner.Pretraining,   # StageConfig.pretraining: a cached pretrained start
         'ComputeCostModel': ComputeCostModel,
         'LLMAnnotator': runner.LLMAnnotator,
         'synthetic_wlp': study_data.synthetic_wlp,

@@ -137,6 +137,32 @@ def _teacher_lines(study_dir: str, metric: str) -> list[str]:
     return out or ['- (no teacher in this study)']
 
 
+def _describe_start(path: str | None) -> str:
+    """A starting checkpoint, with what pretrained it when it is a cached pretraining run."""
+    if not path:
+        return 'a random initialisation (from scratch)'
+    about = os.path.join(path, 'pretrained.json')
+    if not os.path.exists(about):
+        return path
+    with open(about) as f:
+        p = json.load(f)
+    return (f'{path} ({p.get("model")} pretrained for {p.get("steps")} steps by `python '
+            f'{" ".join(p.get("command", []))}`; a sunk cost, charged to no point)')
+
+
+def start_lines(records: Sequence[Mapping]) -> list[str]:
+    """Where the points' teachers and students started (results.json records it per point)."""
+    students = {r.get('student_initial_checkpoint') for r in records
+                if 'student_initial_checkpoint' in r}
+    teachers = {r.get('teacher_initial_checkpoint') for r in records
+                if 'teacher_initial_checkpoint' in r}
+    if teachers == students and len(students) == 1:
+        return [f'- Teacher and student started from {_describe_start(next(iter(students)))}.']
+    return ([f'- Teachers started from {_describe_start(p)}.' for p in sorted(teachers, key=str)]
+            + [f'- Students started from {_describe_start(p)}.'
+               for p in sorted(students, key=str)])
+
+
 def write_report(study_dir: str, title: str | None = None) -> dict:
     """Writes report.md and the figures; returns {'report', 'cost_metric', 'budget_bars',
     'recommendations'} (figure paths are None when there is nothing to draw)."""
@@ -160,7 +186,11 @@ def write_report(study_dir: str, title: str | None = None) -> dict:
     recs = recommendations(records)
     frontier = frontiers_by_strategy(pts)['overall'] if pts else []
     lines = [f'# Study report: {title}', '', f'Metric: {metric}. Costs in US dollars. '
-             f'{_cost_lines(study_dir)}', '', '## Points', '', results_table(records), '']
+             f'{_cost_lines(study_dir)}', '']
+    starts = start_lines(records)
+    if starts:
+        lines += ['## Starting checkpoints', '', *starts, '']
+    lines += ['## Points', '', results_table(records), '']
     if infeasible:
         lines += ['## Infeasible points (their budget cannot pay for them)', '',
                   *infeasible_lines(records), '']

@@ -18,6 +18,11 @@ with `ComputeCostModel(kind='measured')`, the wall-clock device-hours of the cos
 writes either way. The student's own training is recorded (`usd_student`) and, as in the paper,
 left out of the total unless `count_student_compute=True`.
 
+Where the models start: a stage's `initial_checkpoint_path`, or, with `StageConfig.pretraining`,
+its model pretrained by `python -m doa_jax.train` before the study and cached
+(`doa_jax.study.pretrained`): as in the paper, pretraining is a sunk cost that no point pays. Each
+point's record names the checkpoints its models started from.
+
 Training follows the paper's rule: every model trains for a number of epochs over its own data
 (`StageConfig.epochs`; the paper: teacher 20, student 50), clipped to the optional
 [min_steps, max_steps] a config states.
@@ -47,7 +52,9 @@ from typing import Mapping, Sequence
 from doa_jax.cost.cost_model import ComputeCostModel
 from doa_jax.cost.prices import PriceTable, format_usd, load_prices
 from doa_jax.study import data as data_lib
+from doa_jax.study import pretrained
 from doa_jax.study.data import StudyData
+from doa_jax.study.pretrained import Pretraining
 from doa_jax.study.results import atomic_write, load_results, run_points
 
 log = logging.getLogger(__name__)
@@ -73,7 +80,10 @@ class StageConfig:
     place of TRAIN_STEPS: every model trains for `epochs` over its own data, steps =
     ceil(epochs x examples / batch_size) clipped to [min_steps, max_steps] (max_steps None: no
     cap). `task_feature_lengths=None` takes the study's TASK_FEATURE_LENGTHS. The study keeps one
-    checkpoint per run and evaluates once after training (no EVAL_PERIOD).
+    checkpoint per run and evaluates once after training (no EVAL_PERIOD). `pretraining` (a
+    `pretrained.Pretraining` with steps > 0) starts the stage from its model pretrained by
+    `python -m doa_jax.train` before the study, cached and never charged: the study sets
+    `initial_checkpoint_path` to it (the two are not set together).
 
     The defaults are finetune.gin's, except `pack` (False, trainer.train's default: packed rows
     hold several examples, so the epochs rule would count more passes than it states)."""
@@ -91,6 +101,7 @@ class StageConfig:
     min_steps: int = 1
     max_steps: int | None = None
     initial_checkpoint_path: str | None = None
+    pretraining: Pretraining | None = None
     mesh_data: int = -1
     mesh_model: int = 1
     fsdp: bool = False
@@ -601,7 +612,11 @@ def run_point(s: StudySettings, point: Mapping, order) -> dict:
     m = n + labels_bought(budget * strategy.label_fraction, per_label, len(s.data.train) - n)
     rec = {'n_labels': m, 'n_extra_labels': m - n, 'usd_labels': (m - n) * per_label,
            'n_pseudo': 0, 'usd_teacher': 0.0, 'usd_pseudo_label': 0.0, 'status': 'done',
-           'cost_model': s.cost_model.label()}
+           'cost_model': s.cost_model.label(),
+           # where the models started (a pretrained checkpoint is a sunk cost: never charged)
+           'student_initial_checkpoint': s.student.initial_checkpoint_path}
+    if strategy.kind in ('distill', 'mixed'):
+        rec['teacher_initial_checkpoint'] = s.teacher.initial_checkpoint_path
     if strategy.kind == 'annotate':
         rows = [s.data.train[i] for i in order[:m]]
         rec.update(_train_student(s, point, rows, None))
@@ -726,6 +741,10 @@ def run_study(s: StudySettings, strategies: Sequence[str], n_labels: Sequence[in
     order = s.data.order(s.seed)
     done = load_results(s.study_dir)
     todo = [p for p in points if p['point_id'] not in done]
+    if todo:   # pretrained starting points: from the cache, or built now (never charged)
+        if any(parse_strategy(p['strategy']).kind in ('distill', 'mixed') for p in todo):
+            s.teacher = pretrained.resolve(s.teacher)
+        s.student = pretrained.resolve(s.student)
     log.info('study: %d points, %d finished, %d to run, in %s', len(points),
              len(points) - len(todo), len(todo), s.study_dir)
     bar = None
