@@ -53,7 +53,8 @@ def _hf_generate(ref, enc, **kwargs):
     return np.pad(out, ((0, 0), (0, MAX_LEN - out.shape[1])))
 
 
-CASES = [('gated-gelu', False, 12), ('relu', True, 8), ('relu', True, 6)]
+# heads * d_kv above d_model (gated-gelu) and equal to it (relu, tied embedding).
+CASES = [('gated-gelu', False, 12), ('relu', True, 8)]
 
 
 @pytest.mark.parametrize('ff,tied,d_kv', CASES)
@@ -65,7 +66,7 @@ def test_greedy_matches_hf_generate(ff, tied, d_kv):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-@pytest.mark.parametrize('ff,tied,d_kv', CASES[:2])
+@pytest.mark.parametrize('ff,tied,d_kv', CASES)
 def test_beam_search_matches_hf_generate(ff, tied, d_kv):
     ref, cfg, params = _reference(ff, tied, d_kv)
     enc = _inputs(seed=1)

@@ -78,16 +78,16 @@ def test_tiny_entry_point_trains_evaluates_checkpoints_and_records(tmp_path):
     model_dir = tmp_path / 'run'
     cmd = [sys.executable, '-m', 'doa_jax.train', '--gin_file=gin_configs/runs/finetune.gin',
            '--gin_file=gin_configs/runs/finetune_tiny.gin', f"--gin.MODEL_DIR='{model_dir}'",
-           '--gin.TRAIN_STEPS=30', '--gin.EVAL_PERIOD=10', '--gin.CHECKPOINT_PERIOD=10',
-           # A gin-bound callback (here: stop at 20) runs beside the entry point's run record.
-           '--gin.train.callbacks=[@StopAtStep()]', '--gin.StopAtStep.step=20']
+           '--gin.TRAIN_STEPS=12', '--gin.EVAL_PERIOD=4', '--gin.CHECKPOINT_PERIOD=4',
+           # A gin-bound callback (here: stop at 8) runs beside the entry point's run record.
+           '--gin.train.callbacks=[@StopAtStep()]', '--gin.StopAtStep.step=8']
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = (model_dir / 'config.gin').read_text()
-    assert 'TRAIN_STEPS = 30' in config and 'StopAtStep.step = 20' in config and "MIXTURE_OR_TASK_NAME = 'doa_toy'" in config
+    assert 'TRAIN_STEPS = 12' in config and 'StopAtStep.step = 8' in config and "MIXTURE_OR_TASK_NAME = 'doa_toy'" in config
     assert 'finetune_tiny.gin' in (model_dir / 'command_line.txt').read_text()
     assert 'jax==' in (model_dir / 'versions.txt').read_text()
-    assert sorted(p.name for p in (model_dir / 'checkpoints').iterdir()) == ['10', '20']
+    assert sorted(p.name for p in (model_dir / 'checkpoints').iterdir()) == ['4', '8']
     assert glob.glob(str(model_dir / 'train' / 'events.*'))
     assert glob.glob(str(model_dir / 'eval' / 'events.*'))
