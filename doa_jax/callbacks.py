@@ -23,10 +23,28 @@ class TrainPlan:
     flops_per_step: float           # one training step, global batch, an online teacher included
     eval_flops: float               # a lower bound on one evaluation's FLOPs (0: no evaluation)
     peak_flops_per_device: float | None   # the device's peak FLOP/s; None: not in the catalog
+    # Where the trainer stops to check (fetch metrics, save, evaluate): every log, checkpoint
+    # and eval period and TRAIN_STEPS. 0: never (log_period 0: only at those others).
+    log_period: int = 0
+    checkpoint_period: int = 0
+    eval_period: int = 0
+
+    def interval_end(self, step: int) -> int:
+        """The step the trainer's next stretch of steps, starting after `step`, ends at: where
+        it next calls on_steps_end, should_stop and skip_eval."""
+        periods = (self.log_period, self.checkpoint_period, self.eval_period)
+        return min([self.train_steps] + [(step // p + 1) * p for p in periods if p > 0])
+
+    def eval_due(self, step: int) -> bool:
+        """Whether the trainer evaluates at `step` (an interval's end)."""
+        return self.eval_period > 0 and (step % self.eval_period == 0
+                                         or step == self.train_steps)
 
 
 class TrainerCallback:
     """Base class: every hook is a no-op."""
+
+    stop_reason: str | None = None   # why should_stop last said True (the run's exit summary)
 
     def on_plan(self, *, plan: TrainPlan) -> None:
         """Once per `train` call, before on_train_start; raising here stops the run before it
@@ -49,7 +67,9 @@ class TrainerCallback:
         """After checkpoint `step` is durably saved."""
 
     def should_stop(self, *, step: int) -> bool:
-        """Checked once per logging interval; True makes the trainer save at `step` and stop."""
+        """Checked at each interval's end (`TrainPlan.interval_end`), before the next stretch of
+        steps runs; True makes the trainer save at `step` and stop (evaluating first when one is
+        due and skip_eval lets it)."""
         return False
 
     def skip_eval(self, *, step: int, final: bool) -> str | None:
@@ -93,7 +113,9 @@ class CallbackList(TrainerCallback):
             c.on_checkpoint(**kw)
 
     def should_stop(self, **kw) -> bool:
-        return any([c.should_stop(**kw) for c in self.callbacks])
+        stopping = [c for c in self.callbacks if c.should_stop(**kw)]
+        self.stop_reason = '; '.join(c.stop_reason for c in stopping if c.stop_reason) or None
+        return bool(stopping)
 
     def skip_eval(self, **kw) -> str | None:
         """Every callback is asked (each may agree with the other processes); the reasons join."""
@@ -112,4 +134,6 @@ class StopAtStep(TrainerCallback):
         self.step = step
 
     def should_stop(self, *, step: int) -> bool:
+        if step >= self.step:
+            self.stop_reason = f'StopAtStep({self.step})'
         return step >= self.step

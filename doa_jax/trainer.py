@@ -78,7 +78,8 @@ def _place_teacher(loss_fn: LossFn | None, mesh, rules, placed: tuple = (None, N
 
 def _train_plan(model_config: T5Config, loss_fn: LossFn, eval_loss_fn: LossFn,
                 lengths: Mapping[str, int], batch_size: int, train_steps: int, eval_period: int,
-                eval_steps: int | None, decode_metrics: bool, peak: float | None) -> TrainPlan:
+                eval_steps: int | None, decode_metrics: bool, peak: float | None,
+                log_period: int = 0, checkpoint_period: int = 0) -> TrainPlan:
     """The FLOPs `train` will spend (doa_jax.flops), for the callbacks' estimates before anything
     compiles. An evaluation counts what it surely runs: one batch (the split's size is unknown
     until it is read), teacher-forced, plus one greedy decode step per row (decoding may stop at
@@ -100,12 +101,9 @@ def _train_plan(model_config: T5Config, loss_fn: LossFn, eval_loss_fn: LossFn,
             per_row += decode_flops_per_sequence(model_config, src, 1)
         eval_flops = batch_size * per_row
     return TrainPlan(train_steps=train_steps, flops_per_step=per_step, eval_flops=eval_flops,
-                     peak_flops_per_device=peak)
-
-
-def _next_boundary(step: int, periods: Sequence[int], last: int) -> int:
-    ends = [last] + [(step // p + 1) * p for p in periods if p and p > 0]
-    return min(ends)
+                     peak_flops_per_device=peak, log_period=max(0, log_period),
+                     checkpoint_period=max(0, checkpoint_period),
+                     eval_period=max(0, eval_period or 0))
 
 
 def _check_microbatches(batch_size: int, num_microbatches: int, mesh) -> None:
@@ -220,9 +218,12 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
                            loss_normalizing_factor, random_seed,
                            _place_teacher(eval_loss, mesh, param_rules,
                                           (getattr(loss_fn, 'teacher', None), teacher_params)))
-    callbacks.on_plan(plan=_train_plan(model_config, loss_fn, eval_loss, task_feature_lengths,
-                                       batch_size, train_steps, eval_period, eval_steps,
-                                       decode_metrics, peak))
+    # The plan also says where the loop checks (interval_end, eval_due): the callbacks' look
+    # ahead and the loop agree on the steps between two checks.
+    plan = _train_plan(model_config, loss_fn, eval_loss, task_feature_lengths, batch_size,
+                       train_steps, eval_period, eval_steps, decode_metrics, peak, log_period,
+                       checkpoint_period)
+    callbacks.on_plan(plan=plan)
     callbacks.on_train_start(model_dir=model_dir, start_step=start_step, mesh=mesh)
 
     step = start_step
@@ -233,7 +234,7 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
         compiled = None
         with jax.set_mesh(mesh):
             while step < train_steps:
-                end = _next_boundary(step, (log_period, checkpoint_period, eval_period), train_steps)
+                end = plan.interval_end(step)
                 first = step
                 if compiled is None:
                     batch = train_data.to_global(next(batches), mesh, batch_size)
@@ -272,7 +273,9 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
                 for saved in checkpointer.durable():
                     callbacks.on_checkpoint(step=saved)
                 stop = callbacks.should_stop(step=step)
-                eval_due = bool(eval_period) and (step % eval_period == 0 or step == train_steps)
+                if stop and step < train_steps and callbacks.stop_reason:
+                    notes.append(f'stopped at step {step} by {callbacks.stop_reason}')
+                eval_due = plan.eval_due(step)
                 # An evaluation is billed too: the callbacks may skip one they cannot pay for.
                 skipped = callbacks.skip_eval(step=step, final=step == train_steps) \
                     if eval_due else None

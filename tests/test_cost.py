@@ -301,6 +301,87 @@ def test_an_evaluation_is_skipped_when_its_estimate_does_not_fit(tmp_path):
     assert cb.skip_eval(step=20, final=True) is None
 
 
+def test_a_stop_check_looks_ahead_to_the_next_check_and_the_final_save(tmp_path):
+    """On a simulated clock, 4 A100s at $1.875/device-hour: 480 s cost $1.00. Checks at every
+    10 steps, an evaluation every 20."""
+    now = [0.0]
+    cb = CostCallback(Ledger(tmp_path), default_prices(), 'r', 'train', budget_usd=3.90,
+                      include_compile=False, write=True, clock=lambda: now[0])
+    cb.on_plan(plan=TrainPlan(train_steps=100, flops_per_step=1.248e14, eval_flops=3.12e14,
+                              peak_flops_per_device=None, log_period=10, eval_period=20))
+    cb.on_train_start(model_dir=str(tmp_path), start_step=0, mesh=fake_mesh(n=4))
+    now[0] = 148.0                          # 48 s of start-up (billed, once), 100 s compiling
+    cb.on_compile(seconds=100.0)
+    now[0] += 480 + 48                      # steps 1-10 in 480 s, 48 s of host time
+    cb.on_steps_end(first_step=1, last_step=10, seconds=480.0)
+    # $1.20 spent + $1.00 (10 steps) + $0.100 (48 s of host time) + $0.100 (the save) fits.
+    assert not cb.should_stop(step=10)
+    now[0] += 480 + 96                      # steps 11-20; 96 s of host time (a save's copy)
+    cb.on_steps_end(first_step=11, last_step=20, seconds=480.0)
+    # $2.40 spent; the evaluation due now, its FLOPs at the steps' 2.6e12 FLOP/s (120 s), the
+    # next 10 steps, 96 s of host time and as much for the final save: $4.05. Without the
+    # evaluation, $3.80 would have fitted the $3.90 cap.
+    assert cb.should_stop(step=20) and cb.stopped_at == 20
+    assert cb.stop_reason == (
+        'the BUDGET_USD cap: spent $2.40 + $0.250 for the evaluation due at step 20 (at least '
+        "3.12e+14 FLOPs at 2.6e+12 FLOP/s, the training steps' measured FLOP/s) + $1.00 for the "
+        'next 10 step(s) (48 s/step, measured over the last 10) + $0.200 for host time between '
+        'checks (96 s, as in the last stretch) + $0.200 for the final checkpoint save (96 s '
+        'reserved, the longest host time measured between checks) = $4.05, more than '
+        'BUDGET_USD $3.90; the checkpoint at step 20 is saved')
+    now[0] += 96                            # the final save, as long as the reserve
+    cb.on_checkpoint(step=20)
+    cb.on_train_end(step=20, reason='stopped')
+    assert Ledger(tmp_path).spent_usd('r') == pytest.approx(2.60) and cb.forecast(100) is None
+
+
+def test_t5x_cost_action_stops_before_the_next_stretch_could_pass_the_cap(tmp_path):
+    """t5x's CostAction on a simulated clock: 2 devices at $3.60/device-hour ($0.001/device-s).
+    Each call is t5x's: train_state.step and its metrics for the stretch of steps just run."""
+    from doa_jax.cost.meter import DeviceInfo
+    from doa_jax.cost.t5x_action import CostAction
+    (tmp_path / 'prices.yaml').write_text('devices:\n  test chip:\n    usd_per_hour: 3.6\n')
+    clock = [0.0]
+
+    def action(**kw):
+        clock[0] = 0.0
+        return CostAction(str(tmp_path / 'run'), prices=str(tmp_path / 'prices.yaml'),
+                          devices=DeviceInfo('test chip', 2), clock=lambda: clock[0], **kw)
+
+    def stretch(cost_action, now, step, seconds):
+        clock[0] = now
+        metrics = {'timing/seconds': seconds, 'timing/steps_per_second': 0.5}
+        return cost_action.run(types.SimpleNamespace(step=step), {'train': metrics})
+
+    capped = action(budget_usd=0.35)
+    # 10 steps in 20 s of a 100 s stretch (start-up, compiling: once): $0.200 spent; ahead, 10
+    # more steps at 2 s/step, $0.0400: $0.240.
+    assert stretch(capped, 100, 10, 20) is False and capped.spent_usd() == pytest.approx(0.2)
+    # 20 s of steps and 5 s of host time: $0.250 spent; ahead, $0.0400 of steps, $0.0100 of
+    # host time and $0.0100 for the final save (5 s, the longest host time): $0.310.
+    assert stretch(capped, 125, 20, 20) is False
+    # The same again: $0.300 spent and $0.360 ahead, more than $0.35: it stops now, not once
+    # the next stretch had taken the ledger to $0.350 and t5x's final save past the cap.
+    assert stretch(capped, 150, 30, 20) is True and capped.stopped_at == 30
+    assert capped.spent_usd() == pytest.approx(0.3)
+    assert capped.stop_reason == (
+        'the BUDGET_USD cap: spent $0.300 + $0.0400 for the next 10 step(s) (2 s/step, measured '
+        'over the last 10) + $0.0100 for host time between checks (5 s, as in the last stretch) '
+        '+ $0.0100 for the final checkpoint save (5 s reserved, the longest host time measured '
+        'between checks) = $0.360, more than BUDGET_USD $0.350')
+    s = Ledger(tmp_path / 'run').stage_summary('run', 'train')
+    assert (s.last_step, s.end_reason) == (30, 'stopped')
+    assert s.step_usd == pytest.approx(0.12) and s.other_usd == pytest.approx(0.18)
+    # Near TRAIN_STEPS only the steps left are ahead: at step 30 of 35, 5 steps ($0.0200), so
+    # $0.340 in all fits a $0.345 cap; at step 35 nothing is ahead.
+    to_35 = action(budget_usd=0.345, planned_steps=35, run_id='to_35')
+    for now, step in ((100, 10), (125, 20), (150, 30)):
+        assert stretch(to_35, now, step, 20) is False
+    assert to_35.forecast(30, 10, 20).total_usd == pytest.approx(0.34)
+    assert stretch(to_35, 165, 35, 10) is False and to_35.forecast(35, 5, 10) is None
+    assert Ledger(tmp_path / 'run').stage_summary('to_35', 'train').end_reason == 'done'
+
+
 # ---- report -----------------------------------------------------------------------------------
 def test_report_table_and_json(tmp_path, capsys):
     led = Ledger(tmp_path / 'teacher')

@@ -106,7 +106,8 @@ def drive_multihost(process_id: int, port: int, model_dir: str) -> int:
     from doa_jax import partitioning
     from doa_jax.cost import CostCallback
     mesh = partitioning.make_mesh()
-    budget = 5.5 * 2 * default_cpu_rate() / 3600          # 5.5 s of both devices
+    # 5.5 s of both devices: at step 5, 5 s spent + 1 s for step 6 does not fit.
+    budget = 5.5 * 2 * default_cpu_rate() / 3600
     cb = CostCallback(budget_usd=budget, include_compile=False, include_other=False)
     cb.on_train_start(model_dir=model_dir, start_step=0, mesh=mesh)
     for step in range(1, 100):
@@ -256,15 +257,21 @@ def test_two_processes_writing_one_study_ledger_give_consistent_totals(tmp_path)
     assert len(hosts) == 2                                          # really two writers
 
 
-def test_budget_cap_stops_the_simulated_run_with_its_checkpoint(tmp_path):
+def test_budget_cap_stops_the_simulated_run_before_it_passes_the_cap(tmp_path):
     from doa_jax.cost import Ledger
-    budget = measured_usd(1, 11)              # crossed inside the interval [11, 12]
+    # The cap is steps 1-11's 9.375 s. Each check adds the next two steps at the speed of the
+    # last two: at step 8, 6.75 s spent + 1.125 s (steps 7-8) = 7.875 s fits; at step 10,
+    # 8.375 s + 1.625 s (steps 9-10) = 10.0 s does not, so the run stops at step 10.
+    budget = measured_usd(1, 11)
+    assert (measured_usd(1, 8) + measured_usd(7, 8) < budget
+            < measured_usd(1, 10) + measured_usd(9, 10))
     _finish(_driver(tmp_path, 'capped', '--steps', '40', '--budget', str(budget)))
     ledger = Ledger(tmp_path / 'study')
     s = ledger.stage_summary('capped', 'train')
-    assert s.end_reason == 'stopped' and s.last_step == 12
-    assert _latest_checkpoint(tmp_path / 'capped') == 12
-    assert budget <= ledger.spent_usd('capped') < budget + measured_usd(11, 12)
+    assert s.end_reason == 'stopped' and s.last_step == 10
+    assert _latest_checkpoint(tmp_path / 'capped') == 10
+    assert ledger.spent_usd('capped') == pytest.approx(measured_usd(1, 10), rel=1e-12)
+    assert ledger.spent_usd('capped') <= budget
 
 
 def test_two_jax_processes_write_once_and_stop_together(tmp_path):
@@ -279,12 +286,12 @@ def test_two_jax_processes_write_once_and_stop_together(tmp_path):
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert 'STOPPED 0 6 True' in outs[0] and 'STOPPED 1 6 False' in outs[1], outs
+    assert 'STOPPED 0 5 True' in outs[0] and 'STOPPED 1 5 False' in outs[1], outs
     ledger = Ledger(tmp_path / 'run')
     s = ledger.stage_summary('run', 'train')
     assert s.device_count == 2 and s.attempts == 1 and s.end_reason == 'stopped'
-    assert s.step_seconds == 6.0                       # process 0's timings, recorded once
-    assert ledger.spent_usd('run') == pytest.approx(6 * 2 * default_cpu_rate() / 3600)
+    assert s.step_seconds == 5.0                       # process 0's timings, recorded once
+    assert ledger.spent_usd('run') == pytest.approx(5 * 2 * default_cpu_rate() / 3600)
 
 
 if __name__ == '__main__':

@@ -1,5 +1,5 @@
-"""The cost callback inside the real trainer: a budget cap stops a tiny run with its checkpoint
-intact, and the resumed run counts every step once; a run its cap cannot pay for is refused
+"""The cost callback inside the real trainer: a budget cap stops a tiny run before its next
+interval could pass the cap, with its checkpoint intact; a run its cap cannot pay for is refused
 before compiling (or right after, when compiling used the cap up); an evaluation the cap cannot
 pay for is skipped, its checkpoint kept."""
 
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from doa_jax import gin_utils, trainer
+from doa_jax import checkpoints, gin_utils, trainer
 from doa_jax.callbacks import TrainerCallback
 from doa_jax.checkpoints import RunCheckpointer
 from doa_jax.cost import BudgetExceededError, CostCallback, Ledger, default_prices
@@ -30,35 +30,45 @@ def _train(model_dir, steps: int, callback: TrainerCallback, *more: TrainerCallb
         **{**args, **kw})
 
 
-def test_budget_cap_stops_a_real_run_with_its_checkpoint_intact(tmp_path):
+class _TenMsSteps(CostCallback):
+    """The cost meter billing each step 10 ms, whatever the CPU took: the trainer, its checks
+    and checkpoints are real, the clock of the steps simulated, so the stop step is hand-worked."""
+
+    def on_steps_end(self, *, first_step, last_step, seconds):
+        super().on_steps_end(first_step=first_step, last_step=last_step,
+                             seconds=0.01 * (last_step - first_step + 1))
+
+
+def test_budget_cap_stops_a_real_run_before_the_cap_with_its_checkpoint_intact(tmp_path):
     model_dir = tmp_path / 'run'
-    # Compile and other time excluded: the cap is reached by step time alone.
-    budget = 20e-3 * CPU_RATE / 3600                    # ~20 ms of one CPU device
-    cb = CostCallback(budget_usd=budget, include_compile=False, include_other=False)
-    result = _train(model_dir, 400, cb)
-    assert result.reason == 'stopped' and 0 < result.step < 400 and cb.stopped_at == result.step
+    # Checks at steps 2, 4, 5 (checkpoint period), 6, 8, ...; compile and host time unbilled.
+    # The cap is 75 ms of steps. At step 5, 50 ms spent + 1 step ahead (10 ms/step over the
+    # last 1) fits; at step 6, 60 ms + the 2 steps to step 8 = 80 ms does not: it stops at 6.
+    # (The last interval's 10 ms unscaled would have let it run to 8, past the cap.)
+    budget = 0.075 * jax.device_count() * CPU_RATE / 3600
+    cb = _TenMsSteps(budget_usd=budget, include_compile=False, include_other=False)
+    result = _train(model_dir, 20, cb, checkpoint_period=5)
+    assert result.reason == 'stopped' and result.step == 6 and cb.stopped_at == 6
+    assert cb.stop_reason.startswith('the BUDGET_USD cap: spent $0.0')
+    assert ' for the next 2 step(s) (0.01 s/step, measured over the last 1) = ' in cb.stop_reason
+    assert result.notes == [f'stopped at step 6 by {cb.stop_reason}']   # in the exit summary
     ledger = Ledger(model_dir)
     s = ledger.stage_summary('run', 'train')
-    assert s.end_reason == 'stopped' and s.last_step == result.step
+    assert s.end_reason == 'stopped' and s.last_step == 6 and s.step_seconds == pytest.approx(0.06)
     assert s.device_kind == jax.devices()[0].device_kind
     assert s.compile_seconds > 0 and s.other_seconds > 0      # recorded, though not billed
     assert s.compile_usd == 0 and s.other_usd == 0
-    assert ledger.spent_usd('run') >= budget
-    last = ledger.counted_step_intervals('run', 'train')[-1]
-    assert ledger.spent_usd('run') - last[2] * CPU_RATE / 3600 < budget   # stopped at once
+    assert ledger.spent_usd('run') <= budget
 
+    assert [(f, l) for f, l, _ in ledger.counted_step_intervals('run', 'train')] == [
+        (1, 2), (3, 4), (5, 5), (6, 6)]
     ckpt = RunCheckpointer(str(model_dir))
-    assert ckpt.latest_step() == result.step
+    assert ckpt.latest_step() == 6
     ckpt.close()
-    # The checkpoint is intact: a resumed run restores it and its ledger counts each step once.
-    resumed = _train(model_dir, result.step + 4, CostCallback())
-    assert resumed.reason == 'done' and resumed.step == result.step + 4
-    counted = [x for f, l, _ in ledger.counted_step_intervals('run', 'train')
-               for x in range(f, l + 1)]
-    assert counted == list(range(1, result.step + 5))
-    s = ledger.stage_summary('run', 'train')
-    assert s.attempts == 2 and s.redone_usd == 0 and s.end_reason == 'done'
-    assert s.other_usd > 0 and s.compile_usd > 0             # billed by default
+    # The checkpoint is intact: it holds the stopped run's weights (a resume from it, counting
+    # each step once, is tests/test_cost_resume.py's, without a second compile here).
+    saved = checkpoints.load_checkpoint(model_dir, get_config('t5_1_1_tiny', dtype=np.float32))
+    jax.tree.map(np.testing.assert_array_equal, saved, jax.device_get(result.state.params))
 
 
 class _Hooks(TrainerCallback):
@@ -167,14 +177,17 @@ def test_an_evaluation_the_cap_cannot_pay_for_is_skipped_and_the_checkpoint_kept
     assert hooks.called.count('compile') == 1 and 'eval 2' in hooks.called
     assert 'eval 4' not in hooks.called                   # the evaluation at step 4 did not run
     assert result.step == 4 and result.reason == ('done' if steps == 4 else 'stopped')
-    assert len(result.notes) == 1
-    note = result.notes[0]
+    # With 6 steps the stop check at step 4 already saw the evaluation and 2 more steps ahead.
+    assert len(result.notes) == (1 if steps == 4 else 2)
+    assert steps == 4 or result.notes[0].startswith('stopped at step 4 by the BUDGET_USD cap: ')
+    note = result.notes[-1]
     final = 'final ' if steps == 4 else ''
     assert note.startswith(f'{final}evaluation at step 4 skipped: the BUDGET_USD cap: it would '
                            'cost $0.')
     assert 'the last evaluation took' in note and 'the checkpoint at step 4 is kept' in note
     assert not any(k.startswith('eval/') for k in result.history[-1])
-    assert f'(ran 4 steps from step 0); {note}; cost $' in summary.line(result)
+    line = summary.line(result)
+    assert f'(ran 4 steps from step 0); {"; ".join(result.notes)}; cost $' in line
     ledger = Ledger(tmp_path / 'run')
     s = ledger.stage_summary('run', 'train')
     assert ledger.spent_usd('run') <= cost.budget_usd, s

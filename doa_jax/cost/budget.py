@@ -127,3 +127,57 @@ def check_budget(estimate: Estimate, budget_usd: float | None, spent_usd: float 
             f'{describe_remaining(budget_usd, spent_usd)}. Lower {lower}, raise BUDGET_USD, or '
             f'{FORCE_HINT} to start anyway; the run will still stop at the cap.')
     return remaining - estimate.usd
+
+
+@dataclasses.dataclass(frozen=True)
+class Forecast:
+    """The cap's look ahead at a stop check: what is spent, plus each cost that running on to the
+    next check would add (an evaluation due now, the next stretch of steps, the host time between
+    two checks), plus a reserve for the checkpoint save that would then end the run. A run that
+    stops as soon as this total exceeds the cap ends within it whenever the measured speeds hold:
+    the previous check left room for what the run spent since and for the save."""
+    budget_usd: float
+    spent_usd: float
+    parts: tuple[tuple[str, float], ...]      # (what, dollars), in the order they would be spent
+
+    @property
+    def total_usd(self) -> float:
+        return self.spent_usd + sum(usd for _, usd in self.parts)
+
+    @property
+    def exceeds(self) -> bool:
+        return self.total_usd > self.budget_usd
+
+    def describe(self) -> str:
+        """'spent $0.0800 + $0.0200 for the next 2 step(s) (...) = $0.100, more than
+        BUDGET_USD $0.0950'."""
+        terms = ''.join(f' + {format_usd(usd)} for {what}' for what, usd in self.parts)
+        verdict = 'more than' if self.exceeds else 'within'
+        return (f'spent {format_usd(self.spent_usd)}{terms} = {format_usd(self.total_usd)}, '
+                f'{verdict} BUDGET_USD {format_usd(self.budget_usd)}')
+
+
+def forecast_next_stretch(budget_usd: float, spent_usd: float, *, steps: int,
+                          measured_seconds: float, measured_steps: int, host_seconds: float,
+                          reserve_seconds: float, device_count: int, usd_per_device_hour: float,
+                          first: Sequence[tuple[str, float]] = ()) -> Forecast:
+    """The forecast both cost meters (CostCallback, t5x's CostAction) stop on: `steps` more at
+    the speed of the last stretch (`measured_seconds` for `measured_steps` steps), the host time
+    the last stretch added beyond its steps (`host_seconds`: input, metrics, a checkpoint's
+    copy), and `reserve_seconds` for the final checkpoint save; `first` is (what, dollars) spent
+    before those steps, e.g. an evaluation due now."""
+    def usd(seconds: float) -> float:
+        return device_cost_usd(max(0.0, seconds), device_count, usd_per_device_hour)
+
+    parts = [(what, float(d)) for what, d in first if d > 0]
+    if steps > 0 and measured_steps > 0:
+        sps = measured_seconds / measured_steps
+        parts.append((f'the next {steps} step(s) ({sps:.3g} s/step, measured over the last '
+                      f'{measured_steps})', usd(sps * steps)))
+    if steps > 0 and host_seconds > 0:
+        parts.append((f'host time between checks ({host_seconds:.3g} s, as in the last '
+                      'stretch)', usd(host_seconds)))
+    if reserve_seconds > 0:
+        parts.append((f'the final checkpoint save ({reserve_seconds:.3g} s reserved, the '
+                      'longest host time measured between checks)', usd(reserve_seconds)))
+    return Forecast(float(budget_usd), float(spent_usd), tuple(parts))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from doa_jax import run_identity
 from doa_jax.callbacks import TrainerCallback, TrainPlan
-from doa_jax.cost.budget import (BudgetExceededError, Estimate, check_budget, check_cap_settings,
-                                 describe_remaining, estimate_from_flops)
+from doa_jax.cost.budget import (BudgetExceededError, Estimate, Forecast, check_budget,
+                                 check_cap_settings, describe_remaining, estimate_from_flops,
+                                 forecast_next_stretch)
 from doa_jax.cost.ledger import Ledger
 from doa_jax.cost.meter import DeviceInfo, device_info, is_writer_process
 from doa_jax.cost.prices import (PriceError, PriceTable, device_cost_usd, format_usd,
@@ -42,10 +43,19 @@ class CostCallback(TrainerCallback):
     benchmark table, before the first step) or else the first logging interval (a short
     warm-up, checked right after it).
 
+    At each stop check (`should_stop`, at every interval's end) it looks ahead: the run stops,
+    with its checkpoint, when what is spent plus what running on to the next check would add
+    (an evaluation due now, the next interval's steps at the last interval's measured seconds
+    per step, the host time the last interval added) plus a reserve for the checkpoint save
+    that would then end the run (the longest host time measured between two checks) exceeds
+    the cap (`budget.forecast_next_stretch`). So the ledger's total stays within the cap
+    whenever the measured speeds hold.
+
     An evaluation is billed too: before each one, the final one included, `skip_eval` skips it
     (and the trainer stops, its checkpoint saved) when what it would cost does not fit what is
     left of the cap: the last evaluation's measured seconds or, for the first, its minimum FLOPs
     (the trainer's plan) at the FLOP/s the training steps reached, at most the device's peak.
+    `clock` (time.monotonic) is for tests.
     """
 
     def __init__(self, ledger: Ledger | str | None = None,
@@ -55,7 +65,8 @@ class CostCallback(TrainerCallback):
                  include_other: bool = True, budget_scope: str = 'run',
                  device_price_fallback: str | None = None,
                  planned_steps: int | None = None, seconds_per_step: float | None = None,
-                 force: bool = False, write: bool | None = None):
+                 force: bool = False, write: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         check_cap_settings(budget_usd, budget_scope)
         self.ledger = Ledger(ledger) if isinstance(ledger, (str, os.PathLike)) else ledger
         self.prices = prices if isinstance(prices, PriceTable) else load_prices(prices)
@@ -74,8 +85,14 @@ class CostCallback(TrainerCallback):
         self.usd_per_device_hour = None
         self.attempt: int | None = None
         self._seq = 0
-        self._last_event = time.monotonic()
+        self._clock = clock
+        self._last_event = clock()
         self.stopped_at: int | None = None
+        self.stop_reason: str | None = None
+        self._last_interval: tuple[int, float] | None = None   # (steps, seconds), measured
+        self._host_total = 0.0      # 'other' seconds so far in this attempt
+        self._host_mark = 0.0       # ... at the last stop check (or compile)
+        self._host_last = self._host_max = 0.0     # between the last two checks; the longest
         self.plan: TrainPlan | None = None
         self._start_step = 0
         self._eval_seconds: float | None = None      # the last evaluation's, measured
@@ -109,7 +126,9 @@ class CostCallback(TrainerCallback):
                              f'{self.device.kind!r}), so it stops before step 0. {e}') from None
         self._seq, self._other_seconds, self._start_step = 0, 0.0, start_step
         self._eval_seconds = self._flops_per_second = None
-        self._last_event = time.monotonic()
+        self._last_interval, self.stop_reason = None, None
+        self._host_total = self._host_mark = self._host_last = self._host_max = 0.0
+        self._last_event = self._clock()
         self._preflight_pending = self.budget_usd is not None and self.planned_steps is not None
         # Both checks come before the attempt is recorded: a refused run leaves no ledger row.
         if self._preflight_pending:
@@ -131,6 +150,7 @@ class CostCallback(TrainerCallback):
                                      self.usd_per_device_hour)
         self._tick(seconds)
         n = last_step - first_step + 1
+        self._last_interval = (n, seconds)
         if self.plan is not None and seconds > 0:
             self._flops_per_second = self.plan.flops_per_step * n / seconds
         if self._preflight_pending:
@@ -138,6 +158,7 @@ class CostCallback(TrainerCallback):
 
     def on_compile(self, *, seconds: float) -> None:
         self._overhead('compile', 0, seconds, self.include_compile)
+        self._host_mark = self._host_total     # start-up before it happens once, not per interval
         if self._preflight_pending and self.include_compile:
             # Compiling is billed and cannot be priced before it ran: a cap it used up is
             # refused now, before the warm-up steps.
@@ -156,19 +177,49 @@ class CostCallback(TrainerCallback):
             self.ledger.record_checkpoint(self.run_id, self.stage, self.attempt, step)
 
     def should_stop(self, *, step: int) -> bool:
+        """True when running on to the next check, and then saving, could pass the cap."""
+        self._measure_host_time()
         if self.budget_usd is None:
             return False
-        stop = False
+        why = ''
         if self.write:
-            spent = self.spent_usd()
-            stop = spent >= self.budget_usd
-            if stop:
-                log.warning('cost: run %s spent %s of its %s budget at step %d; stopping.',
-                            self.run_id, format_usd(spent), format_usd(self.budget_usd), step)
-        stop = _agree_with_process_0(stop)
-        if stop:
-            self.stopped_at = step
-        return stop
+            forecast = self.forecast(step)
+            if forecast is not None and forecast.exceeds:
+                why = (f'the BUDGET_USD cap: {forecast.describe()}; the checkpoint at step {step} '
+                       'is saved')
+                log.warning('cost: run %s stops at step %d, before running on: %s.', self.run_id,
+                            step, why)
+        if not _agree_with_process_0(bool(why)):
+            return False
+        self.stopped_at = step
+        self.stop_reason = why or 'the BUDGET_USD cap (process 0 says so; see its log)'
+        return True
+
+    def forecast(self, step: int) -> Forecast | None:
+        """What running on from `step` to the next check costs, with the final save's reserve;
+        None when no steps remain (the run ends at this check anyway)."""
+        if self.plan is not None:
+            end = self.plan.train_steps
+            steps = self.plan.interval_end(step) - step
+        else:   # driven without a plan: the next interval is as long as the last one
+            end = self.planned_steps
+            steps = self._last_interval[0] if self._last_interval else 0
+            if end is not None:
+                steps = min(steps, end - step)
+        if end is not None and step >= end:
+            return None
+        first = []
+        if self.plan is not None and self.include_eval and self.plan.eval_due(step):
+            usd, source = self._eval_estimate()
+            first.append((f'the evaluation due at step {step} ({source})', usd))
+        measured_steps, measured_seconds = self._last_interval or (0, 0.0)
+        host, reserve = ((self._host_last, self._host_max) if self.include_other
+                         else (0.0, 0.0))
+        return forecast_next_stretch(
+                self.budget_usd, self.spent_usd(), steps=steps, measured_seconds=measured_seconds,
+                measured_steps=measured_steps, host_seconds=host, reserve_seconds=reserve,
+                device_count=self.device.count,
+                usd_per_device_hour=float(self.usd_per_device_hour), first=first)
 
     def skip_eval(self, *, step: int, final: bool) -> str | None:
         """The cap's reason to skip the evaluation due at `step`, or None: it fits (or is not
@@ -179,9 +230,14 @@ class CostCallback(TrainerCallback):
         if self.write:
             spent = self.spent_usd()
             usd, source = self._eval_estimate()
-            if spent >= self.budget_usd or spent + usd > self.budget_usd:
-                why = (f'the BUDGET_USD cap: it would cost {format_usd(usd)} ({source}), more '
-                       f'than {describe_remaining(self.budget_usd, spent)}')
+            # The checkpoint save that ends the run may still be writing after the evaluation.
+            reserve = device_cost_usd(self._host_max, self.device.count,
+                                      self.usd_per_device_hour) if self.include_other else 0.0
+            if spent >= self.budget_usd or spent + usd + reserve > self.budget_usd:
+                save = (f' and {format_usd(reserve)} reserved for the final checkpoint save'
+                        if reserve > 0 else '')
+                why = (f'the BUDGET_USD cap: it would cost {format_usd(usd)} ({source}){save}, '
+                       f'more than {describe_remaining(self.budget_usd, spent)}')
         if not _agree_with_process_0(bool(why)):
             return None
         self.stopped_at = step
@@ -260,15 +316,26 @@ class CostCallback(TrainerCallback):
             return recorded
         in_flight = 0.0
         if self.device and self.include_other:
-            pending = self._other_seconds + max(0.0, time.monotonic() - self._last_event)
+            pending = self._other_seconds + max(0.0, self._clock() - self._last_event)
             in_flight = device_cost_usd(pending, self.device.count, self.usd_per_device_hour)
         return recorded + in_flight
 
     def _tick(self, reported_seconds: float) -> None:
         """Wall-clock since the last hook that the hook did not report is 'other' time."""
-        now = time.monotonic()
-        self._other_seconds += max(0.0, now - self._last_event - reported_seconds)
+        now = self._clock()
+        unreported = max(0.0, now - self._last_event - reported_seconds)
+        self._other_seconds += unreported
+        self._host_total += unreported
         self._last_event = now
+
+    def _measure_host_time(self) -> None:
+        """At a stop check: the host time ('other') since the previous check (or compiling)."""
+        if self.device is None:
+            return
+        now = self._host_total + max(0.0, self._clock() - self._last_event)
+        self._host_last = max(0.0, now - self._host_mark)
+        self._host_max = max(self._host_max, self._host_last)
+        self._host_mark = now
 
     def _flush_other(self, step: int) -> None:
         if self._other_seconds > 0:

@@ -13,12 +13,16 @@ What it records, per call, in the same ledger the doa_jax trainer writes (MODEL_
 cost_ledger.sqlite unless `ledger` says otherwise): the steps of the stretch, priced at the
 seconds t5x measured for them (`timing/seconds`) x every device of the job x $/device-hour, and
 the wall-clock between calls that t5x did not report (start-up, compilation, checkpoints, evals)
-as 'other' time. The run stops when the ledger's total reaches `budget_usd`; with `planned_steps`
-(TRAIN_STEPS, t5x's absolute step) or `relative_steps` (TRAIN_STEPS_RELATIVE, which wins as in
-t5x) the cost of the remaining steps, at the first stretch's speed, is checked against the budget
-first, as doa_jax's CostCallback does. t5x runs actions on process 0 only and broadcasts the
+as 'other' time. The run stops before the next stretch when the ledger's total plus what that
+stretch would add (its steps at the last stretch's speed, the host time between calls as in the
+last stretch) plus a reserve for the checkpoint t5x saves on stopping (the longest host time
+between two calls after the first) would pass `budget_usd`, the arithmetic CostCallback uses
+(`budget.forecast_next_stretch`); near `planned_steps` only the steps left are ahead. With
+`planned_steps` (TRAIN_STEPS, t5x's absolute step) or `relative_steps` (TRAIN_STEPS_RELATIVE,
+which wins as in t5x) the cost of the remaining steps, at the first stretch's speed, is checked
+against the budget first, as doa_jax's CostCallback does. t5x runs actions on process 0 only and broadcasts the
 decision. Time after the last call (the final checkpoint and eval) goes unrecorded: t5x calls no
-action after them.
+action after them, so the reserve keeps it within the cap without appearing in the ledger.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from doa_jax.cost.budget import (FORCE_HINT, BudgetExceededError, Estimate, check_budget,
-                                 check_cap_settings)
+from doa_jax.cost.budget import (FORCE_HINT, BudgetExceededError, Estimate, Forecast,
+                                 check_budget, check_cap_settings, forecast_next_stretch)
 from doa_jax.cost.ledger import Ledger
 from doa_jax.cost.meter import DeviceInfo, device_info, is_writer_process
 from doa_jax.cost.prices import PriceError, PriceTable, format_usd, load_prices
@@ -57,10 +61,11 @@ class CostAction:
     """A t5x `trainer.BaseAction` (same `run` signature and meaning) that meters the run's cost.
 
     `model_dir`: t5x's MODEL_DIR; the ledger goes there unless `ledger` (a path) is given, and
-    the run is named after it unless `run_id` is. `budget_usd`: stop once the ledger's total for
-    this run (`budget_scope='run'`) or for the whole ledger ('study') reaches it. `prices`: a
-    price YAML (default: the package's). `devices`: what is paid for (default: every device of
-    the job, as t5x's mesh spans them all). `clock` is for tests.
+    the run is named after it unless `run_id` is. `budget_usd`: stop before the ledger's total
+    for this run (`budget_scope='run'`) or for the whole ledger ('study') could pass it by the
+    next stretch of steps and the final checkpoint save. `prices`: a price YAML (default: the
+    package's). `devices`: what is paid for (default: every device of the job, as t5x's mesh
+    spans them all). `clock` is for tests.
     """
 
     def __init__(self, model_dir: str, budget_usd: float | None = None, *,
@@ -96,6 +101,8 @@ class CostAction:
         self.attempt: int | None = None
         self._seq = 0
         self.stopped_at: int | None = None
+        self.stop_reason: str | None = None
+        self._host_last = self._host_max = 0.0     # 'other' of the last call; the longest
 
     def run(self, train_state: Any, metrics_by_task: Mapping[str, Mapping[str, Any]]) -> bool:
         """Records the stretch of steps that just ran; True asks t5x to stop (budget reached)."""
@@ -128,10 +135,14 @@ class CostAction:
                                         self._seq, step, other, self.device.kind,
                                         self.device.count, self.usd_per_device_hour,
                                         self.include_other)
-        if self.budget_usd is not None and self.spent_usd() >= self.budget_usd:
-            log.warning('cost: run %s spent %s of its %s budget at step %d; stopping.',
-                        self.run_id, format_usd(self.spent_usd()), format_usd(self.budget_usd),
-                        step)
+        if not preflight:       # the first call's other time is start-up and compiling: once
+            self._host_last = other if self.include_other else 0.0
+            self._host_max = max(self._host_max, self._host_last)
+        forecast = self.forecast(step, step - first + 1, seconds)
+        if forecast is not None and forecast.exceeds:
+            self.stop_reason = f'the BUDGET_USD cap: {forecast.describe()}'
+            log.warning('cost: run %s stops at step %d, before the next stretch: %s.',
+                        self.run_id, step, self.stop_reason)
             self.stopped_at = step
             self.ledger.end_attempt(self.run_id, self.stage, self.attempt, step, 'stopped')
             return True
@@ -140,6 +151,20 @@ class CostAction:
         if self.planned_steps is not None and step >= self.planned_steps:
             self.ledger.end_attempt(self.run_id, self.stage, self.attempt, step, 'done')
         return False
+
+    def forecast(self, step: int, steps: int, seconds: float) -> Forecast | None:
+        """What a next stretch as long as the last (`steps` in `seconds`) and the final save would
+        cost; None without a cap, or when t5x stops at `step` anyway (planned_steps)."""
+        if self.budget_usd is None:
+            return None
+        ahead = steps if self.planned_steps is None else min(steps, self.planned_steps - step)
+        if ahead <= 0:
+            return None
+        return forecast_next_stretch(
+                self.budget_usd, self.spent_usd(), steps=ahead, measured_seconds=seconds,
+                measured_steps=steps, host_seconds=self._host_last,
+                reserve_seconds=self._host_max, device_count=self.device.count,
+                usd_per_device_hour=float(self.usd_per_device_hour))
 
     def spent_usd(self) -> float:
         """The ledger's billable dollars for this run (the whole ledger's: budget_scope='study')."""
