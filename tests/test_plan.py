@@ -42,9 +42,10 @@ def _check_decode(plan: dict, kv_expected: int) -> None:
     model_axis = plan['mesh']['model']
     # The teacher is split over the model axis only (as pseudo-labeling places it), its matmul
     # weights in bf16 (as decoding holds them): half the float32 bytes, less the few float32
-    # norm scales and relative-position tables.
+    # norm scales and relative-position tables (a few percent of a tiny model's bytes; weights
+    # left whole would double the figure).
     half_shard = plan['param_bytes_total'] / model_axis / 2
-    assert half_shard <= dec['param_bytes_per_device'] <= 1.01 * half_shard
+    assert half_shard <= dec['param_bytes_per_device'] <= 1.05 * half_shard
     # The cache as declared, plus one int32 decode-position counter.
     assert kv_expected <= dec['kv_cache_bytes_per_device'] <= kv_expected + 16
     assert dec['temp_bytes_per_device'] > dec['kv_cache_bytes_per_device'] > 0
@@ -57,32 +58,33 @@ def _check_decode(plan: dict, kv_expected: int) -> None:
 
 
 @pytest.mark.slow
-def test_plan_small_model_parallel_bytes_and_does_not_fit_tiny_memory(tmp_path):
-    plan, stdout = _plan(tmp_path, '--model=t5_1_1_small', '--mesh=data:2,model:2', '--batch=4',
+def test_plan_model_parallel_bytes_and_does_not_fit_tiny_memory(tmp_path):
+    plan, stdout = _plan(tmp_path, '--model=t5_1_1_tiny', '--mesh=data:2,model:2', '--batch=4',
                          '--decode_batch=8', '--input_len=16', '--target_len=8',
-                         '--device_memory_gb=0.1')
+                         '--device_memory_gb=0.0001')
     assert 'approximates GPU/TPU' in stdout
     assert 'decode' in stdout and 'of which KV' in stdout
     per_model_shard = plan['param_bytes_total'] / 2
-    # Model-parallel weights are split over model:2; only small norms/biases are replicated.
-    assert per_model_shard <= plan['param_bytes_per_device'] <= 1.01 * per_model_shard
+    # Model-parallel weights are split over model:2; only the norm scales and position tables
+    # are replicated (a few percent of t5_1_1_tiny's bytes).
+    assert per_model_shard <= plan['param_bytes_per_device'] <= 1.05 * per_model_shard
     assert plan['temp_bytes_per_device'] > 0
     assert plan['total_bytes_per_device'] == (plan['param_bytes_per_device'] +
                                               plan['optimizer_bytes_per_device'] +
                                               plan['temp_bytes_per_device'])
-    assert plan['total_bytes_per_device'] > 0.1e9 and plan['fits'] is False
+    assert plan['total_bytes_per_device'] > 0.0001e9 and plan['fits'] is False
     assert plan['decode']['batch'] == 8 and plan['decode']['max_decode_length'] == 8
-    _check_decode(plan, _kv_bytes('t5_1_1_small', 8, 2, 2, 16, 8))
+    _check_decode(plan, _kv_bytes('t5_1_1_tiny', 8, 2, 2, 16, 8))
 
 
 @pytest.mark.slow
 def test_plan_fsdp_shards_params_and_optimizer_over_all_devices(tmp_path):
-    plan, _ = _plan(tmp_path, '--model=t5_1_1_small', '--mesh=data:2,model:2', '--fsdp',
+    plan, _ = _plan(tmp_path, '--model=t5_1_1_tiny', '--mesh=data:2,model:2', '--fsdp',
                     '--optimizer=adamw', '--batch=2', '--input_len=16', '--target_len=8')
     assert plan['fsdp'] is True and plan['decode']['batch'] == 2
     # FSDP also splits `embed` over data: every big weight is split 4 ways, not 2.
     per_device = plan['param_bytes_total'] / 4
-    assert per_device <= plan['param_bytes_per_device'] <= 1.01 * per_device
+    assert per_device <= plan['param_bytes_per_device'] <= 1.05 * per_device
     # AdamW's two moments follow their parameter's sharding (+ a replicated step count).
     assert plan['optimizer_bytes_per_device'] == pytest.approx(
             2 * plan['param_bytes_per_device'], rel=1e-3)
@@ -90,8 +92,8 @@ def test_plan_fsdp_shards_params_and_optimizer_over_all_devices(tmp_path):
     # FSDP is train-only: the decode step's teacher is split over model:2, not over all 4 (in
     # bf16, so as many bytes as the train step's float32 quarter).
     assert plan['decode']['param_bytes_per_device'] == pytest.approx(
-            plan['param_bytes_per_device'], rel=0.01)
-    _check_decode(plan, _kv_bytes('t5_1_1_small', 2, 2, 2, 16, 8))
+            plan['param_bytes_per_device'], rel=0.05)
+    _check_decode(plan, _kv_bytes('t5_1_1_tiny', 2, 2, 2, 16, 8))
 
 
 SHIPPED = {   # the accelerator recipes (each a list of gin files) and the steps each runs
