@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import pathlib
 import shutil
@@ -22,21 +21,13 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'doa_jax_tests_xla_cache_{_RUN}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-# The lock that lets one process-heavy test run at a time across the xdist workers (set by the
-# controller, inherited by the workers).
-_OWN_HEAVY_LOCK = 'DOA_JAX_TESTS_HEAVY_LOCK' not in os.environ
-os.environ.setdefault('DOA_JAX_TESTS_HEAVY_LOCK',
-                      os.path.join(tempfile.gettempdir(), f'doa_jax_tests_heavy_{_RUN}.lock'))
+
 
 
 def pytest_sessionfinish(session):
-    """The run's own cache and lock go when the run ends (the xdist controller, or a plain run)."""
-    if hasattr(session.config, 'workerinput'):
-        return
-    if _OWN_XLA_CACHE:
+    """The run's own cache goes when the run ends (the xdist controller, or a plain run)."""
+    if _OWN_XLA_CACHE and not hasattr(session.config, 'workerinput'):
         shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
-    if _OWN_HEAVY_LOCK:
-        pathlib.Path(os.environ['DOA_JAX_TESTS_HEAVY_LOCK']).unlink(missing_ok=True)
 
 
 # Test tiers (docs/testing.md). A file's tests are `integration` when they run entry points, whole
@@ -51,11 +42,6 @@ INTEGRATION_FILES = {
         'test_partitioning.py', 'test_plan.py', 'test_pseudo_label.py', 'test_pseudo_label_mesh.py',
         'test_run_identity.py', 'test_serve.py', 'test_study_runner.py', 'test_train_resume.py'}
 TIERS = ('unit', 'integration', 'multiprocess', 'accelerator', 'fault_injection')
-# Files whose tests start several jax processes, or one with 8 fake devices. Two such tests side
-# by side on a 2-core machine (each xdist worker running one) slow each other down by half or
-# more, so they take turns (`_process_heavy_tests_take_turns`).
-PROCESS_HEAVY_FILES = MULTIPROCESS_FILES | {'test_train_resume.py', 'test_partitioning.py',
-                                            'test_pseudo_label_mesh.py'}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -67,20 +53,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(pytest.mark.unit)
-
-
-@pytest.fixture(autouse=True)
-def _process_heavy_tests_take_turns(request):
-    """A process-heavy test holds an exclusive lock shared by the run's xdist workers."""
-    if request.node.path.name not in PROCESS_HEAVY_FILES:
-        yield
-        return
-    with open(os.environ['DOA_JAX_TESTS_HEAVY_LOCK'], 'a') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
