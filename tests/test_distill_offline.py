@@ -10,6 +10,7 @@ import seqio
 
 from doa_jax import distill_losses as dl, infer, pseudo_label as pl, train
 from doa_jax.data.jsonl import DataError
+from tests.conftest import with_xla_flags
 from tasks.jsonl_task import align_topk, read_teacher_topk, register_jsonl_task
 
 BYTES = seqio.ByteVocabulary()
@@ -207,7 +208,7 @@ def test_topk_features_shard_over_the_data_axis_and_microbatch(tmp_path):
                         .round(4).tolist()})
     plabels = _write(tmp_path / 'pl', records)
     worker = pathlib.Path(__file__).with_name('topk_sharding_worker.py')
-    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    env = {**with_xla_flags('--xla_force_host_platform_device_count=4'),
            'CUDA_VISIBLE_DEVICES': ''}
     proc = subprocess.run([sys.executable, str(worker), str(plabels)], env=env,
                           capture_output=True, text=True, timeout=300)

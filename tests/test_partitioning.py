@@ -18,13 +18,14 @@ from jax.sharding import PartitionSpec as P
 
 from doa_jax import optimizers, partitioning
 from doa_jax.train_state import abstract_train_state
+from tests.conftest import with_xla_flags
 
 WORKER = pathlib.Path(__file__).with_name('sharded_worker.py')
 
 
 @pytest.mark.slow
 def test_eight_devices_data4_model2_shards_params_and_matches_one_device():
-    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+    env = {**with_xla_flags('--xla_force_host_platform_device_count=8'),
            'CUDA_VISIBLE_DEVICES': ''}
     proc = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.conftest import with_xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Runs on 8 fake CPU devices: label the same pool on a 1x1 mesh and on data=2 x model=4.
@@ -42,8 +44,7 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope='module')
 def labeled():
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-               JAX_PLATFORMS='cpu')
+    env = dict(with_xla_flags('--xla_force_host_platform_device_count=8'), JAX_PLATFORMS='cpu')
     r = subprocess.run([sys.executable, '-c', _SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
