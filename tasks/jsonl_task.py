@@ -21,6 +21,7 @@ from doa_jax.data import budget
 from doa_jax.data.jsonl import DataError, iter_jsonl
 from doa_jax.data.vocabulary import default_vocabulary
 from tasks.prepared_source import PreparedOrJsonlSource, Slice
+from tasks.sources import FiniteDataSource
 
 distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
@@ -69,8 +70,7 @@ def _add_task(name: str, dataset_fn, splits: Sequence[str], metric_fns: Sequence
               vocabulary: seqio.Vocabulary | None, overwrite: bool,
               extra_preprocessors: Sequence = (), source: seqio.DataSource | None = None
               ) -> seqio.Task:
-    """Registers a task over `source`, by default the JSONL reader `dataset_fn` as a
-    FunctionDataSource."""
+    """Registers a task over `source`, by default a FiniteDataSource over `dataset_fn(split)`."""
     if name in seqio.TaskRegistry.names():
         if not overwrite:
             raise ValueError(f'task {name!r} is already registered; pick another name or pass '
@@ -79,7 +79,7 @@ def _add_task(name: str, dataset_fn, splits: Sequence[str], metric_fns: Sequence
     vocab = vocabulary or default_vocabulary()
     features = {k: seqio.Feature(vocab, add_eos=True) for k in ('inputs', 'targets')}
     return seqio.TaskRegistry.add(
-            name, source=source or seqio.FunctionDataSource(dataset_fn, splits=tuple(splits)),
+            name, source=source or FiniteDataSource(dataset_fn, splits=tuple(splits)),
             preprocessors=[*extra_preprocessors, seqio.preprocessors.tokenize,
                            seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos],
             output_features=features, metric_fns=list(metric_fns))
@@ -99,8 +99,7 @@ def register_jsonl_task(name: str, files: Mapping[str, PathLike], prefix: str = 
     """
     files = dict(files)
 
-    def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
-        del shuffle_files, seed
+    def dataset_fn(split: str) -> tf.data.Dataset:
         ids, sources, targets = load_split(files[split], fields, labels, on_error,
                                            allow_empty_target)
         return _to_dataset(ids, [prefix + s for s in sources], targets)
@@ -141,8 +140,8 @@ def register_budget_tasks(base_name: str, files: Mapping[str, PathLike], prefix:
                           allow_empty_target)
 
     def make_labeled(size: int):
-        def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
-            # seqio's shuffle seed; the slice itself depends only on order_seed.
+        def dataset_fn(split: str) -> tf.data.Dataset:
+            # The slice depends only on order_seed (the source shuffles it by seqio's seed).
             if split != 'train':
                 return eval_dataset(split)
             ids, sources, targets = train_lines()
@@ -152,7 +151,7 @@ def register_budget_tasks(base_name: str, files: Mapping[str, PathLike], prefix:
                                [targets[i] for i in idx])
         return dataset_fn
 
-    def pool_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
+    def pool_fn(split: str) -> tf.data.Dataset:
         ids, sources, _ = train_lines()
         budget.check_pool(len(ids), pool_start, f'{base_name}_unlabeled')
         idx = budget.pool_indices(len(ids), pool_start, order_seed, pool_size)
@@ -450,7 +449,7 @@ def register_pseudo_labeled_task(name: str, infer_output_dir: str, *, prefix: st
     if gold_task is not None:
         seqio.get_mixture_or_task(gold_task)      # an unknown name fails at registration
 
-    def dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None):
+    def dataset_fn(split: str) -> tf.data.Dataset:
         if split != 'train':
             return base.source.get_dataset(split=split, shuffle=False)
         gold = read_gold(gold_task) if gold_task else ([], [], [])

@@ -5,14 +5,13 @@ The choice is made each time a split is read, never at `import tasks`: DOA_DATA_
 DOA_TFDS_DIR) may be set, or the data prepared, after registration. A split is read from TFDS when
 `<tfds_dir>/distill_or_annotate/<dataset>/<version>` holds it, its records were built with the
 task's budget seed, and the JSONL file it came from (where still present) has the size recorded at
-prepare time. Otherwise the JSONL files are read through seqio's `FunctionDataSource`, whose
-"uncached FunctionDataset" warning then says what it should: this split is not prepared.
+prepare time. Otherwise the JSONL files are read.
 
 The prepared records are ordered (doa_jax.data.tfds_builder): a labeled slice of N is the TFDS
 slice `train[:N]`, the unlabeled pool `train[N_max:]`, in the same order as the JSONL path gives
-them. Examples come out of the records in that stored order (already a seeded shuffle for train);
-the task's shuffle buffer shuffles them for training, and several hosts shard them (by file when
-a split has enough files, else by example, as seqio decides).
+them. Either way the split is then shuffled and sharded as every finite split is
+(tasks/sources.py): a seeded permutation of the whole split, every n-th example of it per host.
+So a slice gives the trainer the same stream from the records as from the files.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import tensorflow as tf
 from doa_jax import distributed
 from doa_jax.data import paper
 from doa_jax.data.jsonl import DataError
+from tasks.sources import FiniteDataSource
 
 distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
@@ -60,7 +60,7 @@ class Slice:
         return f'{self.tfds_split}[{self.start or ""}:{"" if self.stop is None else self.stop}]'
 
 
-class PreparedOrJsonlSource(seqio.DataSource):
+class PreparedOrJsonlSource(FiniteDataSource):
     """{'id', 'inputs': prefix + source, 'targets'} of a paper dataset, from TFDS or JSONL."""
 
     def __init__(self, dataset: str, slices: Mapping[str, Slice], files: Mapping[str, PathLike],
@@ -68,20 +68,16 @@ class PreparedOrJsonlSource(seqio.DataSource):
                  withhold_targets: bool = False):
         """`slices` maps each task split to the part of a TFDS split it reads; `order_seed` is the
         budget seed the records' train order must have where a slice is taken of it; `jsonl_fn` is
-        the FunctionDataSource function that reads `files` when the records do not serve."""
+        the function `jsonl_fn(split)` that reads `files` when the records do not serve."""
         self._dataset = dataset
         self._slices = dict(slices)
         self._files = dict(files)
         self._prefix = prefix
         self._order_seed = order_seed
         self._withhold = withhold_targets
-        self._fallback = seqio.FunctionDataSource(jsonl_fn, splits=tuple(self._slices))
+        self._jsonl_fn = jsonl_fn
         self._tfds: dict[tuple[str, str], seqio.TfdsDataSource] = {}
-        super().__init__(splits=tuple(self._slices))
-
-    @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return False
+        super().__init__(self._read, splits=tuple(self._slices))
 
     def _records(self) -> tuple[pathlib.Path, dict] | None:
         """(tfds dir, metadata) of this dataset's prepared records, or None (with the reason
@@ -143,22 +139,15 @@ class PreparedOrJsonlSource(seqio.DataSource):
         return {'id': ex['id'], 'inputs': tf.strings.join([self._prefix, ex['source']]),
                 'targets': targets}
 
-    def get_dataset(self, split: str = 'train', shuffle: bool = True, seed: int | None = None,
-                    shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
-                    use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
-        del sequence_length, use_cached, num_epochs
+    def _read(self, split: str) -> tf.data.Dataset:
+        """The whole split in its stored order, from the records or else the JSONL files."""
         source = self.tfds_source(split)
         if source is None:
-            return self._fallback.get_dataset(split, shuffle=shuffle, seed=seed,
-                                              shard_info=shard_info)
-        # Ordered records read in their stored order (TFDS refuses shuffle_files for them); the
-        # task's shuffle buffer shuffles.
-        ds = source.get_dataset(split, shuffle=False, seed=seed, shard_info=shard_info)
+            return self._jsonl_fn(split)
+        # In the stored order (TFDS refuses shuffle_files for ordered records); shuffled by the
+        # caller, FiniteDataSource.get_dataset.
+        ds = source.get_dataset(split, shuffle=False)
         return ds.map(self._to_features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-    def list_shards(self, split: str) -> list[str]:
-        source = self.tfds_source(split)
-        return list(source.list_shards(split)) if source else self._fallback.list_shards(split)
 
     def num_input_examples(self, split: str) -> int | None:
         """Unknown to seqio, as on the JSONL path: a known small size makes seqio cache the split

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from doa_jax import distributed
 from doa_jax.data import span_corruption, synthetic
+from tasks.sources import ORDER_VERSION, FiniteDataSource
 
 distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
@@ -41,12 +42,13 @@ NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
 TARGETS = 'original'   # the whole sentence; 'spans': T5's span-only targets
 # What a checkpoint pretrained on this task depends on besides its run's settings: the corpus,
-# the corruption and the settings above (doa_jax.study.pretrained keys its cache by it).
-VERSION = f'corpus{synthetic.CORPUS_VERSION}-denoise{span_corruption.VERSION}-{TARGETS}'
+# the corruption, the settings above and the order training reads the examples in
+# (doa_jax.study.pretrained keys its cache by it).
+VERSION = (f'corpus{synthetic.CORPUS_VERSION}-denoise{span_corruption.VERSION}-{TARGETS}'
+           f'-order{ORDER_VERSION}')
 
 
-def _dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed
+def _dataset_fn(split: str) -> tf.data.Dataset:
     sentences = synthetic.corpus(split, SPLIT_SIZES[split])
     return tf.data.Dataset.from_tensor_slices({
             'index': tf.range(len(sentences), dtype=tf.int64),
@@ -60,8 +62,8 @@ def register() -> None:
     features = {k: seqio.Feature(VOCABULARY, add_eos=True) for k in ('inputs', 'targets')}
     seqio.TaskRegistry.add(
             TASK_NAME,
-            source=seqio.FunctionDataSource(_dataset_fn, splits=tuple(SPLIT_SIZES),
-                                            num_input_examples=dict(SPLIT_SIZES)),
+            source=FiniteDataSource(_dataset_fn, splits=tuple(SPLIT_SIZES),
+                                    num_input_examples=dict(SPLIT_SIZES)),
             preprocessors=[seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
                            functools.partial(span_corruption.span_corruption,
                                              noise_density=NOISE_DENSITY,

@@ -13,6 +13,7 @@ import seqio
 import tensorflow as tf
 
 from doa_jax import distributed
+from tasks.sources import FiniteDataSource
 
 distributed.hide_gpus_from_tensorflow()   # before TF (seqio) can touch a GPU
 
@@ -32,8 +33,7 @@ def toy_examples(split: str) -> list[dict[str, str]]:
     return out
 
 
-def _dataset_fn(split: str, shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed
+def _dataset_fn(split: str) -> tf.data.Dataset:
     examples = toy_examples(split)
     return tf.data.Dataset.from_tensor_slices({
             'inputs': [e['inputs'] for e in examples],
@@ -52,8 +52,8 @@ def register() -> None:
     features = {k: seqio.Feature(VOCABULARY, add_eos=True) for k in ('inputs', 'targets')}
     seqio.TaskRegistry.add(
             TASK_NAME,
-            source=seqio.FunctionDataSource(_dataset_fn, splits=tuple(SPLIT_SIZES),
-                                            num_input_examples=dict(SPLIT_SIZES)),
+            source=FiniteDataSource(_dataset_fn, splits=tuple(SPLIT_SIZES),
+                                    num_input_examples=dict(SPLIT_SIZES)),
             preprocessors=[seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
                            # append_eos (not _after_trim): the trainer counts over-long examples.
                            seqio.preprocessors.append_eos],
