@@ -108,16 +108,43 @@ def host_dataset(task_name: str, feature_lengths: Mapping[str, int], split: str,
                  pack: bool = False) -> tf.data.Dataset:
     """This host's batches (numpy-ready) of EncDecFeatureConverter features, `skip_batches` skipped;
     with `pack`, each row packs as many examples as fit (t5x's default for training)."""
-    if overlong not in OVERLONG_MODES:
-        raise ValueError(f'OVERLONG={overlong!r}; choose one of {OVERLONG_MODES}.')
     n_hosts = jax.process_count()
     if global_batch % n_hosts:
         raise ValueError(f'BATCH_SIZE={global_batch} is not divisible by the {n_hosts} processes.')
+    ds = _host_rows(task_name, feature_lengths, split, seed=seed, shuffle=shuffle,
+                    num_epochs=None if repeat else 1, overlong=overlong, counter=counter,
+                    pack=pack)
+    ds = ds.batch(global_batch // n_hosts, drop_remainder=repeat)
+    if skip_batches:
+        ds = ds.skip(skip_batches)
+    return ds.prefetch(2)
+
+
+def epoch_rows(task_name: str, feature_lengths: Mapping[str, int], split: str = 'train', *,
+               seed: int, shuffle: bool = True, overlong: str = 'truncate',
+               pack: bool = False) -> int:
+    """The rows one pass over this host's share of `split` makes, built as `host_dataset` builds
+    its batches (the same task, lengths, shuffle seed and feature converter; with `pack`, the
+    packed rows). A study's epochs rule counts them (doa_jax.study.runner.train_rows). Training
+    streams the data repeated, so rows at an epoch's end may pack with the next epoch's first
+    examples; one pass counts its own rows only."""
+    ds = _host_rows(task_name, feature_lengths, split, seed=seed, shuffle=shuffle, num_epochs=1,
+                    overlong=overlong, counter=None, pack=pack)
+    return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def _host_rows(task_name: str, feature_lengths: Mapping[str, int], split: str, *, seed: int,
+               shuffle: bool, num_epochs: int | None, overlong: str,
+               counter: OverlongCounter | None, pack: bool) -> tf.data.Dataset:
+    """This host's examples of `split` cut to `feature_lengths` and converted to model features
+    (packed with `pack`), unbatched."""
+    if overlong not in OVERLONG_MODES:
+        raise ValueError(f'OVERLONG={overlong!r}; choose one of {OVERLONG_MODES}.')
     task = get_task(task_name)
-    shard = seqio.ShardInfo(index=jax.process_index(), num_shards=n_hosts)
+    shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
     ds = task.get_dataset(sequence_length=dict(feature_lengths), split=split, use_cached=False,
-                          shuffle=shuffle, seed=seed, shard_info=shard,
-                          num_epochs=None if repeat else 1, trim_output_features=False)
+                          shuffle=shuffle, seed=seed, shard_info=shard, num_epochs=num_epochs,
+                          trim_output_features=False)
     teacher = _teacher_features(ds, task_name)
     lengths = {**feature_lengths, **{k: feature_lengths['targets'] for k in teacher}}
     ds = _limit_lengths(ds, lengths, overlong, counter or OverlongCounter(), task_name)
@@ -126,11 +153,7 @@ def host_dataset(task_name: str, feature_lengths: Mapping[str, int], split: str,
                          'which seqio cannot pack; train it unpacked (gin: PACK=False, as '
                          'runs/distill_kd_offline.gin does).')
     converter = seqio.EncDecFeatureConverter(pack=pack, passthrough_features=teacher or None)
-    ds = converter(ds, lengths)
-    ds = ds.batch(global_batch // n_hosts, drop_remainder=repeat)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
-    return ds.prefetch(2)
+    return converter(ds, lengths)
 
 
 def _teacher_features(ds: tf.data.Dataset, task_name: str) -> dict:

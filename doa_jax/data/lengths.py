@@ -62,26 +62,37 @@ def recorded(task_name: str, vocabulary) -> dict[str, int] | None:
 
 
 def resolve(task_name: str, given: Mapping[str, int] | None,
-            default: Mapping[str, int] | None = None) -> dict[str, int]:
+            default: Mapping[str, int] | None = None, vocabulary=None) -> dict[str, int]:
     """`given` (TASK_FEATURE_LENGTHS) when set; else the lengths recorded for the task and its
     vocabulary; else `default` (DEFAULT_FEATURE_LENGTHS); else an error that says what to set."""
+    return resolve_with_source(task_name, given, default, vocabulary)[0]
+
+
+def resolve_with_source(task_name: str | None, given: Mapping[str, int] | None,
+                        default: Mapping[str, int] | None = None, vocabulary=None
+                        ) -> tuple[dict[str, int], str]:
+    """`resolve`, and where the lengths came from: 'TASK_FEATURE_LENGTHS', 'measured for <task>
+    (<vocabulary key>)' or 'DEFAULT_FEATURE_LENGTHS'. `vocabulary` is the task's (default: the
+    registered task's own); the memory gate passes a study's without registering its data."""
     if given is not None:
-        return dict(given)
-    from doa_jax import train_data
-    task = train_data.get_task(task_name)
-    vocabulary = task.output_features['targets'].vocabulary
-    found = recorded(task_name, vocabulary)
+        return dict(given), 'TASK_FEATURE_LENGTHS'
+    if vocabulary is None and task_name is not None:
+        from doa_jax import train_data
+        task = train_data.get_task(task_name)
+        vocabulary = task.output_features['targets'].vocabulary
+    found = recorded(task_name, vocabulary) if task_name and vocabulary is not None else None
     if found is not None:
+        key = vocabulary_key(vocabulary)
         logging.info('TASK_FEATURE_LENGTHS=%s: measured for %s (vocabulary %s).', found,
-                     task_name, vocabulary_key(vocabulary))
-        return found
+                     task_name, key)
+        return found, f'measured for {task_name} ({key})'
     how = (f'measure them with `python -m doa_jax.data lengths {task_name}` (and --vocabulary, '
            '--module as the run uses)')
     if default is not None:
         logging.info('TASK_FEATURE_LENGTHS=%s (DEFAULT_FEATURE_LENGTHS): none are recorded for %s '
                      'with its vocabulary; %s and set TASK_FEATURE_LENGTHS.', dict(default),
                      task_name, how)
-        return dict(default)
+        return dict(default), 'DEFAULT_FEATURE_LENGTHS'
     raise ValueError(f'TASK_FEATURE_LENGTHS is None and no lengths are recorded for '
                      f'{task_name!r} with its vocabulary; {how}, then set '
                      "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': N, 'targets': M}\".")

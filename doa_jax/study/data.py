@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 import seqio
 
 from doa_jax import distributed
-from doa_jax.data import budget
+from doa_jax.data import budget, lengths
 from doa_jax.data.jsonl import read_jsonl
 from doa_jax.data.vocabulary import vocabulary_from_spec
 
@@ -43,6 +43,9 @@ class StudyData:
     price_key: str                 # annotation price table key ($ per label)
     allow_empty_target: bool = False
     labels: Sequence[str] | None = None   # the label set of a classification task (LLM parsing)
+    # The registered task whose measured feature lengths (doa_jax.data.lengths) the study's tasks
+    # take, as a run on it would: the paper dataset's doa_<dataset>; None: none recorded.
+    lengths_task: str | None = None
 
     def order(self, seed: int):
         """The seeded order in which train labels are revealed (labeled slices are prefixes)."""
@@ -106,7 +109,14 @@ def paper_dataset(dataset: str, data_dir: str | None = None, vocabulary: str | N
                      metric_fns=_metric_fns(dataset), metric=PAPER_METRIC[dataset],
                      vocabulary=vocab, price_key=dataset,
                      allow_empty_target=spec.allow_empty_target,
-                     labels=list(spec.labels) if spec.labels else None)
+                     labels=list(spec.labels) if spec.labels else None,
+                     lengths_task=paper_lengths_task(dataset))
+
+
+def paper_lengths_task(dataset: str) -> str:
+    """The task whose measured lengths a paper dataset's study takes (tasks/paper_tasks.py
+    FEATURE_LENGTHS, recorded when `tasks` is imported, as paper_dataset does)."""
+    return f'doa_{dataset}'
 
 
 def write_jsonl(path: str, rows: Sequence[Mapping[str, str]]) -> str:
@@ -119,12 +129,14 @@ def write_jsonl(path: str, rows: Sequence[Mapping[str, str]]) -> str:
 
 def register_train_task(name: str, data: StudyData, train_path: str, eval_path: str,
                         allow_empty_target: bool | None = None) -> str:
-    """A seqio task over the study's files: train = train_path, validation = eval_path."""
+    """A seqio task over the study's files: train = train_path, validation = eval_path, with the
+    feature lengths measured for `data.lengths_task` (a run on that task would take them)."""
     from tasks.jsonl_task import register_jsonl_task
     allow = data.allow_empty_target if allow_empty_target is None else allow_empty_target
     files = {'train': train_path, 'validation': eval_path}
     register_jsonl_task(name, files, data.prefix, data.metric_fns, vocabulary=data.vocabulary,
                         allow_empty_target=allow, overwrite=True)
+    lengths.inherit(name, data.lengths_task)
     return name
 
 
@@ -133,4 +145,5 @@ def register_pool_task(name: str, data: StudyData, pool_path: str) -> str:
     from tasks.jsonl_task import register_jsonl_task
     register_jsonl_task(name, {'train': pool_path}, data.prefix, (), vocabulary=data.vocabulary,
                         allow_empty_target=True, overwrite=True)
+    lengths.inherit(name, data.lengths_task)
     return name
