@@ -456,23 +456,41 @@ def gate_recipe(files: Sequence[str], bindings: Sequence[str], args: argparse.Na
         return [{**head, **_gate_one(recipe, head, args)}]
     out = []
     for name, stage, key in recipe.stages:
-        # The same stage of another study file (paper_main.gin includes wlp_gpu.gin) on the same
-        # devices plans the same programs: planned once per run of the gate.
-        key = repr((key, head['devices'], target.memory_bytes, args.margin, args.platforms,
-                    args.skip_memory))
+        # The same stage of another study file (paper_main.gin includes wlp_gpu.gin, and
+        # wlp_gpu_40gb.gin shares its pseudo-labeling and student) on the same devices plans the
+        # same programs: planned once per run of the gate, its memory checked against each
+        # file's target.
+        key = repr((key, head['devices'], args.platforms, args.skip_memory))
         if key not in _STAGES_PLANNED:
             try:
                 result = _gate_one(stage, head, args)
             except ValueError as e:   # this stage cannot run as configured; the others are planned
                 result = {'ok': False, 'error': str(e)}
-            _STAGES_PLANNED[key] = {**head, 'stage': name, **result}
-        first = _STAGES_PLANNED[key]
-        out.append({**first, 'recipe': list(files), 'bindings': list(bindings),
-                    **({'same_as': first['recipe']} if first['recipe'] != list(files) else {})})
+            _STAGES_PLANNED[key] = (list(files), result)
+        first, result = _STAGES_PLANNED[key]
+        out.append({**head, 'stage': name, **_checked_against(result, head, args.margin),
+                    **({'same_as': first} if first != list(files) else {})})
     return out
 
 
-_STAGES_PLANNED: dict[str, dict[str, Any]] = {}
+_STAGES_PLANNED: dict[str, tuple[list[str], dict[str, Any]]] = {}
+
+
+def _checked_against(result: dict[str, Any], head: dict[str, Any], margin: float
+                     ) -> dict[str, Any]:
+    """A stage's plan with its memory checked against `head`'s target (the bytes a program
+    needs per device do not depend on the target it is checked against)."""
+    import copy
+    if 'checks' not in result:
+        return result
+    result = copy.deepcopy(result)
+    budget = head['device_memory_gb'] * 1e9 * (1 - margin)
+    for part in ('train', 'decode'):
+        if part in result:
+            result[part]['fits'] = result['checks'][f'{part} fits'] = \
+                result[part]['total_bytes_per_device'] <= budget
+    result['ok'] = all(result['checks'].values())
+    return result
 
 
 def _gate_one(recipe, head: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -511,7 +529,8 @@ def _gate_one(recipe, head: dict[str, Any], args: argparse.Namespace) -> dict[st
         if recipe.kind == 'train':
             lowered['train'] = _lower(train, mesh, platform)
         if recipe.kind == 'infer' or recipe.eval_decode:
-            lowered['decode'] = _lower(decode, mesh, platform)
+            lowered['decode'] = _decoded(('lower', platform), recipe, mesh,
+                                         lambda: _lower(decode, mesh, platform))
         for part, result in lowered.items():
             checks[f'{platform} {part} lowers'] = result['ok']
     out['checks'] = checks
@@ -537,22 +556,45 @@ def _gate_memory(recipe, mesh) -> dict[str, Any]:
                         'total_bytes_per_device': sum(held.values()) + temp,
                         'compile_seconds': round(time.perf_counter() - t0, 2)}
     if recipe.kind == 'infer' or recipe.eval_decode:
-        rules, (decoder, dargs, weights) = _decode_of(recipe, mesh, 'cpu')
-        temp, io, seconds = _decode_memory(decoder, dargs, mesh, rules)
+        def compiled() -> dict[str, Any]:
+            rules, (decoder, dargs, weights) = _decode_of(recipe, mesh, 'cpu')
+            temp, io, seconds = _decode_memory(decoder, dargs, mesh, rules)
+            return {'weight_bytes_per_device': weights,
+                    'kv_cache_bytes_per_device': _kv_cache_bytes(
+                            decoder.config, dargs[0]['params'], mesh, dargs[1].shape[0],
+                            dargs[1].shape[1], decoder.max_decode_length),
+                    'temp_bytes_per_device': temp, 'io_bytes_per_device': io,
+                    'compile_seconds': seconds}
+        dec = dict(_decoded(('memory',), recipe, mesh, compiled))
         # A training run's evaluation decodes with its train state (and teacher) resident.
         resident = sum(held.values()) if recipe.kind == 'train' else None
         # A scanned model's evaluation unscans a cast copy beside the cast one it prepares.
+        weights = dec['weight_bytes_per_device']
         unscan = weights if recipe.kind == 'train' and recipe.model.scan_layers else 0
-        out['decode'] = {'resident_bytes_per_device': resident,
-                         'weight_bytes_per_device': weights,
-                         'kv_cache_bytes_per_device': _kv_cache_bytes(
-                                 decoder.config, dargs[0]['params'], mesh, dargs[1].shape[0],
-                                 dargs[1].shape[1], decoder.max_decode_length),
-                         'temp_bytes_per_device': temp, 'io_bytes_per_device': io,
-                         'total_bytes_per_device': (resident or 0) + weights
-                                                   + max(temp + io, unscan),
-                         'compile_seconds': seconds}
+        out['decode'] = {'resident_bytes_per_device': resident, **dec,
+                         'total_bytes_per_device': (resident or 0) + weights + max(
+                                 dec['temp_bytes_per_device'] + dec['io_bytes_per_device'],
+                                 unscan)}
     return out
+
+
+_DECODES: dict[str, dict[str, Any]] = {}
+
+
+def _decoded(what: tuple, recipe, mesh, plan) -> dict[str, Any]:
+    """`plan()`'s result for the recipe's decode, once per decode program: two stages whose models
+    decode alike (e.g. two study teachers that differ in their optimizer only) share it."""
+    if recipe.kind == 'infer':
+        program = ('infer', recipe.model, recipe.batch_size, recipe.max_input_length,
+                   recipe.max_decode_length, recipe.method, recipe.num_beams)
+    else:
+        program = ('eval', recipe.model, bool(recipe.mesh_config.fsdp),
+                   recipe.eval_batch_size or recipe.batch_size, recipe.lengths['inputs'],
+                   recipe.max_decode_length)
+    key = repr((what, program, dict(mesh.shape)))
+    if key not in _DECODES:
+        _DECODES[key] = plan()
+    return _DECODES[key]
 
 
 def _print_gate(result: dict) -> None:
@@ -563,7 +605,9 @@ def _print_gate(result: dict) -> None:
         return
     if result.get('same_as'):
         print(f"gate {' + '.join(result['recipe'])}{stage}: the same stage as "
-              f"{' + '.join(result['same_as'])}, planned above")
+              f"{' + '.join(result['same_as'])}, planned above; target {result['target']} "
+              f"({result['target_where']})")
+        _print_fits(result)
         print(f"  gate: {'PASS' if result['ok'] else 'FAIL'}")
         return
     mesh = result['mesh']
@@ -602,15 +646,22 @@ def _print_gate(result: dict) -> None:
                 continue
             cell = lambda x: _human(x) if x is not None else '-'
             print(f'  {name:<22} {cell(tv):>12} {cell(dv):>12}')
-        usable = result['device_memory_gb'] * (1 - result['margin'])
-        print(f"  fits in {usable:.1f} GB ({result['device_memory_gb']:g} GB less "
-              f"{result['margin']:.0%}): " + ', '.join(
-                      f'{k} {v["fits"]}' for k, v in (('train', train), ('decode', dec)) if v))
+        _print_fits(result)
     for platform, parts in result['lowered'].items():
         print(f'  lowered for {platform}: ' + ', '.join(
                 f"{part} {'ok' if r['ok'] else 'FAILED: ' + r['error']} ({r['seconds']} s)"
                 for part, r in parts.items()))
     print(f"  gate: {'PASS' if result['ok'] else 'FAIL'}")
+
+
+def _print_fits(result: dict) -> None:
+    train, dec = result.get('train'), result.get('decode')
+    if not (train or dec):
+        return
+    usable = result['device_memory_gb'] * (1 - result['margin'])
+    print(f"  fits in {usable:.1f} GB ({result['device_memory_gb']:g} GB less "
+          f"{result['margin']:.0%}): " + ', '.join(
+                  f'{k} {v["fits"]}' for k, v in (('train', train), ('decode', dec)) if v))
 
 
 def _human(n: int) -> str:
