@@ -5,7 +5,9 @@ whether only process 0 writes. `on_plan` comes first, before `on_train_start` an
 compiles: what the run will do, for estimates (the cost meter refuses a run it cannot pay for).
 Resume semantics: after a crash the trainer restarts from the latest checkpoint step S and calls
 `on_train_start(start_step=S)`; steps after S that ran before the crash are redone, so a callback
-should treat an interval as final only once `on_checkpoint` covers it.
+should treat an interval as final only once `on_checkpoint` covers it. A run resumed at TRAIN_STEPS
+whose final evaluation did not finish runs no step: only that evaluation (`skip_eval`, then
+`on_eval_end(step=S)`).
 """
 
 from __future__ import annotations

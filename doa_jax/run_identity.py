@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = 'run.json'    # in a MODEL_DIR: {'run_id', 'fingerprint', 'changes'}
+RUN_FILE = 'run.json'    # in a MODEL_DIR: run_id, fingerprint, changes, final_evaluation_step
 
 # Settings a resumed training run may change: they say how long or how often, not what is trained.
 RESUMABLE_CHANGES = ('TRAIN_STEPS', 'BUDGET_USD', 'EVAL_PERIOD')

@@ -147,6 +147,11 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
     seed, plus `run_fingerprint`, the entry point's description of the optimizer and loss). A
     resume with other settings fails listing them, unless `allow_config_change` (gin:
     ALLOW_CONFIG_CHANGE); a checkpoint of another model or optimizer fails naming what differs.
+
+    A final evaluation (eval_period > 0) that finishes is recorded in MODEL_DIR/run.json. A rerun
+    whose checkpoint is already at `train_steps` without that record (the run was killed during
+    its final evaluation, or skipped it for the BUDGET_USD cap) trains nothing and runs only the
+    final evaluation.
     """
     callbacks = CallbackList([*callbacks, *extra_callbacks])
     optimizer = optimizer or optax.adafactor(1e-3, decay_rate=0.8)
@@ -230,6 +235,23 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
     history: list[dict[str, float]] = []
     notes: list[str] = []
     reason = 'done'
+
+    def evaluate_at(at: int, params) -> None:
+        """Runs the evaluation due at step `at` (its row ends `history`); a final one is then
+        recorded in MODEL_DIR, so that a rerun knows it need not evaluate again."""
+        t_eval = time.perf_counter()
+        scalars = evaluator.run(params)
+        writer.write_eval(at, scalars)
+        history[-1].update({f'eval/{k}': v for k, v in scalars.items()})
+        callbacks.on_eval_end(step=at, seconds=time.perf_counter() - t_eval)
+        if at == train_steps:
+            _record_final_evaluation(model_dir, at)
+
+    def skip_note(at: int, why: str) -> None:
+        notes.append(f'{"final " if at == train_steps else ""}evaluation at step {at} skipped: '
+                     f'{why}; the checkpoint at step {at} is kept')
+        logging.warning('%s.', notes[-1])
+
     try:
         compiled = None
         with jax.set_mesh(mesh):
@@ -280,24 +302,27 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
                 skipped = callbacks.skip_eval(step=step, final=step == train_steps) \
                     if eval_due else None
                 if skipped:
-                    notes.append(f'{"final " if step == train_steps else ""}evaluation at step '
-                                 f'{step} skipped: {skipped}; the checkpoint at step {step} is '
-                                 'kept')
-                    logging.warning('%s.', notes[-1])
+                    skip_note(step, skipped)
                     stop = True
                 if step % checkpoint_period == 0 or step == train_steps or stop:
                     # Asynchronous: the files are written while the next steps run.
                     checkpointer.save(step, state, {'step': step, 'batches_consumed': skip + step
                                                     - start_step})
                 if eval_due and not skipped:
-                    t_eval = time.perf_counter()
-                    scalars = evaluator.run(state.params)
-                    writer.write_eval(step, scalars)
-                    history[-1].update({f'eval/{k}': v for k, v in scalars.items()})
-                    callbacks.on_eval_end(step=step, seconds=time.perf_counter() - t_eval)
+                    evaluate_at(step, state.params)
                 if stop and step < train_steps:
                     reason = 'stopped'
                     break
+            if step == start_step == train_steps and plan.eval_due(step) and \
+                    _final_evaluation_step(model_dir) != step:
+                # An earlier attempt saved the final checkpoint but did not finish (or skipped,
+                # for the BUDGET_USD cap) the final evaluation: it runs now, without training.
+                history.append({'step': step})
+                skipped = callbacks.skip_eval(step=step, final=True)
+                if skipped:
+                    skip_note(step, skipped)
+                else:
+                    evaluate_at(step, state.params)
     except BaseException:
         try:    # the saves already started complete: the last good checkpoint stays usable
             for saved in checkpointer.durable(wait=True):
@@ -312,6 +337,22 @@ def train(*, model_dir: str, model_config: T5Config, mixture_or_task_name: str,
     writer.close()
     checkpointer.close()
     return TrainResult(step=step, reason=reason, state=state, history=history, notes=notes)
+
+
+_FINAL_EVALUATION = 'final_evaluation_step'   # in MODEL_DIR/run.json
+
+
+def _record_final_evaluation(model_dir: str, step: int) -> None:
+    if jax.process_index() == 0:
+        run_identity.update_json(os.path.join(model_dir, run_identity.RUN_FILE),
+                                 **{_FINAL_EVALUATION: int(step)})
+
+
+def _final_evaluation_step(model_dir: str) -> int | None:
+    """The TRAIN_STEPS whose final evaluation MODEL_DIR's run finished, if any."""
+    step = (run_identity.read_json(os.path.join(model_dir, run_identity.RUN_FILE)) or {}).get(
+            _FINAL_EVALUATION)
+    return step if isinstance(step, int) else None
 
 
 def evaluate(params, *, model_config: T5Config, mixture_or_task_name: str,

@@ -166,7 +166,16 @@ class CostCallback(TrainerCallback):
                                   f'Compiling the train step took {seconds:.3g} s. ')
 
     def on_eval_end(self, *, step: int, seconds: float) -> None:
-        self._overhead('eval', step, seconds, self.include_eval)
+        note = ''
+        if self.write and self.attempt and self.attempt > 1 and step == self._start_step and \
+                self.ledger.attempt_end_reason(self.run_id, self.stage,
+                                               self.attempt - 1) == 'crashed':
+            # The trainer evaluates at the step it resumed from only when an earlier attempt did
+            # not finish that (final) evaluation: this one redoes it. The killed evaluation's
+            # time was never recorded, so this row is the evaluation's only bill.
+            note = (f'redone: attempt {self.attempt - 1} crashed before it recorded the '
+                    f'evaluation at step {step}')
+        self._overhead('eval', step, seconds, self.include_eval, note=note)
         self._eval_seconds = seconds
 
     def on_checkpoint(self, *, step: int) -> None:
@@ -343,7 +352,7 @@ class CostCallback(TrainerCallback):
         self._other_seconds = 0.0
 
     def _overhead(self, category: str, step: int, seconds: float, billable: bool,
-                  tick: bool = True) -> None:
+                  tick: bool = True, note: str = '') -> None:
         self._require_started(f'on_{category}')
         if tick:
             self._tick(seconds)
@@ -351,7 +360,8 @@ class CostCallback(TrainerCallback):
         if self.write:
             self.ledger.record_overhead(self.run_id, self.stage, self.attempt, category,
                                         self._seq, step, seconds, self.device.kind,
-                                        self.device.count, self.usd_per_device_hour, billable)
+                                        self.device.count, self.usd_per_device_hour, billable,
+                                        note)
 
     def _require_started(self, hook: str) -> None:
         if self.device is None:

@@ -11,7 +11,10 @@ ran above a later attempt's start were redone by that later attempt, so they are
 spent (it counts towards a budget) but not counted again as the run's step cost. Derived at query
 time from the raw intervals, this is idempotent and needs no rewriting after a crash. Steps above
 the last checkpoint of a run that has not ended yet are *pending*: they may still be redone.
-A new attempt closes an earlier one that never ended as 'crashed'.
+A new attempt closes an earlier one that never ended as 'crashed'. *Crash overhead*
+(`crash_overhead_usd`) is the redone steps plus the compile, evaluation and host time of the
+attempts that crashed or failed; what is spent less it is what the work cost (a study prices its
+points by that, and reports the overhead beside it).
 
 Run ids. A run directory records its id (`doa_jax.run_identity`), so a moved or renamed directory
 keeps writing under the id its earlier attempts used; ledgers written before ids were recorded
@@ -272,14 +275,15 @@ class Ledger:
 
     def record_overhead(self, run_id: str, stage: str, attempt: int, category: str, seq: int,
                         step: int, seconds: float, device_kind: str, device_count: int,
-                        usd_per_device_hour, billable: bool) -> bool:
-        """Compile, eval or other time: always recorded, counted in $ only when `billable`."""
+                        usd_per_device_hour, billable: bool, note: str = '') -> bool:
+        """Compile, eval or other time: always recorded, counted in $ only when `billable`.
+        `note` says why it ran (e.g. an evaluation redone after a crashed attempt)."""
         if category not in ('compile', 'eval', 'other'):
             raise LedgerError(f'overhead category must be compile, eval or other, got '
                               f'{category!r}.')
         return self._insert(run_id, stage, attempt, category, seq, step, step, device_kind,
                             device_count, seconds, seconds, 'seconds', usd_per_device_hour,
-                            billable)
+                            billable, note)
 
     # ---- range-keyed costs (inference, labels, LLM) ----------------------------------------
     def record_compute(self, run_id: str, stage: str, first: int, last: int, seconds: float,
@@ -404,6 +408,34 @@ class Ledger:
                 rows = con.execute('SELECT usd FROM entries WHERE billable=1 AND run_id=?',
                                    (run_id,)).fetchall()
         return math.fsum(r[0] for r in rows)
+
+    def crash_overhead_usd(self, run_id: str | None = None) -> float:
+        """Billable dollars that crashes added to `spent_usd`: the steps a later attempt redid,
+        and the compile, evaluation and host time of every attempt that crashed or failed (its
+        redone work needed them again). `spent_usd - crash_overhead_usd` is what the work cost:
+        an uninterrupted run's bill, up to timing noise. Time in flight at a SIGKILL is in
+        neither: the ledger never heard of it."""
+        if not os.path.exists(self.path):
+            return 0.0
+        with self._read():
+            runs = sorted({(r, s) for r, s in self.runs() if run_id is None or r == run_id})
+            usd = [self._stage_summary(r, s).redone_usd for r, s in runs]
+            where, args = ('', ()) if run_id is None else (' AND e.run_id=?', (run_id,))
+            usd += [r['usd'] for r in self._rows(
+                    'SELECT e.usd FROM entries e JOIN attempts a ON e.run_id=a.run_id AND '
+                    'e.stage=a.stage AND e.attempt=a.attempt WHERE e.billable=1 AND '
+                    "e.category IN ('compile', 'eval', 'other') AND "
+                    f"a.end_reason IN ('crashed', 'error'){where}", args)]
+        return math.fsum(usd)
+
+    def attempt_end_reason(self, run_id: str, stage: str, attempt: int) -> str | None:
+        """How attempt `attempt` ended ('done', 'stopped', 'error', 'crashed'), None if it has not
+        (or does not exist)."""
+        if not os.path.exists(self.path):
+            return None
+        rows = self._rows('SELECT end_reason FROM attempts WHERE run_id=? AND stage=? AND '
+                          'attempt=?', (run_id, stage, int(attempt)))
+        return rows[0]['end_reason'] if rows else None
 
     def counted_step_intervals(self, run_id: str, stage: str) -> list[tuple[int, int, float]]:
         """(first, last, seconds) of the step work that counts, each step once, in step order."""

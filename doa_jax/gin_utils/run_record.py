@@ -112,6 +112,8 @@ class RunSummary(callbacks_lib.TrainerCallback):
         text = f'train: {why} at step {result.step} (ran {ran} steps from step {self.start_step})'
         if ran == 0 and result.reason == 'done':
             text += '; the checkpoint in MODEL_DIR had already reached TRAIN_STEPS'
+            if any(k.startswith('eval/') for row in result.history for k in row):
+                text += ', so only its final evaluation ran (an earlier attempt did not finish it)'
         for note in result.notes:     # e.g. an evaluation the BUDGET_USD cap could not pay for
             text += f'; {note}'
         spent = self._spent()
