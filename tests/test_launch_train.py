@@ -12,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ['--gin_file=gin_configs/runs/finetune.gin', '--gin_file=gin_configs/runs/finetune_tiny.gin',
-        '--gin.TRAIN_STEPS=4', '--gin.LOG_PERIOD=1', '--gin.EVAL_PERIOD=100',
+        '--gin.TRAIN_STEPS=4', '--gin.LOG_PERIOD=1', '--gin.EVAL_PERIOD=0',
         '--gin.CHECKPOINT_PERIOD=4', '--gin.train.shuffle=False',
         # Packed rows are built per host (as in t5x), so a 2-host packed run trains on the same
         # examples in other rows; unpacked, each host's rows are exactly its half of the batch.
