@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
+import pathlib
+import signal
+import subprocess
+import sys
 import time
 
 import gin
@@ -92,15 +97,64 @@ def _no_pretraining(*args, **kwargs):
     raise AssertionError('the pretrained checkpoint is cached: nothing may pretrain')
 
 
+# Where the fixture's study is SIGKILLed: while the last point's student saves its final
+# checkpoint (its steps recorded in its ledger; orbax has written the files into a temporary
+# directory and not yet renamed it into place). By then every other stage of every point has run:
+# three points recorded, the teacher trained and scored, the pseudo-labels its budget buys written
+# and priced. The rerun must keep all of that (nothing redone, nothing lost) and redo only the
+# student, whose killed steps then count as redone, not twice.
+KILLED_POINT = 'distill_N32_B4e-05'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _kill_while_saving(model_dir: str) -> None:
+    """Test hook (this process only): SIGKILL while orbax commits a checkpoint of `model_dir`,
+    i.e. after writing its files, before renaming the step directory into place."""
+    from orbax.checkpoint._src.path import atomicity
+    commit = atomicity.on_commit_callback
+    target = os.path.realpath(os.path.join(model_dir, 'checkpoints'))
+
+    async def on_commit_callback(tmp_dir, **kwargs):
+        if os.path.realpath(os.path.dirname(str(tmp_dir.get_final()))) == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await commit(tmp_dir, **kwargs)
+    atomicity.on_commit_callback = on_commit_callback
+
+
+def _killed_quickstart(study_dir: str, cache: str) -> int:
+    """`python tests/test_study_runner.py STUDY_DIR CACHE`: the fixture's study, as the fixture
+    runs it, SIGKILLed at KILLED_POINT's student's checkpoint save. Returns only if no kill came."""
+    from doa_jax.study import pretrained
+    _kill_while_saving(os.path.join(study_dir, 'points', KILLED_POINT, 'student'))
+    with _clocks_ten_times_fast(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrained, '_run', _no_pretraining)
+        _run_quickstart(study_dir, cache)
+    print('the study finished: the kill never came', file=sys.stderr)
+    return 1
+
+
 @pytest.fixture(scope='module')
 def quickstart_run(tmp_path_factory):
     """One run of the quickstart's tiny overlay (the tests that change it work on a copy), on
     clocks that run ten times fast: the study's costs and answer must not see it (issue 20).
-    Its pretrained start comes from the cache; pretraining itself would fail."""
+    Its pretrained start comes from the cache; pretraining itself would fail.
+
+    The run is SIGKILLed once, in a subprocess, mid-save (KILLED_POINT), then rerun to the end in
+    this process: the tests assert what an uninterrupted run gives, so the kill changed nothing.
+    The last item says what the kill left: the killed process's pid and the records it wrote."""
     from doa_jax.study import pretrained
     root = tmp_path_factory.mktemp('quickstart')
     study_dir, cache = root / 'study', root / 'cache'
     start = _cached_tiny_start(cache)
+    proc = subprocess.Popen([sys.executable, __file__, str(study_dir), str(cache)], cwd=REPO,
+                            env={**os.environ, 'PYTHONPATH': str(REPO)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == -signal.SIGKILL, log[-5000:]
+    ckpts = study_dir / 'points' / KILLED_POINT / 'student' / 'checkpoints'
+    assert [p.name for p in ckpts.iterdir() if 'tmp' in p.name] and \
+        not [p for p in ckpts.iterdir() if p.name.isdigit()], 'the save was not cut short'
+    killed = {'pid': proc.pid, 'records': load_results(str(study_dir))}
     out = io.StringIO()
     with contextlib.redirect_stdout(out), _clocks_ten_times_fast(), \
             pytest.MonkeyPatch.context() as patch:
@@ -108,12 +162,15 @@ def quickstart_run(tmp_path_factory):
         t0 = time.perf_counter()
         assert _run_quickstart(study_dir, cache) == 0
         assert time.perf_counter() - t0 > 10, 'the clocks did not run fast'
-    yield study_dir, out.getvalue(), cache, start
+    yield study_dir, out.getvalue(), cache, start, killed
 
 
 @pytest.mark.slow
+@pytest.mark.fault_injection
 def test_quickstart_tiny_overlay_report_and_resume(quickstart_run, monkeypatch):
-    study_dir, out, cache, start = quickstart_run
+    """The fixture's study (killed once mid-run, then rerun) gives the points, costs and
+    recommendation of an uninterrupted run of its seed."""
+    study_dir, out, cache, start, _ = quickstart_run
     records = load_results(str(study_dir))
     assert sorted(records) == ['annotate_N32_B3e-05', 'annotate_N32_B4e-05',
                                'distill_N32_B3e-05', 'distill_N32_B4e-05']
@@ -185,6 +242,86 @@ def test_quickstart_tiny_overlay_report_and_resume(quickstart_run, monkeypatch):
     monkeypatch.setattr(pretrained, '_run', _no_pretraining)
     assert _run_quickstart(study_dir, cache) == 0
     assert load_results(str(study_dir)) == records
+
+
+@pytest.mark.slow
+@pytest.mark.fault_injection
+def test_the_killed_study_lost_nothing_and_counted_nothing_twice(quickstart_run):
+    """After the fixture's kill (KILLED_POINT's student, mid-save) and rerun: each point is
+    recorded once; what the killed process finished (three points, the teacher, the
+    pseudo-labels) was kept, not redone; the student's killed steps are redone work, billed
+    once as work and once as crash overhead, and its work cost, which prices the point, is what
+    an uninterrupted run's is."""
+    import json
+    study_dir, _, _, _, killed = quickstart_run
+    by_killed, by_rerun = f':{killed["pid"]}', f':{os.getpid()}'
+    rows = json.loads((study_dir / 'results.json').read_text())
+    assert sorted(r['point_id'] for r in rows) == sorted({r['point_id'] for r in rows})
+    assert len(rows) == 4 and len((study_dir / 'results.csv').read_text().splitlines()) == 5
+    records = load_results(str(study_dir))
+    assert sorted(killed['records']) == sorted(set(records) - {KILLED_POINT})
+    for pid, rec in killed['records'].items():       # kept as the killed process wrote them
+        assert records[pid] == rec and rec.get('usd_crash_overhead_measured', 0.0) == 0.0, pid
+    point = records[KILLED_POINT]
+
+    # Nothing the killed process finished ran again: every ledger but the killed point's holds
+    # its rows only (the teacher's, its pseudo-labels', the other points' students').
+    ledgers = [p.parent for p in study_dir.rglob('cost_ledger.sqlite')
+               if KILLED_POINT not in p.parts]
+    assert len(ledgers) >= 3
+    for path in ledgers:
+        ledger = Ledger(str(path), readonly=True)
+        hosts = ledger._rows('SELECT host FROM entries UNION SELECT host FROM attempts')
+        assert {h['host'].rpartition(':')[2] for h in hosts} == {str(killed['pid'])}, path
+        ledger.close()
+    # The teacher and its pseudo-labels: each pool example labeled and billed once.
+    (teacher_dir,) = (study_dir / 'teachers').iterdir()
+    teacher = Ledger(str(teacher_dir), readonly=True)
+    t = teacher.stage_summary(teacher_dir.name, 'train')
+    assert t.attempts == 1 and t.end_reason == 'done' and t.redone_usd == 0
+    assert teacher.crash_overhead_usd() == 0.0
+    chunks = teacher.compute_entries('pseudo_labels', 'pseudo_label')
+    assert [x for c in chunks for x in range(c['first'], c['last'] + 1)] == \
+        list(range(point['n_pseudo']))
+    teacher.close()
+    assert point['usd_teacher_measured'] == pytest.approx(
+            json.loads((teacher_dir / 'teacher.json').read_text())['usd_measured'])
+    labeled = [r['index'] for r in pl.read_chunks(str(teacher_dir / 'pseudo_labels'))]
+    assert sorted(labeled) == list(range(point['n_pseudo']))
+
+    # The student: attempt 1 (killed) ran all 16 steps; attempt 2 (the rerun) ran them again.
+    student = Ledger(str(study_dir / 'points' / KILLED_POINT / 'student'), readonly=True)
+    ((run, _),) = student.runs()
+    s = student.stage_summary(run, 'train')
+    steps = point['student_steps']
+    assert s.attempts == 2 and s.end_reason == 'done' and s.pending_usd == 0
+    attempts = student._rows('SELECT attempt, start_step, end_step, end_reason, host FROM '
+                             'attempts ORDER BY attempt')
+    assert [(a['start_step'], a['end_step'], a['end_reason']) for a in attempts] == [
+            (0, steps, 'crashed'), (0, steps, 'done')]
+    assert attempts[0]['host'].endswith(by_killed) and attempts[1]['host'].endswith(by_rerun)
+    counted = student.counted_step_intervals(run, 'train')
+    assert [x for f, l, _ in counted for x in range(f, l + 1)] == list(range(1, steps + 1))
+    entries = student._rows('SELECT attempt, category, usd FROM entries WHERE billable=1')
+    first = [e for e in entries if e['attempt'] == 1]
+    assert s.redone_usd == pytest.approx(math.fsum(e['usd'] for e in first
+                                                   if e['category'] == 'steps'), rel=1e-9)
+    # Spent = work + crash overhead (the killed attempt: its redone steps, compile, host time).
+    crash = student.crash_overhead_usd()
+    assert crash == pytest.approx(math.fsum(e['usd'] for e in first), rel=1e-9) and crash > 0
+    assert student.spent_usd() == pytest.approx(s.total_usd, rel=1e-12)
+    work = math.fsum(e['usd'] for e in entries if e['attempt'] == 2)
+    assert student.spent_usd() - crash == pytest.approx(work, rel=1e-9)
+    student.close()
+    assert point['usd_student_measured'] == pytest.approx(work, rel=1e-9)
+    assert point['usd_crash_overhead_measured'] == pytest.approx(crash, rel=1e-9)
+    report = (study_dir / 'report.md').read_text()
+    assert '## Crash overhead' in report and f'- {KILLED_POINT}: $' in report
+
+    # What prices the point did not move: the student's cost is its FLOPs at its steps (as in an
+    # uninterrupted run; the teacher and pseudo-label costs are checked in the test above).
+    assert point['usd_student'] == pytest.approx(ComputeCostModel(device_kind='cpu').train_usd(
+            default_prices(), get_config('t5_1_1_tiny'), steps, 16, {'inputs': 72, 'targets': 88}))
 
 
 @pytest.mark.slow
@@ -479,7 +616,10 @@ def test_paper_dataset_from_real_files(data_dir):
 @pytest.mark.slow
 def test_llm_strategies_against_a_served_model(tmp_path):
     """'llm' and 'human+llm' points label the pool through a real Chat Completions server on
-    127.0.0.1 (a tiny random model: garbage labels, real plumbing), priced per token."""
+    127.0.0.1 (a tiny random model: garbage labels, real plumbing), priced per token. Two
+    points: at $1 'llm' pays the server for a few labels; at $100 'human+llm' buys the whole
+    pool, the first point's answers from the study's cache (charged again: its own ledger prices
+    every label it uses) and the rest from the server."""
     import seqio
 
     from doa_jax.models.config import get_config
@@ -504,12 +644,13 @@ def test_llm_strategies_against_a_served_model(tmp_path):
             llm=runner.LLMAnnotator(base_url=server.url, model='doa-local', shots=2,
                                     max_tokens=8, concurrency=2))
     try:
-        ran, _ = runner.run_study(s, ['llm', 'human+llm'], [16], [1.0, 100.0])
+        ran = runner.run_study(s, ['llm'], [16], [1.0])[0]
+        ran += runner.run_study(s, ['human+llm'], [16], [100.0])[0]
     finally:
         server.close()
     recs = load_results(s.study_dir)
-    assert sorted(ran) == sorted(recs) and len(recs) == 4
-    small, big = recs['llm_N16_B1'], recs['llm_N16_B100']
+    assert sorted(ran) == sorted(recs) and len(recs) == 2
+    small, big = recs['llm_N16_B1'], recs['human_llm_N16_B100']
     assert 0 < small['n_llm'] < big['n_llm'] == 24          # $1 buys a few labels, $100 all 24
     for r in recs.values():
         assert r['status'] == 'done' and 0 < r['usd_llm'] <= r['budget_usd']
@@ -517,8 +658,8 @@ def test_llm_strategies_against_a_served_model(tmp_path):
         rows = (tmp_path / 'study' / 'points' / r['point_id'] / 'train.jsonl').read_text()
         gold = 16 if r['strategy'] == 'human+llm' else 0
         assert len(rows.splitlines()) == gold + r['n_llm']
-    ledger = Ledger(tmp_path / 'study' / 'points' / 'llm_N16_B100', readonly=True)
-    assert ledger.spent_usd('llm_N16_B100') == pytest.approx(big['usd_llm'])
+    ledger = Ledger(tmp_path / 'study' / 'points' / 'human_llm_N16_B100', readonly=True)
+    assert ledger.spent_usd('human_llm_N16_B100') == pytest.approx(big['usd_llm'])
 
 
 # ---- one vocabulary: a study stage and a runs/*.gin run -----------------------------------------
@@ -653,3 +794,7 @@ def test_pseudo_labeling_uses_the_teachers_lengths_and_mesh():
                                                                                           False)
     assert kw['model_config'] == get_config('t5_1_1_tiny', dropout_rate=0.0)   # as decoding runs
     assert s.student.lengths(s.task_feature_lengths) == {'inputs': 72, 'targets': 88}
+
+
+if __name__ == '__main__':
+    sys.exit(_killed_quickstart(*sys.argv[1:3]))

@@ -107,6 +107,14 @@ def infeasible_lines(records: Sequence[Mapping]) -> list[str]:
             f'{format_usd(_budget(r))}): {r.get("why") or "no reason recorded"}.' for r in rows]
 
 
+def crash_lines(records: Sequence[Mapping]) -> list[str]:
+    """One line per point whose stages were killed and rerun: what the crashes added."""
+    rows = sorted((r for r in records if (r.get('usd_crash_overhead_measured') or 0) > 0),
+                  key=lambda r: (_n(r), _budget(r), r.get('strategy', '')))
+    return [f'- {r.get("point_id")}: {format_usd(r["usd_crash_overhead_measured"])}'
+            for r in rows]
+
+
 def _cost_lines(study_dir: str) -> str:
     """What the totals hold: the study's compute cost model and whether the student counts."""
     path = os.path.join(study_dir, 'study.json')
@@ -199,6 +207,11 @@ def write_report(study_dir: str, title: str | None = None) -> dict:
               f'{format_usd(p.info.get("budget_usd") or 0)}): {p.metric:.2f} for '
               f'{format_usd(p.cost_usd)}' for p in frontier] or ['- (no finished points)']
     lines += ['', '## Teachers', '', *_teacher_lines(study_dir, metric)]
+    crashes = crash_lines(records)
+    if crashes:
+        lines += ['', '## Crash overhead', '', 'Stages killed and rerun: what the crashes added '
+                  'on the ledgers (steps redone, the killed attempts\' compile and host time). '
+                  'Each point is priced by its work alone.', '', *crashes]
     lines += ['', '## Recommendation per budget', '', *recs]
     if fit_notes:
         lines += ['', '## Learning curves', '', 'The figure draws a fitted saturating curve '

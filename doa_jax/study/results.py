@@ -11,7 +11,8 @@ FIELDS = ['point_id', 'strategy', 'n_start', 'budget_usd', 'n_labels', 'n_pseudo
           'student_steps', 'usd_labels',
           'usd_teacher', 'usd_pseudo_label', 'usd_student', 'usd_compute', 'usd_llm',
           'total_usd', 'metric_name', 'metric', 'status', 'why', 'cost_model',
-          'usd_teacher_measured', 'usd_pseudo_label_measured', 'usd_student_measured']
+          'usd_teacher_measured', 'usd_pseudo_label_measured', 'usd_student_measured',
+          'usd_crash_overhead_measured']
 
 
 def finished_records(records) -> list[dict]:

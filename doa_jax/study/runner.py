@@ -16,7 +16,9 @@ the study's compute cost model (`doa_jax.cost.cost_model`): by default their FLO
 nominal throughput, so that machine load and speed change neither the costs nor the answer; or,
 with `ComputeCostModel(kind='measured')`, the wall-clock device-hours of the cost ledgers every run
 writes either way. The student's own training is recorded (`usd_student`) and, as in the paper,
-left out of the total unless `count_student_compute=True`.
+left out of the total unless `count_student_compute=True`. A stage killed and rerun costs its
+work only: measured costs leave out what the crash added (the steps redone, the killed attempt's
+compile and host time), which each record reports apart (`usd_crash_overhead_measured`).
 
 Where the models start: a stage's `initial_checkpoint_path`, or, with `StageConfig.pretraining`,
 its model pretrained by `python -m doa_jax.train` before the study and cached
@@ -338,6 +340,16 @@ def _ledger_usd(directory: str, run_id: str | None = None) -> float:
     return _read_ledger(directory, lambda ledger: ledger.spent_usd(run_id), 0.0)
 
 
+def _ledger_work_usd(directory: str, run_id: str | None = None) -> tuple[float, float]:
+    """(what the work cost, what crashes added) of the runs in a directory's ledger: a run
+    killed and resumed bills its redone steps and the crashed attempts' overheads as crash
+    overhead (`Ledger.crash_overhead_usd`), so its work costs what an uninterrupted run's did."""
+    def split(ledger) -> tuple[float, float]:
+        crash = ledger.crash_overhead_usd(run_id)
+        return ledger.spent_usd(run_id) - crash, crash
+    return _read_ledger(directory, split, (0.0, 0.0))
+
+
 class _Teacher:
     """A teacher fine-tuned on the first m gold labels, and its budget-capped pseudo-labels."""
 
@@ -373,16 +385,21 @@ class _Teacher:
         self._params = result.state.params
         scores = _evaluate(s, s.teacher, self._params, self.task,
                            os.path.join(self.dir, 'eval.json'))
-        measured = _ledger_usd(self.dir, self.run_id)
+        measured, crash = _ledger_work_usd(self.dir, self.run_id)
         usd = measured if s.cost_model.measured else self.modelled_usd()
         _json_dump(os.path.join(self.dir, 'teacher.json'),
                    {'m': self.m, 'model': s.teacher.model, 'scores': scores, 'usd': usd,
-                    'usd_measured': measured, 'train_steps': s.teacher.steps(self.m)})
+                    'usd_measured': measured, 'usd_crash_overhead_measured': crash,
+                    'train_steps': s.teacher.steps(self.m)})
         return usd
 
     def usd_measured(self) -> float | None:
         done = _json_load(os.path.join(self.dir, 'teacher.json'))
         return None if done is None else done.get('usd_measured')
+
+    def crash_overhead_measured(self) -> float:
+        done = _json_load(os.path.join(self.dir, 'teacher.json'))
+        return float((done or {}).get('usd_crash_overhead_measured', 0.0))
 
     def pseudo_label(self, order, max_usd: float | None = None, limit: int | None = None) -> None:
         """Labels pool chunks, in pool order, until the run's own measured $ reaches `max_usd`
@@ -570,7 +587,8 @@ def _train_student(s: StudySettings, point: Mapping, rows: Sequence[Mapping],
                        f'({", ".join(sorted(k[5:] for k in scores if k.startswith("task/")))}); '
                        'set the study metric to one of them.')
     steps = s.student.steps(len(rows))
-    measured = _ledger_usd(os.path.join(twin or pdir, 'student'))
+    # Work only: what a kill and rerun added (redone steps, a second compile) is reported apart.
+    measured, crash = _ledger_work_usd(os.path.join(twin or pdir, 'student'))
     if s.cost_model.measured:
         usd = measured
     else:
@@ -580,6 +598,7 @@ def _train_student(s: StudySettings, point: Mapping, rows: Sequence[Mapping],
                                      s.teacher.model_config() if token_kd else None)
     out = {'metric': scores[metric], 'metric_name': s.data.metric, 'student_steps': steps,
            'usd_student': usd, 'usd_student_measured': measured,
+           'usd_crash_overhead_measured': crash,
            'scores': {k[5:]: v for k, v in scores.items() if k.startswith('task/')}}
     if twin is not None:
         out['student_of'] = os.path.basename(twin)
@@ -656,6 +675,8 @@ def run_point(s: StudySettings, point: Mapping, order) -> dict:
         measured_teacher = teacher.usd_measured()
         if measured_teacher is not None:
             rec['usd_teacher_measured'] = measured_teacher
+            rec['usd_crash_overhead_measured'] = (rec.get('usd_crash_overhead_measured', 0.0)
+                                                  + teacher.crash_overhead_measured())
             rec['usd_pseudo_label_measured'] = math.fsum(
                     c['usd'] for c in teacher.chunk_costs() if c['last'] < n_pseudo)
     rec.setdefault('usd_llm', 0.0)
