@@ -81,6 +81,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(pytest.mark.unit)
+    # Long files first: `--dist loadfile` hands files to the workers in this order, so the long
+    # ones start early and the short ones fill in at the end, instead of one worker finishing a
+    # long file alone. Files with `slow` tests, then multiprocess, integration and unit files; the
+    # order of the tests within a file is kept.
+    long_files = {item.path for item in items if item.get_closest_marker('slow')}
+    rank = {'multiprocess': 0, 'integration': 1}
+    items.sort(key=lambda item: (item.path not in long_files, min(
+            [rank[m.name] for m in item.iter_markers() if m.name in rank], default=2)))
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -26,6 +26,9 @@ from doa_jax.metrics import WLP_LABELS, wlp_metrics
 from doa_jax.models.config import get_config
 from doa_jax.models.t5 import T5
 
+# Every test trains a student (the module also trains and runs a teacher): minute-long runs.
+pytestmark = pytest.mark.slow
+
 BASE = 'e2e_wlp'
 LABELED, MORE_LABELED = 32, 64           # the teacher's slice; the annotation baseline's
 POOL = 16                                # pseudo-labeled examples

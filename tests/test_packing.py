@@ -177,6 +177,7 @@ def test_trainer_trains_packed_rows(tmp_path):
     assert 'eval/accuracy' in result.history[-1]
 
 
+@pytest.mark.slow
 def test_train_benchmark_reports_the_nonpadding_share(tmp_path):
     """`benchmark train --task` times the task's own batch and reports how much of it is real
     tokens; packing raises that share."""
