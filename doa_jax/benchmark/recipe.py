@@ -5,8 +5,9 @@ A recipe is a training run (`train.*`: model with its remat and scan, batch, fea
 packing, optimizer, microbatches, mesh, loss, with the online KD teacher when the loss has one)
 or a pseudo-labeling job (`infer.*`: teacher, batch, lengths, decode method, mesh), or a study
 (`study.*`, gin_configs/studies/*.gin): its stages, each read as the study runs it, from the same
-settings (`StageConfig.train_kwargs`, `runner.pseudo_label_kwargs`): the teacher's training (and
-its evaluation), the teacher's pseudo-labeling, the student's training (and its evaluation).
+settings (`StageConfig.train_kwargs`, `runner.pseudo_label_kwargs`, at the lengths
+`runner.stage_lengths` resolves): the teacher's training (and its evaluation), the teacher's
+pseudo-labeling, the student's training (and its evaluation).
 
 Its target hardware is a header line of the gin file, `# target: 4x A100-80GB`: a device count
 and a device kind the device catalog (doa_jax/cost/prices.yaml `devices`, `memory_gb`) knows.
@@ -263,9 +264,34 @@ def stage_train_recipe(kwargs: dict, scale: str | None, *, lengths_source: str,
             eval_batch_size=eval_batch_size)
 
 
+def _study_lengths_task(sources) -> tuple[str | None, Any, str]:
+    """(the task whose measured lengths the study's tasks take, the study's vocabulary, why none)
+    as the study's data source would set them, without reading its data: a paper dataset
+    (`paper_dataset`) takes those of doa_<dataset> under VOCABULARY."""
+    import gin
+
+    ref = _value('study.data', sources, evaluate=False)
+    if not (isinstance(ref, gin.config.ConfigurableReference) and
+            ref.configurable.name == 'paper_dataset'):
+        return None, None, 'its data records no measured lengths'
+    spec = _value('paper_dataset.vocabulary', sources)
+    if spec is None or spec is gin.REQUIRED:
+        return None, None, ('VOCABULARY unset: give --gin.VOCABULARY to plan the lengths '
+                            'measured for it')
+    import tasks  # noqa: F401  (registers the paper tasks, recording their measured lengths)
+
+    from doa_jax.data.vocabulary import vocabulary_from_spec
+    from doa_jax.study.data import paper_lengths_task
+    try:
+        vocabulary = vocabulary_from_spec(spec)
+    except OSError as e:     # a SentencePiece model that is not on this machine
+        raise RecipeError(f'{sources.files_flag()}: VOCABULARY={spec!r}: {e}') from None
+    return paper_lengths_task(_value('paper_dataset.dataset', sources)), vocabulary, ''
+
+
 def _study_recipe(sources, scale: str | None) -> StudyRecipe:
-    """The stages of a study as `doa_jax.study.runner` runs them; the study's data (and any path
-    it names) is not read."""
+    """The stages of a study as `doa_jax.study.runner` runs them, each at the feature lengths it
+    resolves (`runner.stage_lengths`); the study's data (and any path it names) is not read."""
     import inspect
 
     from doa_jax.gin_utils import configurables
@@ -284,30 +310,45 @@ def _study_recipe(sources, scale: str | None) -> StudyRecipe:
             raise RecipeError(f'{sources.files_flag()}: study.{name} is {stage!r}, not a '
                               f'StageConfig; bind it to @{name}/doa_jax.StageConfig().')
         stages[name] = stage
+    plain = lambda x: None if x is None else {k: int(v) for k, v in x.items()}
     s = runner.StudySettings(
             study_dir='', data=None, teacher=stages['teacher'], student=stages['student'],
-            task_feature_lengths=dict(setting('task_feature_lengths')), prices=None,
+            task_feature_lengths=plain(setting('task_feature_lengths')),
+            default_feature_lengths=plain(setting('default_feature_lengths')), prices=None,
             chunk_size=int(setting('chunk_size')),
             infer_batch_size=int(setting('infer_batch_size')),
             eval_batch_size=int(setting('eval_batch_size')),
             student_loss=str(setting('student_loss')))
+    task, vocabulary, why = _study_lengths_task(sources)
+    resolved = {}
+    for name, stage in stages.items():
+        try:
+            lengths, where = runner.stage_lengths(s, stage, task, vocabulary)
+        except ValueError as e:
+            raise RecipeError(f'{sources.files_flag()}: the {name} stage has no feature lengths '
+                              f'to plan ({why or e}); set TASK_FEATURE_LENGTHS or '
+                              'DEFAULT_FEATURE_LENGTHS.') from None
+        if where == 'DEFAULT_FEATURE_LENGTHS' and why:
+            where += f' ({why})'
+        elif where == 'StageConfig.task_feature_lengths':
+            where = f'{name}/{where}'
+        resolved[name] = lengths, where
     out = []
     for name, stage in stages.items():
         teacher, kd = None, None
         if name == 'student' and s.student_loss == 'token':   # the online teacher's forward
             teacher, kd = s.teacher.model_config(inference=True), runner.kd_settings(s)
+        lengths, where = resolved[name]
         kwargs = stage.train_kwargs(model_dir='', task='', steps=max(stage.min_steps, 1000),
-                                    study_lengths=s.task_feature_lengths, random_seed=s.seed)
-        where = (f'{name}/StageConfig.task_feature_lengths' if stage.task_feature_lengths
-                 else 'TASK_FEATURE_LENGTHS')
-        key = (name, stage, s.task_feature_lengths, s.eval_batch_size, s.teacher
+                                    study_lengths=lengths, random_seed=s.seed)
+        key = (name, stage, lengths, s.eval_batch_size, s.teacher
                if teacher is not None else None, kd, scale)
         out.append((name, stage_train_recipe(kwargs, scale, lengths_source=where,
                                              optimizer_name=stage.optimizer,
                                              eval_batch_size=s.eval_batch_size,
                                              teacher=teacher, kd=kd), repr(key)))
         if name == 'teacher':
-            pl = runner.pseudo_label_kwargs(s)
+            pl = runner.pseudo_label_kwargs(s, lengths)
             out.append(('pseudo_label', InferRecipe(
                     model=scaled(pl['model_config'], scale), batch_size=int(pl['batch_size']),
                     max_input_length=int(pl['max_input_length']),

@@ -147,7 +147,8 @@ def teacher_kd_loss(checkpoint_path: str, teacher_model: str, temperature: float
 
 def study(*, study_dir: str, data, strategies: Sequence[str], n_labels: Sequence[int],
           budgets_usd: Sequence[float], teacher, student,
-          task_feature_lengths: Mapping[str, int], prices: str | None = None,
+          task_feature_lengths: Mapping[str, int] | None,
+          default_feature_lengths: Mapping[str, int] | None = None, prices: str | None = None,
           usd_per_label: float | None = None,
           usd_per_device_hour: Mapping[str, float] | None = None, seed: int = 0,
           pool_size: int | None = None, chunk_size: int = 256, infer_batch_size: int = 32,
@@ -156,14 +157,18 @@ def study(*, study_dir: str, data, strategies: Sequence[str], n_labels: Sequence
           llm=None, cost_model=None) -> dict:
     """Runs (or resumes) the study, then writes its report; returns write_report's dict.
     `cost_model` (a `ComputeCostModel`; default: FLOPs at the default utilisations) prices
-    compute."""
+    compute. `task_feature_lengths` None (TASK_FEATURE_LENGTHS): each stage takes the lengths
+    measured for its task and vocabulary, else `default_feature_lengths`, as a run does."""
     from doa_jax.cost.cost_model import ComputeCostModel
     from doa_jax.study import runner
     from doa_jax.study.report import write_report
     table = runner.load_prices_for(data, prices, usd_per_label, usd_per_device_hour)
     settings = runner.StudySettings(
             study_dir=study_dir, data=data, teacher=teacher, student=student,
-            task_feature_lengths=dict(task_feature_lengths), prices=table, seed=seed,
+            task_feature_lengths=None if task_feature_lengths is None
+            else dict(task_feature_lengths),
+            default_feature_lengths=None if default_feature_lengths is None
+            else dict(default_feature_lengths), prices=table, seed=seed,
             pool_size=pool_size, chunk_size=chunk_size, infer_batch_size=infer_batch_size,
             eval_batch_size=eval_batch_size, student_loss=student_loss,
             count_student_compute=count_student_compute, show_progress=show_progress, llm=llm,

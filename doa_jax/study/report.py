@@ -171,6 +171,25 @@ def start_lines(records: Sequence[Mapping]) -> list[str]:
                for p in sorted(students, key=str)])
 
 
+def length_lines(records: Sequence[Mapping]) -> list[str]:
+    """The feature lengths and packing the points' teachers and students trained with, and where
+    the lengths came from (results.json records them per point)."""
+    out = []
+    for role in ('teacher', 'student'):
+        seen = {}
+        for r in records:
+            lengths = r.get(f'{role}_feature_lengths')
+            if lengths:
+                seen[(int(lengths['inputs']), int(lengths['targets']),
+                      str(r.get(f'{role}_lengths_source') or 'not recorded'),
+                      bool(r.get(f'{role}_pack')))] = True
+        for inputs, targets, source, pack in sorted(seen):
+            rows = 'packed rows' if pack else 'one example per row'
+            out.append(f'- {role.capitalize()}s trained with {inputs} input / {targets} target '
+                       f'tokens ({source}), {rows}.')
+    return out
+
+
 def write_report(study_dir: str, title: str | None = None) -> dict:
     """Writes report.md and the figures; returns {'report', 'cost_metric', 'budget_bars',
     'recommendations'} (figure paths are None when there is nothing to draw)."""
@@ -198,6 +217,9 @@ def write_report(study_dir: str, title: str | None = None) -> dict:
     starts = start_lines(records)
     if starts:
         lines += ['## Starting checkpoints', '', *starts, '']
+    lengths = length_lines(records)
+    if lengths:
+        lines += ['## Feature lengths', '', *lengths, '']
     lines += ['## Points', '', results_table(records), '']
     if infeasible:
         lines += ['## Infeasible points (their budget cannot pay for them)', '',

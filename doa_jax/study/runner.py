@@ -27,7 +27,11 @@ point's record names the checkpoints its models started from.
 
 Training follows the paper's rule: every model trains for a number of epochs over its own data
 (`StageConfig.epochs`; the paper: teacher 20, student 50), clipped to the optional
-[min_steps, max_steps] a config states.
+[min_steps, max_steps] a config states. An epoch is the rows the trainer makes of the data: its
+examples, or with `StageConfig.pack` the packed rows its feature converter makes of them
+(`train_rows`). Each stage trains with the feature lengths a run on its task would take
+(`stage_lengths`): the stage's own, else the study's TASK_FEATURE_LENGTHS, else those measured
+for the task's data and vocabulary, else DEFAULT_FEATURE_LENGTHS.
 
 Layout of STUDY_DIR:
   study.json                 the study's settings (a rerun must match them)
@@ -53,6 +57,7 @@ from typing import Mapping, Sequence
 
 from doa_jax.cost.cost_model import ComputeCostModel
 from doa_jax.cost.prices import PriceTable, format_usd, load_prices
+from doa_jax.data import lengths as feature_lengths
 from doa_jax.study import data as data_lib
 from doa_jax.study import pretrained
 from doa_jax.study.data import StudyData
@@ -80,15 +85,20 @@ class StageConfig:
 
     Study-only: `model` (a run includes gin_configs/models/<model>.gin), and the paper's rule in
     place of TRAIN_STEPS: every model trains for `epochs` over its own data, steps =
-    ceil(epochs x examples / batch_size) clipped to [min_steps, max_steps] (max_steps None: no
-    cap). `task_feature_lengths=None` takes the study's TASK_FEATURE_LENGTHS. The study keeps one
-    checkpoint per run and evaluates once after training (no EVAL_PERIOD). `pretraining` (a
-    `pretrained.Pretraining` with steps > 0) starts the stage from its model pretrained by
-    `python -m doa_jax.train` before the study, cached and never charged: the study sets
-    `initial_checkpoint_path` to it (the two are not set together).
+    ceil(epochs x rows / batch_size) clipped to [min_steps, max_steps] (max_steps None: no
+    cap), where rows are what one pass over the data makes: its examples, or with `pack` the
+    packed rows the trainer's own feature converter makes of them at the stage's lengths and
+    the study's seed (`train_rows`, `train_data.epoch_rows`), so that packed or not a stage
+    trains the epochs it states. `task_feature_lengths=None` takes the study's
+    TASK_FEATURE_LENGTHS, and when that is None too the lengths measured for the stage's task
+    and vocabulary, else the study's DEFAULT_FEATURE_LENGTHS, as a run's TASK_FEATURE_LENGTHS =
+    None does (`stage_lengths`). The study keeps one checkpoint per run and evaluates once after
+    training (no EVAL_PERIOD). `pretraining` (a `pretrained.Pretraining` with steps > 0) starts
+    the stage from its model pretrained by `python -m doa_jax.train` before the study, cached and
+    never charged: the study sets `initial_checkpoint_path` to it (the two are not set together).
 
-    The defaults are finetune.gin's, except `pack` (False, trainer.train's default: packed rows
-    hold several examples, so the epochs rule would count more passes than it states)."""
+    The defaults are finetune.gin's, except `pack`: False, trainer.train's default and what a
+    study.json written before the field existed ran with; the GPU study files set it (PACK)."""
 
     model: str = 't5_1_1_small'
     epochs: float = 50.0
@@ -124,13 +134,20 @@ class StageConfig:
     attention_impl: str = 'auto'
     matmul_impl: str = 'auto'
 
-    def steps(self, num_examples: int) -> int:
-        steps = max(self.min_steps, math.ceil(self.epochs * num_examples / self.batch_size))
+    def steps(self, rows: int) -> int:
+        """Steps for `epochs` passes over `rows` training rows per pass (`train_rows`: the
+        examples, or with `pack` the packed rows)."""
+        steps = max(self.min_steps, math.ceil(self.epochs * rows / self.batch_size))
         return min(steps, self.max_steps) if self.max_steps else steps
 
-    def lengths(self, study_lengths: Mapping[str, int]) -> dict[str, int]:
-        """The feature lengths this stage trains (and its model decodes) with."""
-        return {k: int(v) for k, v in (self.task_feature_lengths or study_lengths).items()}
+    def lengths(self, study_lengths: Mapping[str, int] | None) -> dict[str, int]:
+        """The feature lengths this stage trains (and its model decodes) with, given the study's
+        (resolved: `stage_lengths` resolves them for a task)."""
+        lengths = self.task_feature_lengths or study_lengths
+        if lengths is None:
+            raise ValueError('StageConfig.lengths: neither the stage nor the study sets feature '
+                             'lengths; resolve them for the task with runner.stage_lengths.')
+        return {k: int(v) for k, v in lengths.items()}
 
     def model_config(self, inference: bool = False):
         """The model as gin's get_model_config makes it from the same settings (inference: no
@@ -236,7 +253,7 @@ class StudySettings:
     data: StudyData
     teacher: StageConfig
     student: StageConfig
-    task_feature_lengths: Mapping[str, int]
+    task_feature_lengths: Mapping[str, int] | None   # None: each task's measured, else the default
     prices: PriceTable
     seed: int = 0
     pool_size: int | None = None
@@ -250,6 +267,7 @@ class StudySettings:
     show_progress: bool = True
     llm: LLMAnnotator | None = None
     cost_model: ComputeCostModel = dataclasses.field(default_factory=ComputeCostModel)
+    default_feature_lengths: Mapping[str, int] | None = None   # DEFAULT_FEATURE_LENGTHS
 
     @property
     def usd_per_label(self) -> float:
@@ -269,12 +287,40 @@ def _json_load(path: str):
 
 # --- stages ------------------------------------------------------------------------------------
 
-def pseudo_label_kwargs(s: StudySettings) -> dict:
+def stage_lengths(s: StudySettings, stage: StageConfig, task: str | None,
+                  vocabulary=None) -> tuple[dict[str, int], str]:
+    """(feature lengths, where they come from) of `stage` on the registered `task`, resolved as
+    a run's TASK_FEATURE_LENGTHS / DEFAULT_FEATURE_LENGTHS are (`lengths.resolve`): the stage's
+    own task_feature_lengths, else the study's TASK_FEATURE_LENGTHS, else the lengths measured
+    for the task and its vocabulary (a study's tasks take those of `StudyData.lengths_task`),
+    else the study's DEFAULT_FEATURE_LENGTHS. `vocabulary`: see `lengths.resolve_with_source`."""
+    given = stage.task_feature_lengths or s.task_feature_lengths
+    lengths, source = feature_lengths.resolve_with_source(task, given, s.default_feature_lengths,
+                                                          vocabulary)
+    if stage.task_feature_lengths:
+        source = 'StageConfig.task_feature_lengths'
+    return {k: int(v) for k, v in lengths.items()}, source
+
+
+def train_rows(s: StudySettings, stage: StageConfig, task: str, lengths: Mapping[str, int],
+               num_examples: int) -> int:
+    """The rows one epoch of `task` makes for the epochs rule: its `num_examples` examples, or
+    with `stage.pack` the packed rows the trainer makes of them (`train_data.epoch_rows`: the
+    trainer's task pipeline and feature converter, at the stage's lengths and overlong rule and
+    the study's shuffle seed; the study runs on one host)."""
+    if not stage.pack:
+        return num_examples
+    from doa_jax import train_data
+    return train_data.epoch_rows(task, lengths, seed=s.seed, overlong=stage.overlong, pack=True)
+
+
+def pseudo_label_kwargs(s: StudySettings, lengths: Mapping[str, int] | None = None) -> dict:
     """How the study's teacher pseudo-labels (`pseudo_label.run_pseudo_labeling`'s settings, as
     runs/pseudo_label.gin names them): the teacher's model (loaded unscanned and without remat,
     as decoding runs it) and mesh, its stage's input length and decode length (targets - 1, so
-    that EOS fits), the study's infer_batch_size and chunk_size."""
-    lengths = s.teacher.lengths(s.task_feature_lengths)
+    that EOS fits), the study's infer_batch_size and chunk_size. `lengths`: the teacher's as
+    `stage_lengths` resolved them (default: its own or the study's)."""
+    lengths = dict(lengths) if lengths else s.teacher.lengths(s.task_feature_lengths)
     config = s.teacher.model_config(inference=True).replace(scan_layers=False, remat_policy=None)
     return dict(model_config=config,
                 max_input_length=lengths['inputs'], max_decode_length=lengths['targets'] - 1,
@@ -288,17 +334,20 @@ def kd_settings(s: StudySettings) -> dict:
     return dict(temperature=s.kd_temperature, alpha=0.0, z_loss=s.student.z_loss)
 
 
-def _train(s: StudySettings, stage: StageConfig, model_dir: str, task: str, num_examples: int,
+def _train(s: StudySettings, stage: StageConfig, model_dir: str, task: str, rows: int,
            loss_fn=None):
-    """Trains (or resumes) a model on `task`; every run prices itself into its dir's ledger."""
+    """Trains (or resumes) a model on `task` for the epochs rule over `rows` rows per epoch
+    (`train_rows`); every run prices itself into its dir's ledger."""
     from doa_jax import trainer
     from doa_jax.cost import CostCallback
-    steps = stage.steps(num_examples)
+    steps = stage.steps(rows)
+    lengths, source = stage_lengths(s, stage, task)
     _json_dump_once(os.path.join(model_dir, 'stage.json'),
-                    {'stage': dataclasses.asdict(stage), 'task': task, 'examples': num_examples,
-                     'train_steps': steps})
+                    {'stage': dataclasses.asdict(stage), 'task': task, 'rows_per_epoch': rows,
+                     'train_steps': steps, 'task_feature_lengths': lengths,
+                     'lengths_source': source})
     return trainer.train(**stage.train_kwargs(
-            model_dir=model_dir, task=task, steps=steps, study_lengths=s.task_feature_lengths,
+            model_dir=model_dir, task=task, steps=steps, study_lengths=lengths,
             random_seed=s.seed, loss_fn=loss_fn, show_progress=s.show_progress,
             callbacks=[CostCallback(prices=s.prices)]))
 
@@ -317,7 +366,7 @@ def _evaluate(s: StudySettings, stage: StageConfig, params, task: str, cache: st
     from doa_jax import trainer
     scores = trainer.evaluate(params, model_config=stage.model_config(inference=True),
                               mixture_or_task_name=task,
-                              task_feature_lengths=stage.lengths(s.task_feature_lengths),
+                              task_feature_lengths=stage_lengths(s, stage, task)[0],
                               batch_size=s.eval_batch_size, mesh_config=stage.mesh_config())
     _json_dump(cache, scores)
     return scores
@@ -361,13 +410,43 @@ class _Teacher:
         self.task = f'doa_study_teacher_M{m}'
         self.pool_task = f'doa_study_pool_M{m}'
         self._params = None
+        self._lengths: tuple[dict[str, int], str] | None = None
+        self._rows: int | None = None
+
+    def prepare(self, order) -> None:
+        """Writes the teacher's m gold labels and registers its task (what its lengths, rows and
+        steps are resolved from)."""
+        s = self.s
+        path = os.path.join(self.dir, 'train.jsonl')
+        if not os.path.exists(path):
+            data_lib.write_jsonl(path, [s.data.train[i] for i in order[:self.m]])
+        data_lib.register_train_task(self.task, s.data, path, _eval_path(s))
+
+    @property
+    def lengths(self) -> dict[str, int]:
+        """The feature lengths the teacher trains, is evaluated and pseudo-labels with."""
+        return self.lengths_and_source[0]
+
+    @property
+    def lengths_and_source(self) -> tuple[dict[str, int], str]:
+        if self._lengths is None:
+            self._lengths = stage_lengths(self.s, self.s.teacher, self.task)
+        return self._lengths
+
+    @property
+    def rows(self) -> int:
+        """Training rows per epoch (packed rows when the teacher packs); after `prepare`."""
+        if self._rows is None:
+            self._rows = train_rows(self.s, self.s.teacher, self.task, self.lengths, self.m)
+        return self._rows
 
     def modelled_usd(self) -> float:
-        """The teacher's fine-tuning priced by the FLOPs cost model (known before it runs)."""
+        """The teacher's fine-tuning priced by the FLOPs cost model (known before it runs; after
+        `prepare`)."""
         s = self.s
-        return s.cost_model.train_usd(s.prices, s.teacher.model_config(), s.teacher.steps(self.m),
-                                      s.teacher.batch_size,
-                                      s.teacher.lengths(s.task_feature_lengths))
+        return s.cost_model.train_usd(s.prices, s.teacher.model_config(),
+                                      s.teacher.steps(self.rows), s.teacher.batch_size,
+                                      self.lengths)
 
     def train(self, order) -> float:
         """Fine-tunes (or resumes, or finds finished) the teacher; returns what the study's cost
@@ -376,21 +455,21 @@ class _Teacher:
         done = _json_load(os.path.join(self.dir, 'teacher.json'))
         if done is not None:      # finished earlier: reuse it (a no-op resume would bill time)
             return float(done['usd'])
-        path = os.path.join(self.dir, 'train.jsonl')
-        if not os.path.exists(path):
-            data_lib.write_jsonl(path, [s.data.train[i] for i in order[:self.m]])
-        data_lib.register_train_task(self.task, s.data, path, _eval_path(s))
+        self.prepare(order)
         log.info('study: teacher %s on %d gold labels -> %s', s.teacher.model, self.m, self.dir)
-        result = _train(s, s.teacher, self.dir, self.task, self.m)
+        result = _train(s, s.teacher, self.dir, self.task, self.rows)
         self._params = result.state.params
         scores = _evaluate(s, s.teacher, self._params, self.task,
                            os.path.join(self.dir, 'eval.json'))
         measured, crash = _ledger_work_usd(self.dir, self.run_id)
         usd = measured if s.cost_model.measured else self.modelled_usd()
+        lengths, source = self.lengths_and_source
         _json_dump(os.path.join(self.dir, 'teacher.json'),
                    {'m': self.m, 'model': s.teacher.model, 'scores': scores, 'usd': usd,
                     'usd_measured': measured, 'usd_crash_overhead_measured': crash,
-                    'train_steps': s.teacher.steps(self.m)})
+                    'train_steps': s.teacher.steps(self.rows),
+                    'rows_per_epoch': self.rows, 'pack': s.teacher.pack,
+                    'task_feature_lengths': lengths, 'lengths_source': source})
         return usd
 
     def usd_measured(self) -> float | None:
@@ -417,13 +496,13 @@ class _Teacher:
             return
         pl.run_pseudo_labeling(
                 checkpoint_path=self.dir, output_dir=self.pl_dir,
-                mixture_or_task_name=self.pool_task, **pseudo_label_kwargs(s),
+                mixture_or_task_name=self.pool_task, **pseudo_label_kwargs(s, self.lengths),
                 shard_id=0, num_shards=1, cost_ledger_dir=self.dir, prices=s.prices,
                 max_usd=max_usd, limit=limit)
 
     @property
     def decode_length(self) -> int:
-        return pseudo_label_kwargs(self.s)['max_decode_length']
+        return pseudo_label_kwargs(self.s, self.lengths)['max_decode_length']
 
     def labeled(self, below: int) -> int:
         """Pseudo-labels in completed chunks of the pool's first `below` examples."""
@@ -445,8 +524,8 @@ class _Teacher:
         for first in range(0, size, s.chunk_size):
             last = min(first + s.chunk_size, size) - 1
             out.append({'first': first, 'last': last, 'usd': s.cost_model.decode_usd(
-                    s.prices, cfg, last - first + 1,
-                    s.teacher.lengths(s.task_feature_lengths)['inputs'], self.decode_length)})
+                    s.prices, cfg, last - first + 1, self.lengths['inputs'],
+                    self.decode_length)})
         return out
 
     def pseudo_labels(self, count: int) -> list[dict]:
@@ -566,18 +645,20 @@ def _train_student(s: StudySettings, point: Mapping, rows: Sequence[Mapping],
             log.info('study: %s trains on the same data as %s; its student is reused.',
                      point['point_id'], os.path.basename(twin))
             _json_dump(cache, scores)
+    # seqio task names allow [\w.:#]: a budget of 3e-05 puts a '-' in the point id.
+    name = 'doa_study_' + re.sub(r'[^\w.:#]', '_', point['point_id'])
+    task = data_lib.register_train_task(name, s.data, path, _eval_path(s),
+                                        allow_empty_target=True)
+    lengths, source = stage_lengths(s, s.student, task)
+    epoch = train_rows(s, s.student, task, lengths, len(rows))
     if scores is None:   # not trained and scored yet (a rerun after a crash resumes the run)
         twin = None
-        # seqio task names allow [\w.:#]: a budget of 3e-05 puts a '-' in the point id.
-        name = 'doa_study_' + re.sub(r'[^\w.:#]', '_', point['point_id'])
-        task = data_lib.register_train_task(name, s.data, path,
-                                            _eval_path(s), allow_empty_target=True)
         loss_fn = None
         if token_kd:
             from doa_jax.distill_losses import online_teacher_kd_loss
             loss_fn = online_teacher_kd_loss(
                     teacher.params(), s.teacher.model_config(inference=True), **kd_settings(s))
-        result = _train(s, s.student, os.path.join(pdir, 'student'), task, len(rows), loss_fn)
+        result = _train(s, s.student, os.path.join(pdir, 'student'), task, epoch, loss_fn)
         scores = _evaluate(s, s.student, result.state.params, task, cache)
         _json_dump(index_path, {**(_json_load(index_path) or {}), key: point['point_id']})
     metric = f'task/{s.data.metric}'
@@ -586,19 +667,20 @@ def _train_student(s: StudySettings, point: Mapping, rows: Sequence[Mapping],
                        f'{point["point_id"]} '
                        f'({", ".join(sorted(k[5:] for k in scores if k.startswith("task/")))}); '
                        'set the study metric to one of them.')
-    steps = s.student.steps(len(rows))
+    steps = s.student.steps(epoch)
     # Work only: what a kill and rerun added (redone steps, a second compile) is reported apart.
     measured, crash = _ledger_work_usd(os.path.join(twin or pdir, 'student'))
     if s.cost_model.measured:
         usd = measured
     else:
         usd = s.cost_model.train_usd(s.prices, s.student.model_config(), steps,
-                                     s.student.batch_size,
-                                     s.student.lengths(s.task_feature_lengths),
+                                     s.student.batch_size, lengths,
                                      s.teacher.model_config() if token_kd else None)
     out = {'metric': scores[metric], 'metric_name': s.data.metric, 'student_steps': steps,
            'usd_student': usd, 'usd_student_measured': measured,
            'usd_crash_overhead_measured': crash,
+           'student_feature_lengths': lengths, 'student_lengths_source': source,
+           'student_pack': s.student.pack, 'student_rows_per_epoch': epoch,
            'scores': {k[5:]: v for k, v in scores.items() if k.startswith('task/')}}
     if twin is not None:
         out['student_of'] = os.path.basename(twin)
@@ -649,6 +731,10 @@ def run_point(s: StudySettings, point: Mapping, order) -> dict:
         rec.update(_train_student(s, point, gold + rows, None))
     else:
         teacher = _Teacher(s, m)
+        teacher.prepare(order)
+        lengths, source = teacher.lengths_and_source
+        rec.update({'teacher_feature_lengths': lengths, 'teacher_lengths_source': source,
+                    'teacher_pack': s.teacher.pack})
         modelled = not s.cost_model.measured
         # The FLOPs model prices the teacher before it runs: one the budget cannot pay never runs.
         rec['usd_teacher'] = teacher.modelled_usd() if modelled else teacher.train(order)
@@ -712,7 +798,8 @@ def study_points(strategies: Sequence[str], n_labels: Sequence[int],
     return points
 
 
-_SETTINGS_KEYS = ('data', 'seed', 'teacher', 'student', 'task_feature_lengths', 'pool_size',
+_SETTINGS_KEYS = ('data', 'seed', 'teacher', 'student', 'task_feature_lengths',
+                  'default_feature_lengths', 'measured_feature_lengths', 'pool_size',
                   'chunk_size', 'student_loss', 'count_student_compute', 'usd_per_label',
                   'cost_model')
 
@@ -737,6 +824,20 @@ def _check_same_study(study_dir: str, fingerprint: dict) -> None:
                          'now); finished points would mix. Use a new STUDY_DIR, or restore them.')
 
 
+def _plain(lengths: Mapping[str, int] | None) -> dict[str, int] | None:
+    return None if lengths is None else {k: int(v) for k, v in lengths.items()}
+
+
+def _measured_lengths(s: StudySettings) -> dict[str, int] | None:
+    """The lengths measured for the study's data and vocabulary, when a stage would take them
+    (no TASK_FEATURE_LENGTHS): a rerun after they changed would mix points trained otherwise."""
+    if s.task_feature_lengths is not None or (s.teacher.task_feature_lengths and
+                                              s.student.task_feature_lengths):
+        return None
+    return feature_lengths.recorded(s.data.lengths_task, s.data.vocabulary) \
+        if s.data.lengths_task else None
+
+
 def run_study(s: StudySettings, strategies: Sequence[str], n_labels: Sequence[int],
               budgets_usd: Sequence[float]) -> tuple[list[str], list[str]]:
     """Runs every point not yet in results.json; returns (ran, skipped) point ids."""
@@ -750,7 +851,9 @@ def run_study(s: StudySettings, strategies: Sequence[str], n_labels: Sequence[in
     _check_same_study(s.study_dir, {
             'data': s.data.name, 'seed': s.seed, 'teacher': dataclasses.asdict(s.teacher),
             'student': dataclasses.asdict(s.student),
-            'task_feature_lengths': dict(s.task_feature_lengths), 'pool_size': s.pool_size,
+            'task_feature_lengths': _plain(s.task_feature_lengths),
+            'default_feature_lengths': _plain(s.default_feature_lengths),
+            'measured_feature_lengths': _measured_lengths(s), 'pool_size': s.pool_size,
             'chunk_size': s.chunk_size, 'student_loss': s.student_loss,
             'count_student_compute': s.count_student_compute, 'usd_per_label': s.usd_per_label,
             'cost_model': s.cost_model.as_dict(),
