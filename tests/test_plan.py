@@ -102,11 +102,26 @@ SHIPPED = {   # the accelerator recipes (each a list of gin files) and the steps
     'pseudo_label': ({'decode'}, '4x A100-40GB'),
     'distill_kd': ({'train', 'decode'}, '4x A100-40GB'),
 }
-# The study files: each stage as the study runs it, with the steps it lowers. paper_main.gin
-# includes wlp_gpu.gin with the same stages, which the gate plans once.
-STUDIES = ('wlp_gpu', 'paper_main')
+# The study files with their targets: each stage as the study runs it, with the steps it lowers.
+# paper_main.gin includes wlp_gpu.gin with the same stages, and wlp_gpu_40gb.gin changes only its
+# teacher: the gate plans each program once (each file's memory checked against its own target).
+STUDIES = {'wlp_gpu': '4x A100-80GB', 'paper_main': '4x A100-80GB',
+           'wlp_gpu_40gb': '4x A100-40GB'}
 STAGES = {'teacher': {'train', 'decode'}, 'pseudo_label': {'decode'},
           'student': {'train', 'decode'}}
+
+
+def test_every_study_file_with_a_target_is_gated_in_ci():
+    """Each study file that states a target, or inherits one from its include (read as the gate
+    reads it, text only), is in STUDIES with that target."""
+    from doa_jax.benchmark import recipe
+    prefixes = recipe.search_prefixes(None)
+    targeted = {}
+    for path in sorted((ROOT / 'gin_configs' / 'studies').glob('*.gin')):
+        target = recipe.find_target([str(path)], prefixes)
+        if target is not None:
+            targeted[path.stem] = target.label()
+    assert targeted == STUDIES
 
 
 @pytest.mark.slow
@@ -142,19 +157,30 @@ def test_gate_lowers_every_shipped_recipe_scaled_down_on_8_devices(tmp_path):
             ([f'gin_configs/studies/{f}.gin'], stage) for f in STUDIES for stage in STAGES]
     for result in studies:
         assert result['ok'], (result['recipe'], result['stage'], result.get('error'))
-        assert result['model'] == 't5_1_1_tiny' and result['target'] == '4x A100-80GB'
+        assert result['model'] == 't5_1_1_tiny'
+        assert result['target'] == STUDIES[pathlib.Path(result['recipe'][0]).stem]
         assert result['devices'] == 8
         assert {p: set(parts) for p, parts in result['lowered'].items()} == {
                 'cuda': STAGES[result['stage']], 'tpu': STAGES[result['stage']]}
     teacher, labeling, student = studies[:3]
     # The teacher as the study file sets it: split 4 ways over model, rematerialized, scanned;
-    # it pseudo-labels on that split and is evaluated at the study's eval batch.
+    # it pseudo-labels on that split and is evaluated at the study's eval batch. Every stage
+    # trains packed rows at the study's DEFAULT_FEATURE_LENGTHS (VOCABULARY unset).
     assert teacher['mesh'] == labeling['mesh'] == {'data': 2, 'model': 4}
     assert (teacher['remat'], teacher['scan_layers'], teacher['fsdp']) == ('full', True, False)
     assert (teacher['optimizer'], teacher['batch'], teacher['eval_batch']) == ('adamw', 32, 64)
+    assert teacher['pack'] and student['pack']
+    assert teacher['lengths'] == {'inputs': 256, 'targets': 256}
+    assert teacher['lengths_source'].startswith('DEFAULT_FEATURE_LENGTHS')
     assert labeling['batch'] == 64 and labeling['lengths'] == {'inputs': 256, 'targets': 255}
     assert student['mesh'] == {'data': 8, 'model': 1}
-    assert all(r['same_as'] == ['gin_configs/studies/wlp_gpu.gin'] for r in studies[3:])
+    wlp_gpu = ['gin_configs/studies/wlp_gpu.gin']
+    assert all(r['same_as'] == wlp_gpu for r in studies[3:6])
+    # The 40 GB file: its own teacher (Adafactor, still 4 ways over model), wlp_gpu's others.
+    teacher_40gb = studies[6]
+    assert 'same_as' not in teacher_40gb and teacher_40gb['optimizer'] == 'adafactor'
+    assert teacher_40gb['mesh'] == {'data': 2, 'model': 4}
+    assert all(r['same_as'] == wlp_gpu for r in studies[7:])
     assert not pinned['ok'] and not pinned['lowered']['cuda']['decode']['ok']
     assert 'cpu_kernels' in pinned['lowered']['cuda']['decode']['error']
     assert 'gate: FAIL' in r.stdout and \

@@ -146,10 +146,10 @@ def test_the_gate_plans_the_lengths_a_study_resolves():
         assert stages[name].lengths_source == 'measured for doa_wlp (byte)'
     assert (stages['pseudo_label'].max_input_length,
             stages['pseudo_label'].max_decode_length) == (wlp['inputs'], wlp['targets'] - 1)
-    stages = _stages(['gin_configs/studies/wlp_gpu.gin'])
+    stages = _stages(['gin_configs/studies/wlp_gpu_40gb.gin'])
     assert stages['teacher'].lengths == {'inputs': 256, 'targets': 256}
     assert stages['teacher'].lengths_source.startswith('DEFAULT_FEATURE_LENGTHS (VOCABULARY unset')
-    assert stages['teacher'].optimizer_name == 'adamw' and stages['student'].pack
+    assert stages['teacher'].optimizer_name == 'adafactor' and stages['student'].pack
 
 
 def test_the_report_names_each_stages_lengths_and_packing():
