@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _plan(tmp_path, *flags: str) -> tuple[dict, str]:
     out = tmp_path / 'plan.json'
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env = dict(os.environ)   # the tests' XLA compile flags (tests/conftest.py); plan adds the devices
     r = subprocess.run([sys.executable, '-m', 'doa_jax.benchmark', 'plan', *flags,
                         f'--json={out}'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=400)
@@ -138,7 +138,7 @@ def test_gate_lowers_every_shipped_recipe_scaled_down_on_8_devices(tmp_path):
     recipes = [','.join(f'gin_configs/runs/{f}.gin' for f in r.split(',')) for r in SHIPPED]
     recipes += [f'gin_configs/studies/{f}.gin' for f in STUDIES]
     out = tmp_path / 'gate.json'
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env = dict(os.environ)   # the tests' XLA compile flags (tests/conftest.py); plan adds the devices
     r = subprocess.run([sys.executable, '-m', 'doa_jax.benchmark', 'plan',
                         *[f'--recipe={x}' for x in recipes + [str(broken)]],
                         '--scale=t5_1_1_tiny', '--devices=8', '--skip_memory', f'--json={out}'],
