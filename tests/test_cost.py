@@ -377,8 +377,8 @@ def test_t5x_cost_action_stops_before_the_next_stretch_could_pass_the_cap(tmp_pa
     to_35 = action(budget_usd=0.345, planned_steps=35, run_id='to_35')
     for now, step in ((100, 10), (125, 20), (150, 30)):
         assert stretch(to_35, now, step, 20) is False
-    assert to_35.forecast(30, 10, 20).total_usd == pytest.approx(0.34)
-    assert stretch(to_35, 165, 35, 10) is False and to_35.forecast(35, 5, 10) is None
+    assert to_35.forecast(30).total_usd == pytest.approx(0.34)
+    assert stretch(to_35, 165, 35, 10) is False and to_35.forecast(35) is None
     assert Ledger(tmp_path / 'run').stage_summary('to_35', 'train').end_reason == 'done'
 
 

@@ -25,7 +25,7 @@ from doa_jax.cost import Ledger
 from doa_jax.cost.budget import BudgetExceededError
 from doa_jax.cost.meter import DeviceInfo
 from doa_jax.cost.prices import load_prices
-from doa_jax.cost.t5x_action import CostAction
+from doa_jax.cost.t5x_action import CostAction, cost_actions
 from doa_jax.models import get_config
 from doa_jax.models.config import T5Config
 
@@ -170,7 +170,7 @@ def test_t5x_train_runs_bind_the_papers_settings_and_the_cost_action(t5x_stubs, 
     files = ['gin_configs/t5x/models/t5_1_1_small.gin', f'gin_configs/t5x/runs/{run}.gin']
     _parse(*files, bindings=[f"MODEL_DIR = '{tmp_path}'", "MIXTURE_OR_TASK_NAME = 'doa_wlp'",
                              'INITIAL_CHECKPOINT_PATH = None', 'TRAIN_STEPS = 1020000',
-                             'BUDGET_USD = 5.0'])
+                             'BUDGET_USD = 5000.0'])
     args = gin.get_configurable(sys.modules['__main__'].train)()
     assert args['total_steps'] == 1020000 and args['concurrent_metrics'] is False
     assert args['use_orbax'] is False
@@ -185,8 +185,21 @@ def test_t5x_train_runs_bind_the_papers_settings_and_the_cost_action(t5x_stubs, 
             (r'state/param_states.*', None),)
     (action,) = args['actions']['TRAIN']
     assert isinstance(action, CostAction)
-    assert (action.budget_usd, action.planned_steps) == (5.0, 1020000)
+    assert args['actions'] == {'TRAIN': [action], 'TRAIN_EVAL': [action], 'INFER_EVAL': [action]}
+    assert (action.budget_usd, action.planned_steps) == (5000.0, 1020000)
+    assert (action.eval_period, action.checkpoint_period, action.stats_period) == (1000, 1000, 100)
     assert action.ledger.path == str(tmp_path / 'cost_ledger.sqlite')
+    # Its lower bound: T5-Small's FLOPs for 1,020,000 steps of 32 x (512 + 128) tokens from
+    # scratch, at the CPU catalog's peak (doa_jax.flops: the formula doa_jax's trainer uses).
+    assert action.lower_bound.steps == 1020000
+    # A $5 cap cannot pay for that: gin's call of t5x's train, before anything compiles, fails.
+    gin.clear_config()
+    _parse(*files, bindings=[f"MODEL_DIR = '{tmp_path}'", "MIXTURE_OR_TASK_NAME = 'doa_wlp'",
+                             'INITIAL_CHECKPOINT_PATH = None', 'TRAIN_STEPS = 1020000',
+                             'BUDGET_USD = 5.0'])
+    with pytest.raises(BudgetExceededError, match=r'before t5x compiles \(TRAIN_STEPS=1020000 '
+                       r'from step 0 \(from scratch\), batch 32'):
+        gin.get_configurable(sys.modules['__main__'].train)()
 
 
 @pytest.mark.parametrize('files,entry', [
@@ -527,8 +540,104 @@ def test_cost_action_preflight_and_resume(action_setup):
     summary = Ledger(run, readonly=True).stage_summary('run', 'train')
     # Redone: all of the refused attempt's steps, and steps 6-10 of the forced one.
     assert summary.attempts == 3 and summary.redone_usd == pytest.approx(0.04 + 0.02)
-    with pytest.raises(ValueError, match="bind it under 'TRAIN'"):
-        resumed.run(types.SimpleNamespace(step=20), metrics_by_task={'doa_wlp': {}})
+
+
+# A model small enough to count by hand (doa_jax.flops.train_flops_per_sequence), at 2 input and
+# 2 target tokens: matmul parameters encoder 6, cross-attention K/V 2, decoder 8, LM head 1, so
+# 6 x ((6 + 2) x 2 + (8 + 1) x 2) = 204 dense FLOPs and 12 x (1 x 2 x 2 + 1 x (2 x 2 / 2 + 2 x 2))
+# = 120 of attention: 324 per sequence, 3,240 per step of 10. At a peak of 3,240 FLOP/s on
+# each of 2 devices a step takes 0.5 s at least: 2 x $0.001/device-s x 0.5 s = $0.001 a step.
+ONE_WIDE = types.SimpleNamespace(emb_dim=1, num_heads=1, head_dim=1, mlp_dim=1,
+                                 mlp_activations=('relu',), num_encoder_layers=1,
+                                 num_decoder_layers=1, vocab_size=1)
+
+
+def test_cost_action_refuses_before_t5x_compiles(action_setup):
+    make, clock, run = action_setup
+    shape = dict(model_config=ONE_WIDE, batch_size=10, feature_lengths={'inputs': 2, 'targets': 2},
+                 peak_flops=3240.0)
+    # From scratch to TRAIN_STEPS=1000: 1,000 steps, $1.00 at the least, over a $0.99 cap.
+    with pytest.raises(BudgetExceededError) as e:
+        make(budget_usd=0.99, planned_steps=1000, **shape)
+    message = str(e.value)
+    assert message.startswith('CostAction, before t5x compiles (TRAIN_STEPS=1000 from step 0 '
+                              "(from scratch), batch 10, lengths {'inputs': 2, 'targets': 2}): "
+                              'Refusing to start: its lowest possible cost $1.00 = 0.5 s/step x '
+                              '1000 steps x 2 device(s)')
+    assert 'exceeds the remaining budget $0.990 (BUDGET_USD $0.990' in message
+    assert 'Lower TRAIN_STEPS, BATCH_SIZE or the model, raise BUDGET_USD' in message
+    assert '--gin.t5x_action.CostAction.force=True' in message
+    assert not (run / 'cost_ledger.sqlite').exists() or \
+        Ledger(run, readonly=True).spent_usd() == 0.0
+    assert make(budget_usd=1.0, planned_steps=1000, **shape).lower_bound.usd == \
+        pytest.approx(1.0)
+    # The step the run starts from: INITIAL_CHECKPOINT_PATH's, or MODEL_DIR's latest, higher.
+    assert make(budget_usd=0.99, planned_steps=1000, initial_checkpoint='/ckpt/checkpoint_500',
+                **shape).lower_bound.usd == pytest.approx(0.5)
+    (run / 'checkpoint_900').mkdir(parents=True)
+    assert make(budget_usd=0.99, planned_steps=1000, initial_checkpoint='/ckpt/checkpoint_500',
+                **shape).lower_bound.usd == pytest.approx(0.1)
+    with pytest.raises(BudgetExceededError, match=r'TRAIN_STEPS_RELATIVE=2000.*\$2\.00'):
+        make(budget_usd=0.99, planned_steps=1000, relative_steps=2000, **shape)
+    assert make(budget_usd=0.99, relative_steps=2000, force=True, **shape).force
+    # A start t5x alone knows (a checkpoint named otherwise): checked after the first stretch.
+    (run / 'checkpoint_900').rmdir()
+    assert make(budget_usd=0.99, planned_steps=1000, initial_checkpoint='/ckpt/pretrained',
+                **shape).lower_bound is None
+
+
+def _evaluated(action, clock, now, step):
+    """A TRAIN_EVAL or INFER_EVAL call: the tasks' metrics, no 'train' key."""
+    clock['now'] = now
+    return action.run(types.SimpleNamespace(step=step), metrics_by_task={'doa_wlp': {}})
+
+
+def test_cost_action_stops_before_an_evaluation_it_cannot_pay_for(action_setup):
+    """t5x's schedule of tiny.gin: TRAIN_STEPS 20, an epoch of 10 steps (EVAL_PERIOD,
+    CHECKPOINT_PERIOD), a call every 5 (STATS_PERIOD); 2 devices at $0.001/device-s."""
+    make, clock, run = action_setup
+    schedule = dict(planned_steps=20, eval_period=10, checkpoint_period=10, stats_period=5)
+    action = make(budget_usd=0.35, **schedule)
+    assert cost_actions(action) == {'TRAIN': [action], 'TRAIN_EVAL': [action],
+                                    'INFER_EVAL': [action]}
+    # Steps 1-5 in 10 s of 50 (start-up, compiling): $0.100. Ahead: 5 steps ($0.0200) to step
+    # 10, where t5x evaluates whatever the action says; the first evaluation's cost is unknown.
+    assert _stretch(action, clock, 50, 5, 10, steps_per_second=0.5) is False
+    assert action.forecast(5).total_usd == pytest.approx(0.12)
+    # Steps 6-10 in 10 s of 12: $0.124. The evaluation at step 10 runs now, whatever this call
+    # says; then 5 steps ($0.0200), 2 s of host time ($0.00400), the save reserve ($0.00400).
+    assert _stretch(action, clock, 62, 10, 10) is False
+    assert action.forecast(10).total_usd == pytest.approx(0.152)
+    # The checkpoint and the teacher-forced evaluation: 10 s, $0.0200.
+    assert _evaluated(action, clock, 72, 10) is False
+    # Decoding: 40 s, $0.0800; spent $0.224. Going on commits t5x to the final evaluation (a
+    # stop in the last epoch still evaluates), measured now at 50 s, $0.100: with 5 steps, host
+    # time and the save, $0.352 > $0.35. It stops here, before the last epoch: t5x breaks out
+    # at its next epoch with checkpoint_10 saved, and runs no evaluation at step 20.
+    assert _evaluated(action, clock, 112, 10) is True
+    assert action.stopped_at == 10 and action.stop_reason == (
+        'the BUDGET_USD cap: spent $0.224 + $0.100 for the evaluation t5x runs at step 15 (or at '
+        'a stop before it) (the last one took 50 s) + $0.0200 for the next 5 step(s) (2 s/step, '
+        'measured over the last 5) + $0.00400 for host time between checks (2 s, as in the last '
+        'stretch) + $0.00400 for the final checkpoint save (2 s reserved, the longest host time '
+        'measured between checks) = $0.352, more than BUDGET_USD $0.350')
+    s = Ledger(run, readonly=True).stage_summary('run', 'train')
+    assert (s.last_step, s.end_reason) == (10, 'stopped')
+    assert s.eval_usd == pytest.approx(0.1) and s.total_usd == pytest.approx(0.224)
+
+    # $0.36 pays for the next stretch and the final evaluation: it runs on to step 15, where
+    # going on to 20 would cost $0.248 + $0.100 + $0.0200 + $0.00400 + $0.00400 = $0.376. It
+    # stops at 15; t5x saves checkpoint_15 and runs the final evaluation ($0.100, $0.348 in all)
+    # and calls again after it: the stop stands (t5x keeps the last call's answer).
+    clock['now'] = 0.0
+    action = make(budget_usd=0.36, run_id='to_15', **schedule)
+    for now, step in ((50, 5), (62, 10)):
+        assert _stretch(action, clock, now, step, 10, steps_per_second=0.5) is False
+    assert _evaluated(action, clock, 72, 10) is False and _evaluated(action, clock, 112, 10) is False
+    assert _stretch(action, clock, 124, 15, 10) is True and action.stopped_at == 15
+    assert action.forecast(15).total_usd == pytest.approx(0.376)
+    assert _evaluated(action, clock, 134, 15) is True and _evaluated(action, clock, 174, 15) is True
+    assert Ledger(run, readonly=True).spent_usd('to_15') == pytest.approx(0.348)
 
 
 # ---- TRAIN_STEPS --------------------------------------------------------------------------------
