@@ -536,6 +536,8 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
     at `prices` (a PriceTable or YAML path; default: the package's table). `max_usd` caps the
     run's spending: before each chunk, the chunks already priced plus the last chunk's cost must
     fit, else the run stops and the completed chunks (a prefix of the pool) are what it bought.
+    Chunks are priced without the compiles inside them, which are billed as the attempt's
+    (`ChunkBilling`); the cap counts the work (`work_usd`), not what a killed attempt added.
     The cap needs one shard (one host), so that the prefix is well defined.
 
     `mesh_config` (a `partitioning.MeshConfig`; gin: MESH_DATA, MESH_MODEL) splits this host's
@@ -603,17 +605,19 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
     if pool:
         # Global indices of this shard: striding keeps them, so chunk ranges are global too.
         table = prices if isinstance(prices, cost.PriceTable) else cost.load_prices(prices)
-        # Each host prices its own chunks on its own devices (the teacher mesh), not the cluster.
-        meter = lambda first, last, generation=0: cost.ComputeMeter(
-                ledger, table, run_id, 'pseudo_label', first, last, mesh=mesh, write=True,
-                seq=generation)
+        # Each host prices its own chunks on its own devices (the teacher mesh), not the cluster;
+        # its compiles apart, as its attempt's (crash overhead when a rerun follows a kill).
         keep_going = None
         if max_usd is not None:
             keep_going = lambda _: _fits_budget(ledger, run_id, chunk_size, max_usd)
-        result = pseudo_label_shard(_Strided(pool, shard_id, num_shards, total), label, output_dir,
-                                    shard_id=shard_id, num_shards=num_shards,
-                                    chunk_size=chunk_size, batch_size=batch_size,
-                                    meter_factory=meter, keep_going=keep_going, plan=plan)
+        with ChunkBilling(ledger, table, run_id, mesh=mesh, shard_id=shard_id,
+                          num_shards=num_shards) as billing:
+            result = pseudo_label_shard(_Strided(pool, shard_id, num_shards, total), label,
+                                        output_dir, shard_id=shard_id, num_shards=num_shards,
+                                        chunk_size=chunk_size, batch_size=batch_size,
+                                        meter_factory=billing.meter, keep_going=keep_going,
+                                        plan=plan)
+            billing.end('stopped' if result.stopped_by_budget else 'done')
     if multihost:
         multihost_utils.sync_global_devices('pseudo_label_done')
     if shard_id == 0:
@@ -622,6 +626,76 @@ def run_pseudo_labeling(*, checkpoint_path: str, output_dir: str, model_config: 
             ids = ids[:result.examples_done]
         merge(output_dir, ids, beyond_limit_ok=True)
     return result
+
+
+class ChunkBilling:
+    """Prices one host's pseudo-labeling in the cost ledger as one *attempt* of the run.
+
+    Each chunk's compute is a range-keyed row (stage 'pseudo_label', billed once however often a
+    crash makes it run). The compile time inside a chunk (`compile_clock`, by default
+    `cost.meter.compile_seconds`) is billed apart, as a 'compile' row of this attempt (stage
+    `attempt_stage`), so that a rerun's compile is not the work of its first chunk. A rerun opens
+    the next attempt, which closes a killed one as 'crashed': that attempt's compiles are then
+    crash overhead (`Ledger.crash_overhead_usd`), and `spent_usd - crash_overhead_usd` is an
+    uninterrupted run's bill (its one compile, each chunk once), up to timing noise. The work a
+    SIGKILL interrupts (a chunk decoding, unpriced) the ledger never hears of.
+
+    Hosts of a multi-host job each hold an attempt: shard S of N > 1 records its attempts and
+    compiles under `pseudo_label.shardS`, so that one host never closes another's attempt.
+
+    with ChunkBilling(ledger, prices, run_id, mesh=mesh) as billing:
+        pseudo_label_shard(..., meter_factory=billing.meter)
+    """
+
+    STAGE = 'pseudo_label'
+
+    def __init__(self, ledger: Any, prices: Any, run_id: str, *, mesh: Any = None,
+                 shard_id: int = 0, num_shards: int = 1,
+                 compile_clock: Callable[[], float] | None = None):
+        from doa_jax.cost import meter as meter_lib
+        self.ledger, self.prices, self.run_id, self.mesh = ledger, prices, run_id, mesh
+        self.attempt_stage = self.STAGE if num_shards == 1 else f'{self.STAGE}.shard{shard_id}'
+        self.compile_clock = compile_clock or meter_lib.compile_seconds
+        self.attempt: int | None = None
+        self.examples = 0
+        self._compiles = 0
+
+    def __enter__(self) -> 'ChunkBilling':
+        self.compile_clock()   # starts listening before anything compiles
+        self.attempt = self.ledger.begin_attempt(self.run_id, self.attempt_stage, 0)
+        return self
+
+    def end(self, reason: str) -> None:
+        """Closes the attempt ('done', 'stopped' at a budget cap, 'error')."""
+        if self.attempt is not None:
+            self.ledger.end_attempt(self.run_id, self.attempt_stage, self.attempt,
+                                    self.examples, reason)
+            self.attempt = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end('done' if exc_type is None else 'error')
+
+    def meter(self, first: int, last: int, generation: int = 0) -> Any:
+        """The meter of one chunk (`pseudo_label_shard`'s `meter_factory`)."""
+        from doa_jax import cost
+        self.examples = max(self.examples, last + 1)   # how far this attempt got (end_step)
+        return cost.ComputeMeter(self.ledger, self.prices, self.run_id, self.STAGE, first, last,
+                                 mesh=self.mesh, write=True, seq=generation,
+                                 compile_clock=self.compile_clock, on_compile=self._compiled)
+
+    def _compiled(self, seconds: float, meter: Any) -> None:
+        self._compiles += 1
+        self.ledger.record_overhead(self.run_id, self.attempt_stage, self.attempt, 'compile',
+                                    self._compiles, meter.first, seconds, meter.device.kind,
+                                    meter.device.count, meter.rate, billable=True,
+                                    note=f'compiled while labeling [{meter.first}, {meter.last}]')
+
+
+def work_usd(ledger: Any, run_id: str) -> tuple[float, float]:
+    """(what a pseudo-labeling run's work cost, what crashes added): each chunk once and the
+    compiles of attempts that did not crash; the crashed attempts' compiles apart."""
+    crash = ledger.crash_overhead_usd(run_id)
+    return ledger.spent_usd(run_id) - crash, crash
 
 
 def teacher_fingerprint(params: Any) -> str:
@@ -653,13 +727,15 @@ def teacher_fingerprint(params: Any) -> str:
 
 
 def _fits_budget(ledger: Any, run_id: str, chunk_size: int, max_usd: float) -> bool:
-    """Whether one more chunk, priced like the last one, keeps the run within max_usd."""
+    """Whether one more chunk, priced like the last one, keeps the run's work within max_usd:
+    the chunks and compiles billed so far, less what crashes added (`work_usd`), so that a killed
+    and rerun job buys what an uninterrupted one does."""
     if max_usd <= 0:
         return False
     entries = ledger.compute_entries(run_id, 'pseudo_label')
     if not entries:
         return True
-    spent = sum(e['usd'] for e in entries)
+    spent = work_usd(ledger, run_id)[0]   # the chunks and their compiles; a crash's overhead apart
     last = entries[-1]
     per_example = last['usd'] / (last['last'] - last['first'] + 1)
     return spent + per_example * chunk_size <= max_usd

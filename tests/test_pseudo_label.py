@@ -1,13 +1,13 @@
 """Pseudo-labeling: sharding, chunk markers, resume after SIGKILL, exactly-once merge, top-k."""
 
 import json
+import math
 import os
 import pathlib
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -358,21 +358,57 @@ def _env():
 
 @pytest.mark.fault_injection
 def test_sigkilled_run_restarted_labels_each_example_once(data_dir, tmp_path):
+    """Killed at a fixed moment (the worker's hook: chunk 3 priced and written, its marker not;
+    chunks 0-2 committed), then rerun in this process: each id labeled and billed once, the killed
+    attempt's compile is crash overhead, and spent - overhead is an uninterrupted run's bill."""
+    from doa_jax import cost
     from tasks.jsonl_task import load_split
-    pool_path, out, n = _wlp_pool(data_dir, tmp_path, 0), tmp_path / 'out', 24
-    cmd = [sys.executable, str(WORKER), pool_path, str(out), '0', '1', str(n), '0.25']
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(out.glob('*.COMPLETED'))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(out.glob('*.COMPLETED')))
-    assert 2 <= done_before < 6, 'the kill must land mid-run'
-    res = subprocess.run(cmd[:-1] + ['0'], env=_env(), capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stdout + res.stderr
+
+    from tests import pseudo_label_worker as worker
+    pool_path, out, n, sleep_s = _wlp_pool(data_dir, tmp_path, 0), tmp_path / 'out', 24, 0.02
+    cmd = [sys.executable, str(WORKER), pool_path, str(out), '0', '1', str(n), str(sleep_s)]
+    env = {**_env(), 'DOA_PL_LEDGER': str(tmp_path), 'DOA_PL_KILL_WRITING_CHUNK': '3'}
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert sorted(p.name for p in out.glob('*.COMPLETED')) == [
+            f'chunk-00000-{c:05d}.jsonl.COMPLETED' for c in range(3)]
+    assert (out / 'chunk-00000-00003.jsonl').exists()
+    ledger = cost.Ledger(str(tmp_path))
+    assert [(e['first'], e['last']) for e in ledger.compute_entries('pl', 'pseudo_label')] == [
+            (0, 3), (4, 7), (8, 11), (12, 15)], 'chunk 3 was priced before the kill'
+
+    worker.label_pool(pool_path, str(out), 0, 1, n, sleep_s, str(tmp_path))   # the rerun
     ids = load_split(pool_path, allow_empty_target=True)[0][:n]
     assert pl.merge(str(out), ids)['count'] == n
+    chunks = ledger.compute_entries('pl', 'pseudo_label')
+    assert [(e['first'], e['last']) for e in chunks] == [(i, i + 3) for i in range(0, n, 4)], \
+        'each id billed once as work (chunk 3, relabeled, was not billed again)'
+    assert ledger.attempt_end_reason('pl', 'pseudo_label', 1) == 'crashed'
+    assert ledger.attempt_end_reason('pl', 'pseudo_label', 2) == 'done'
+    compiles = {a: r for r in ledger._rows("SELECT * FROM entries WHERE category='compile'")
+                for a in [r['attempt']]}
+    assert sorted(compiles) == [1, 2] and all(
+            r['seconds'] == worker.COMPILE_S for r in compiles.values()), compiles
+    spent, overhead = ledger.spent_usd('pl'), ledger.crash_overhead_usd('pl')
+    assert overhead == pytest.approx(compiles[1]['usd'], rel=1e-12)
+    work = math.fsum(e['usd'] for e in chunks) + compiles[2]['usd']
+    assert spent - overhead == pytest.approx(work, rel=1e-9)
+    assert pl.work_usd(ledger, 'pl') == pytest.approx((work, overhead), rel=1e-9)
+
+    # An uninterrupted run bills the same work: one compile, each chunk once (timing noise apart).
+    ref_dir = tmp_path / 'ref'
+    worker.label_pool(pool_path, str(ref_dir / 'out'), 0, 1, n, sleep_s, str(ref_dir))
+    ref = cost.Ledger(str(ref_dir))
+    assert ref.crash_overhead_usd('pl') == 0.0
+    ref_chunks = ref.compute_entries('pl', 'pseudo_label')
+    assert [(e['first'], e['last']) for e in ref_chunks] == [(e['first'], e['last'])
+                                                             for e in chunks]
+    assert ref.spent_usd('pl') == pytest.approx(
+            math.fsum(e['usd'] for e in ref_chunks) + compiles[2]['usd'], rel=1e-9)
+    # The chunk meters tile the labeling (12 batches of sleep_s), the compile in none of them.
+    assert 12 * sleep_s <= math.fsum(e['seconds'] for e in ref_chunks) < worker.COMPILE_S
+    # Billed inside the rerun's first chunk, the second compile would add about 70% here.
+    assert spent - overhead == pytest.approx(ref.spent_usd('pl'), rel=0.25)
 
 
 def _free_port():

@@ -10,6 +10,7 @@ summary the entry point logs, with the cost from the run's ledger (`ledger_spent
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import shlex
 import sys
@@ -59,7 +60,8 @@ class RunRecord(callbacks_lib.TrainerCallback):
 def ledger_spent_usd(ledger_dir: str, run_id: str | None = None,
                      stage: str | None = None) -> tuple[float, str] | None:
     """($ billed, ledger file) from the cost ledger in `ledger_dir`: the run's (or, with `stage`,
-    that stage's range-keyed compute); None when there is no ledger there (the run is unmetered)."""
+    that stage's, with the rows of its per-shard stages `STAGE.shardN`: e.g. pseudo-labeling's
+    chunks and compiles); None when there is no ledger there (the run is unmetered)."""
     from doa_jax.cost import Ledger
     from doa_jax.cost.ledger import ledger_path
     path = ledger_path(ledger_dir)
@@ -69,7 +71,8 @@ def ledger_spent_usd(ledger_dir: str, run_id: str | None = None,
     try:
         if stage is None:
             return ledger.spent_usd(run_id), path
-        return sum(e['usd'] for e in ledger.compute_entries(run_id, stage)), path
+        return math.fsum(s.total_usd for s in ledger.summary() if s.run_id == run_id and (
+                s.stage == stage or s.stage.startswith(f'{stage}.'))), path
     finally:
         ledger.close()
 

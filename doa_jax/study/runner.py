@@ -512,9 +512,26 @@ class _Teacher:
         return sum(1 for r in pl.read_chunks(self.pl_dir) if int(r['index']) < below)
 
     def chunk_costs(self) -> list[dict]:
-        """[{'first', 'last', 'seconds', 'usd'}] of every labeled chunk, as the ledger measured."""
-        return _read_ledger(self.dir, lambda ledger: ledger.compute_entries(
-                'pseudo_labels', 'pseudo_label'), [])
+        """[{'first', 'last', 'seconds', 'usd'}] of every labeled chunk, as the ledger measured,
+        the first charged the run's compiles too (`pseudo_label.work_usd`: what the work
+        compiled, not what a killed attempt did), so that a kill changes no chunk's price beyond
+        timing noise."""
+        from doa_jax import pseudo_label as pl
+
+        def costs(ledger) -> list[dict]:
+            chunks = ledger.compute_entries('pseudo_labels', 'pseudo_label')
+            if chunks:
+                compiles = pl.work_usd(ledger, 'pseudo_labels')[0] - math.fsum(
+                        c['usd'] for c in chunks)
+                chunks[0]['usd'] += max(0.0, compiles)
+            return chunks
+        return _read_ledger(self.dir, costs, [])
+
+    def pseudo_label_crash_overhead(self) -> float:
+        """What crashes added to pseudo-labeling (the killed attempts' compiles)."""
+        from doa_jax import pseudo_label as pl
+        return _read_ledger(self.dir, lambda ledger: pl.work_usd(ledger, 'pseudo_labels')[1],
+                            0.0)
 
     def modelled_chunks(self, order) -> list[dict]:
         """[{'first', 'last', 'usd'}] of every chunk of the pool, priced by the FLOPs model."""
@@ -762,7 +779,8 @@ def run_point(s: StudySettings, point: Mapping, order) -> dict:
         if measured_teacher is not None:
             rec['usd_teacher_measured'] = measured_teacher
             rec['usd_crash_overhead_measured'] = (rec.get('usd_crash_overhead_measured', 0.0)
-                                                  + teacher.crash_overhead_measured())
+                                                  + teacher.crash_overhead_measured()
+                                                  + teacher.pseudo_label_crash_overhead())
             rec['usd_pseudo_label_measured'] = math.fsum(
                     c['usd'] for c in teacher.chunk_costs() if c['last'] < n_pseudo)
     rec.setdefault('usd_llm', 0.0)
