@@ -616,11 +616,11 @@ def test_cost_action_stops_before_an_evaluation_it_cannot_pay_for(action_setup):
     # at its next epoch with checkpoint_10 saved, and runs no evaluation at step 20.
     assert _evaluated(action, clock, 112, 10) is True
     assert action.stopped_at == 10 and action.stop_reason == (
-        'the BUDGET_USD cap: spent $0.224 + $0.100 for the evaluation t5x runs at step 15 (or at '
-        'a stop before it) (the last one took 50 s) + $0.0200 for the next 5 step(s) (2 s/step, '
-        'measured over the last 5) + $0.00400 for host time between checks (2 s, as in the last '
-        'stretch) + $0.00400 for the final checkpoint save (2 s reserved, the longest host time '
-        'measured between checks) = $0.352, more than BUDGET_USD $0.350')
+        'the BUDGET_USD cap: spent $0.224 + $0.100 for the final evaluation (t5x runs it at step '
+        '15 if the run stops there) (the last one took 50 s) + $0.0200 for the next 5 step(s) '
+        '(2 s/step, measured over the last 5) + $0.00400 for host time between checks (2 s, as '
+        'in the last stretch) + $0.00400 for the final checkpoint save (2 s reserved, the '
+        'longest host time measured between checks) = $0.352, more than BUDGET_USD $0.350')
     s = Ledger(run, readonly=True).stage_summary('run', 'train')
     assert (s.last_step, s.end_reason) == (10, 'stopped')
     assert s.eval_usd == pytest.approx(0.1) and s.total_usd == pytest.approx(0.224)
@@ -633,7 +633,8 @@ def test_cost_action_stops_before_an_evaluation_it_cannot_pay_for(action_setup):
     action = make(budget_usd=0.36, run_id='to_15', **schedule)
     for now, step in ((50, 5), (62, 10)):
         assert _stretch(action, clock, now, step, 10, steps_per_second=0.5) is False
-    assert _evaluated(action, clock, 72, 10) is False and _evaluated(action, clock, 112, 10) is False
+    assert _evaluated(action, clock, 72, 10) is False
+    assert _evaluated(action, clock, 112, 10) is False
     assert _stretch(action, clock, 124, 15, 10) is True and action.stopped_at == 15
     assert action.forecast(15).total_usd == pytest.approx(0.376)
     assert _evaluated(action, clock, 134, 15) is True and _evaluated(action, clock, 174, 15) is True

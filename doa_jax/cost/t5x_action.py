@@ -293,9 +293,11 @@ class CostAction:
         stretch = self.stats_period or measured_steps
         after = min(step + stretch, self._epoch_end(step)) if stretch else step
         if after > step and self._evaluates_at(after):
-            # Once the run reached `after`, t5x evaluates (there, or at a stop before it).
-            first.append(self._eval_cost(f'the evaluation t5x runs at step {after} (or at a '
-                                         'stop before it)'))
+            # Once the run reached `after`, t5x evaluates: at that epoch's end, or in the last
+            # epoch at the end of the run or at a stop before it.
+            what = (f'the evaluation t5x runs at step {after}' if self._evaluates_now(after) else
+                    f'the final evaluation (t5x runs it at step {after} if the run stops there)')
+            first.append(self._eval_cost(what))
         host, reserve = self._host_last, self._host_max
         return forecast_next_stretch(
                 self.budget_usd, self.spent_usd(), steps=after - step,
