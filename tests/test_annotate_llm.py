@@ -185,11 +185,18 @@ def test_budget_caps_spend_with_requests_in_flight(server, tmp_path, prices):
 
 @pytest.mark.fault_injection
 def test_killed_run_resumes_from_cache_without_paying_again(generate_fn, tmp_path, prices):
-    def slow(prompts, max_tokens):
-        time.sleep(0.25)  # Slow enough that the kill lands mid-run.
+    # The server kills the client at a fixed moment: when it is asked for the 7th answer, after
+    # at most 6 (5 when the 6th and 7th come in one batch) have been sent.
+    state = {'answered': 0, 'client': None}
+
+    def killing(prompts, max_tokens):
+        if state['client'] is not None and state['answered'] + len(prompts) > 6:
+            os.kill(state['client'], signal.SIGKILL)
+            state['client'] = None
+        state['answered'] += len(prompts)
         return generate_fn(prompts, max_tokens)
 
-    server = ChatServer(Batcher(slow, max_batch=4, wait_ms=1), MODEL).start()
+    server = ChatServer(Batcher(killing, max_batch=4, wait_ms=1), MODEL).start()
     try:
         labeled = tmp_path / 'labeled.jsonl'
         labeled.write_text(''.join(json.dumps({'source': s.source, 'target': s.target}) + '\n'
@@ -206,23 +213,11 @@ def test_killed_run_resumes_from_cache_without_paying_again(generate_fn, tmp_pat
         env = {**os.environ, 'PYTHONPATH': REPO}
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
+        state['client'] = proc.pid
         cache_path = str(out) + '.cache.sqlite'
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if os.path.exists(cache_path):
-                con = sqlite3.connect(cache_path)
-                try:
-                    n = con.execute('SELECT COUNT(*) FROM responses').fetchone()[0]
-                except sqlite3.OperationalError:
-                    n = 0
-                con.close()
-                if n >= 6:
-                    break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait(timeout=120) == -signal.SIGKILL, proc.stdout.read()
         assert not os.path.exists(str(out) + '/llm_labels.jsonl-00003-of-00004.COMPLETED')
-        assert 6 <= server.chat_requests < 16
+        assert 7 <= server.chat_requests < 16
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         assert 'cached' in done.stdout
