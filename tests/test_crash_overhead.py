@@ -120,8 +120,9 @@ def test_resume_that_trains_or_evaluates_is_work(tmp_path):
     ledger.record_overhead('student', 'train', a, 'other', 0, 10, 3.0, 'cpu', 1, 3600, True)
     ledger.record_steps('student', 'train', a, 11, 12, 20.0, 'cpu', 1, 3600)
     ledger.end_attempt('student', 'train', a, 12, 'done')
-    # An evaluation a cap had skipped, run by a resume with no step, is work.
+    # An evaluation a cap had skipped, run by a resume with no step, is work, its compile too.
     a = ledger.begin_attempt('student', 'train', 12)
+    ledger.record_overhead('student', 'train', a, 'compile', 0, 12, 1.0, 'cpu', 1, 3600, True)
     ledger.record_overhead('student', 'train', a, 'eval', 0, 12, 4.0, 'cpu', 1, 3600, True)
     ledger.end_attempt('student', 'train', a, 12, 'done')
     assert ledger.crash_overhead_usd('student') == 0.0

@@ -62,11 +62,11 @@ CREATE TABLE IF NOT EXISTS checkpoints(
 """
 
 
-# An attempt `a` that ran no step although an earlier attempt of its run had finished the steps
-# it starts from (a run with steps: pseudo-labeling's attempts have none).
+# An attempt `a` that ran no step and no evaluation although an earlier attempt of its run had
+# finished the steps it starts from (a run with steps: pseudo-labeling's attempts have none).
 _EMPTY_RESUME = (
     "NOT EXISTS (SELECT 1 FROM entries s WHERE s.run_id=a.run_id AND s.stage=a.stage AND "
-    "s.attempt=a.attempt AND s.category='steps') AND "
+    "s.attempt=a.attempt AND s.category IN ('steps', 'eval')) AND "
     "EXISTS (SELECT 1 FROM attempts b JOIN entries s ON s.run_id=b.run_id AND s.stage=b.stage "
     "AND s.category='steps' WHERE b.run_id=a.run_id AND b.stage=a.stage AND "
     "b.attempt<a.attempt AND b.end_reason='done' AND b.end_step>=a.start_step)")
@@ -423,10 +423,10 @@ class Ledger:
         """Billable dollars that crashes added to `spent_usd`: the steps a later attempt redid,
         the compile, evaluation and host time of every attempt that crashed or failed (its
         redone work needed them again), and the compile and host time of an *empty resume*: an
-        attempt that ran no step of a run whose steps an earlier attempt had finished ('done' at
-        or above its start), e.g. a study rerun after a kill during the point's own evaluation,
-        which resumes the finished trainer for its parameters (an evaluation it runs, one a
-        budget cap had skipped, is work). `spent_usd - crash_overhead_usd` is what the work
+        attempt that ran no step and no evaluation of a run whose steps an earlier attempt had
+        finished ('done' at or above its start), e.g. a study rerun after a kill during the
+        point's own evaluation, which resumes the finished trainer for its parameters (an
+        attempt that evaluates, e.g. what a budget cap had skipped, is work). `spent_usd - crash_overhead_usd` is what the work
         cost: an uninterrupted run's bill, up to timing noise. Time in flight at a SIGKILL is in
         neither: the ledger never heard of it."""
         if not os.path.exists(self.path):
@@ -439,8 +439,8 @@ class Ledger:
                     'SELECT e.usd FROM entries e JOIN attempts a ON e.run_id=a.run_id AND '
                     'e.stage=a.stage AND e.attempt=a.attempt WHERE e.billable=1 AND '
                     "e.category IN ('compile', 'eval', 'other') AND "
-                    f"(a.end_reason IN ('crashed', 'error') OR ({_EMPTY_RESUME} AND "
-                    f"e.category IN ('compile', 'other'))){where}", args)]
+                    f"(a.end_reason IN ('crashed', 'error') OR ({_EMPTY_RESUME})){where}",
+                    args)]
         return math.fsum(usd)
 
     def attempt_end_reason(self, run_id: str, stage: str, attempt: int) -> str | None:
