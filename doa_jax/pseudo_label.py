@@ -693,9 +693,9 @@ class ChunkBilling:
 
 def work_usd(ledger: Any, run_id: str) -> tuple[float, float]:
     """(what a pseudo-labeling run's work cost, what crashes added): each chunk once and the
-    compiles of attempts that did not crash; the crashed attempts' compiles apart."""
-    crash = ledger.crash_overhead_usd(run_id)
-    return ledger.spent_usd(run_id) - crash, crash
+    compiles of attempts that did not crash; the crashed attempts' compiles apart
+    (`Ledger.work_usd`)."""
+    return ledger.work_usd(run_id)
 
 
 def teacher_fingerprint(params: Any) -> str:

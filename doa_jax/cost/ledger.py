@@ -443,6 +443,15 @@ class Ledger:
                     args)]
         return math.fsum(usd)
 
+    def work_usd(self, run_id: str | None = None) -> tuple[float, float]:
+        """(what the work cost, what crashes added): `spent_usd - crash_overhead_usd` and
+        `crash_overhead_usd`, read together."""
+        if not os.path.exists(self.path):
+            return 0.0, 0.0
+        with self._read():
+            crash = self.crash_overhead_usd(run_id)
+            return self.spent_usd(run_id) - crash, crash
+
     def attempt_end_reason(self, run_id: str, stage: str, attempt: int) -> str | None:
         """How attempt `attempt` ended ('done', 'stopped', 'error', 'crashed'), None if it has not
         (or does not exist)."""

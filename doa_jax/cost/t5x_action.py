@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -64,7 +63,6 @@ log = logging.getLogger(__name__)
 
 TRAIN_METRICS = 'train'     # the key t5x gives the train loop's metrics in `metrics_by_task`
 ACTION_MODES = ('TRAIN', 'TRAIN_EVAL', 'INFER_EVAL')
-_CHECKPOINT = re.compile(r'checkpoint_(\d+)$')
 
 
 def _host_int(value: Any) -> int:
@@ -80,17 +78,13 @@ def _number(value: Any) -> float:
 
 
 def checkpoint_step(path: str | None) -> int | None:
-    """The step in a t5x checkpoint's name (`.../checkpoint_1000000`), or None."""
-    match = _CHECKPOINT.search(os.path.normpath(path)) if path else None
-    return int(match.group(1)) if match else None
-
-
-def latest_checkpoint_step(model_dir: str) -> int | None:
-    """The highest `checkpoint_<step>` in a local MODEL_DIR (t5x resumes from it), or None."""
-    if '://' in model_dir or not os.path.isdir(model_dir):
+    """The step of a t5x checkpoint (`.../checkpoint_1000000`), or of the latest one in a
+    local MODEL_DIR (t5x resumes from it); None when neither names one
+    (`doa_jax.checkpoints.t5x.t5x_step`, which reads only the name of a remote path)."""
+    if not path:
         return None
-    steps = [checkpoint_step(name) for name in os.listdir(model_dir)]
-    return max((s for s in steps if s is not None), default=None)
+    from doa_jax.checkpoints.t5x import t5x_step
+    return t5x_step(os.path.normpath(path))
 
 
 def cost_actions(action: 'CostAction',
@@ -332,7 +326,7 @@ class CostAction:
             return self.relative_steps, f'TRAIN_STEPS_RELATIVE={self.relative_steps}'
         if self.planned_steps is None:
             return None
-        starts = {'MODEL_DIR': latest_checkpoint_step(self.model_dir)}
+        starts = {'MODEL_DIR': checkpoint_step(self.model_dir)}
         if initial_checkpoint is not None and starts['MODEL_DIR'] is None:
             starts['INITIAL_CHECKPOINT_PATH'] = checkpoint_step(initial_checkpoint)
             if starts['INITIAL_CHECKPOINT_PATH'] is None:

@@ -393,10 +393,7 @@ def _ledger_work_usd(directory: str, run_id: str | None = None) -> tuple[float, 
     """(what the work cost, what crashes added) of the runs in a directory's ledger: a run
     killed and resumed bills its redone steps and the crashed attempts' overheads as crash
     overhead (`Ledger.crash_overhead_usd`), so its work costs what an uninterrupted run's did."""
-    def split(ledger) -> tuple[float, float]:
-        crash = ledger.crash_overhead_usd(run_id)
-        return ledger.spent_usd(run_id) - crash, crash
-    return _read_ledger(directory, split, (0.0, 0.0))
+    return _read_ledger(directory, lambda ledger: ledger.work_usd(run_id), (0.0, 0.0))
 
 
 class _Teacher:
@@ -667,7 +664,11 @@ def _train_student(s: StudySettings, point: Mapping, rows: Sequence[Mapping],
     task = data_lib.register_train_task(name, s.data, path, _eval_path(s),
                                         allow_empty_target=True)
     lengths, source = stage_lengths(s, s.student, task)
-    epoch = train_rows(s, s.student, task, lengths, len(rows))
+    # A student that trained already recorded its rows (packing tokenizes and packs the whole
+    # set to count them); a rerun reads them back.
+    trained = (_json_load(os.path.join(twin or pdir, 'student', 'stage.json')) or {}
+               ) if scores is not None else {}
+    epoch = trained.get('rows_per_epoch') or train_rows(s, s.student, task, lengths, len(rows))
     if scores is None:   # not trained and scored yet (a rerun after a crash resumes the run)
         twin = None
         loss_fn = None
