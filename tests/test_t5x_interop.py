@@ -586,6 +586,13 @@ def test_cost_action_refuses_before_t5x_compiles(action_setup):
                 **shape).lower_bound is None
 
 
+def test_cost_action_names_feature_lengths_without_targets(action_setup):
+    make = action_setup[0]
+    with pytest.raises(ValueError, match=r"lacks 'targets'.*TASK_FEATURE_LENGTHS = "):
+        make(budget_usd=1.0, planned_steps=10, model_config=ONE_WIDE, batch_size=10,
+             feature_lengths={'inputs': 2}, peak_flops=3240.0)
+
+
 def _evaluated(action, clock, now, step):
     """A TRAIN_EVAL or INFER_EVAL call: the tasks' metrics, no 'train' key."""
     clock['now'] = now

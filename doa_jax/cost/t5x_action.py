@@ -344,6 +344,12 @@ class CostAction:
         device's peak FLOP/s (process 0 decides, every process raises)."""
         from doa_jax.cost.callback import _agree_with_process_0
         from doa_jax.flops import train_flops_per_sequence
+        lacking = sorted({'inputs', 'targets'} - set(feature_lengths or {'inputs', 'targets'}))
+        if lacking:
+            raise ValueError(f'CostAction.feature_lengths {dict(feature_lengths)} lacks '
+                             f'{", ".join(map(repr, lacking))}: it prices the run from the '
+                             "encoder and decoder lengths; bind TASK_FEATURE_LENGTHS = "
+                             "{'inputs': N, 'targets': M} (gin_configs/t5x/runs/finetune.gin).")
         ahead = self._steps_ahead(initial_checkpoint)
         missing = [name for name, value in (('model_config', model_config),
                                             ('batch_size', batch_size),
